@@ -1,0 +1,36 @@
+# The README's commands. Each creates .venv if it is missing and installs everything into it.
+PYTHON ?= python3
+export PYTHONHASHSEED := 0
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: book test notebooks weights clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[book,test]"
+	touch $(STAMP)
+
+## make book: build the Jupyter Book into _build/html (notebooks are shown with their validated outputs)
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build -W --keep-going --path-output . .
+
+## make test: unit/property/CLI tests and every notebook against its stored outputs (nbval), in one pytest run
+test: $(STAMP)
+	$(PY) -m pytest
+
+## make notebooks: re-execute every notebook in place, then strip volatile metadata
+notebooks: $(STAMP)
+	$(PY) tools/run_notebooks.py notebooks/*.ipynb
+
+## make weights: retrain the shipped FP detector (about 20 CPU minutes) and write it into the package
+weights: $(STAMP)
+	$(VENV)/bin/detptq-mini train --progress
+
+clean:
+	rm -rf _build

@@ -1,0 +1,11 @@
+"""detptq-mini: task-loss-guided post-training quantization (DetPTQ) of a small YOLO-style detector.
+
+Modules, in the order data flows: ``data`` -> ``model`` -> ``train`` / ``evaluate`` -> ``quant`` (+ ``lp``)
+-> ``odol`` / ``detptq`` -> ``reconstruction`` -> ``pipeline`` -> ``cli``.
+"""
+
+from .model import load_pretrained
+from .utils import seed_everything
+
+__version__ = "0.1.0"
+__all__ = ["load_pretrained", "seed_everything", "__version__"]

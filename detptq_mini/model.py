@@ -1,0 +1,425 @@
+"""A small YOLO-style detector whose forward can restart from any unit.
+
+Architecture (YOLOv8-like, about 1 M parameters, all widths multiples of 16):
+
+* backbone: ``stem`` (3x3 s2 Conv-BN-SiLU) then four stages of a 3x3 s2
+  downsampling conv and a C2f block (a CSP block with split, bottlenecks and
+  concat), closed by SPPF;
+* neck: a PAN: top-down (upsample, concat, C2f) to stride 8, then bottom-up
+  (3x3 s2 conv, concat, C2f) back to stride 32;
+* head: decoupled and anchor-free at strides 8/16/32; per level, a class
+  branch and a box branch, each two 3x3 Conv-BN-SiLU and a 1x1 prediction conv.
+
+``forward(x)`` returns the raw dense head outputs, a :class:`DenseOutputs`:
+
+* ``cls[l]``: class logits, shape ``(B, K, H_l, W_l)``;
+* ``box[l]``: box regressions, shape ``(B, 4, H_l, W_l)``: the distances from
+  the location's centre to the left/top/right/bottom box edges, in units of
+  the level's stride (non-negative: a softplus ends the box branch);
+
+for the levels ``l = 0, 1, 2`` at strides ``STRIDES = (8, 16, 32)``.
+ODOL compares exactly these tensors. :func:`decode` and :func:`postprocess`
+(``torchvision.ops.batched_nms``) turn them into detections.
+
+**Units.** The forward is a short program of *units* (the reconstruction
+units of BRECQ/QDrop): stem, each downsampling conv, each C2f block, SPPF and
+each head branch, listed in forward order by stable names (``model.units``).
+Each unit reads named tensors and writes one. Because the PAN neck reads
+earlier backbone outputs, the input of unit ``k`` is in general several
+tensors: ``model.live_names(k)`` names them, ``model.capture(x, k)`` computes
+them, and ``model.forward_from(k, cache)`` restarts the forward there, so a
+later unit can be re-evaluated without recomputing the prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+__all__ = [
+    "STRIDES", "DenseOutputs", "Unit", "Detector", "ConvBNAct", "C2f", "SPPF", "make_anchors", "decode", "postprocess",
+]
+
+STRIDES: tuple[int, ...] = (8, 16, 32)
+
+
+class DenseOutputs(NamedTuple):
+    """Raw dense head outputs: per level, class logits ``(B, K, H, W)`` and ltrb distances ``(B, 4, H, W)``."""
+
+    cls: tuple[Tensor, ...]
+    box: tuple[Tensor, ...]
+
+
+class ConvBNAct(nn.Module):
+    """Conv2d (no bias) -> BatchNorm2d -> SiLU; the unit of the whole network."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 1, s: int = 1, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, s, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.03)
+        self.act = nn.SiLU() if act else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Bottleneck(nn.Module):
+    """Two 3x3 ConvBNAct with a residual add."""
+
+    def __init__(self, c: int, shortcut: bool = True):
+        super().__init__()
+        self.cv1 = ConvBNAct(c, c, 3)
+        self.cv2 = ConvBNAct(c, c, 3)
+        self.add = shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C2f(nn.Module):
+    """CSP block (YOLOv8's C2f): 1x1 conv, split in two, ``n`` bottlenecks on one half, concat all, 1x1 conv.
+
+    With ``upsample=True`` or several inputs it first merges them (nearest 2x upsampling of the first input,
+    then channel concat), as the PAN neck needs.
+    """
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = True, upsample: bool = False):
+        super().__init__()
+        self.c = c_out // 2
+        self.upsample = upsample
+        self.cv1 = ConvBNAct(c_in, 2 * self.c, 1)
+        self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
+        self.cv2 = ConvBNAct((2 + n) * self.c, c_out, 1)
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        if self.upsample:
+            xs = (F.interpolate(xs[0], scale_factor=2.0, mode="nearest"),) + xs[1:]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+        y = list(self.cv1(x).chunk(2, dim=1))
+        for m in self.m:
+            y.append(m(y[-1]))
+        return self.cv2(torch.cat(y, dim=1))
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling (fast): 1x1 conv, three chained 5x5 max-pools, concat, 1x1 conv."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 5):
+        super().__init__()
+        c = c_in // 2
+        self.cv1 = ConvBNAct(c_in, c, 1)
+        self.cv2 = ConvBNAct(4 * c, c_out, 1)
+        self.pool = nn.MaxPool2d(k, 1, k // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = [self.cv1(x)]
+        for _ in range(3):
+            y.append(self.pool(y[-1]))
+        return self.cv2(torch.cat(y, dim=1))
+
+
+class Branch(nn.Module):
+    """One head branch: two 3x3 ConvBNAct and a 1x1 prediction conv (``pred``), with a softplus for boxes."""
+
+    def __init__(self, c_in: int, c: int, n_out: int, positive: bool, prior: float | None = None):
+        super().__init__()
+        self.cv1 = ConvBNAct(c_in, c, 3)
+        self.cv2 = ConvBNAct(c, c, 3)
+        self.pred = nn.Conv2d(c, n_out, 1)
+        self.positive = positive
+        if prior is not None:  # focal-loss style prior on the class logits
+            nn.init.constant_(self.pred.bias, -torch.log(torch.tensor((1 - prior) / prior)).item())
+        else:
+            nn.init.constant_(self.pred.bias, 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.pred(self.cv2(self.cv1(x)))
+        return F.softplus(y) if self.positive else y
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One step of the forward program: ``outputs = module(*[env[n] for n in inputs])``."""
+
+    name: str  # stable module path, e.g. "backbone.c2f2" or "head.p3.cls"
+    inputs: tuple[str, ...]
+    output: str
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Widths and depths of :class:`Detector` (the shipped model uses the defaults)."""
+
+    num_classes: int = 4
+    widths: tuple[int, int, int, int, int] = (16, 32, 64, 96, 128)
+    depths: tuple[int, int, int, int] = (1, 2, 2, 1)
+    neck_depth: int = 1
+    head_width: int = 48
+
+
+class Detector(nn.Module):
+    """The YOLO-style detector (see the module docstring for the architecture and output structure)."""
+
+    def __init__(self, config: DetectorConfig = DetectorConfig()):
+        super().__init__()
+        self.config = config
+        w, d, k = config.widths, config.depths, config.num_classes
+        self.num_classes = k
+        self.strides = STRIDES
+        self.backbone = nn.Module()
+        bb = self.backbone
+        bb.stem = ConvBNAct(3, w[0], 3, 2)
+        bb.down1, bb.c2f1 = ConvBNAct(w[0], w[1], 3, 2), C2f(w[1], w[1], d[0])
+        bb.down2, bb.c2f2 = ConvBNAct(w[1], w[2], 3, 2), C2f(w[2], w[2], d[1])
+        bb.down3, bb.c2f3 = ConvBNAct(w[2], w[3], 3, 2), C2f(w[3], w[3], d[2])
+        bb.down4, bb.c2f4 = ConvBNAct(w[3], w[4], 3, 2), C2f(w[4], w[4], d[3])
+        bb.sppf = SPPF(w[4], w[4])
+        self.neck = nn.Module()
+        nk, n = self.neck, config.neck_depth
+        nk.td4 = C2f(w[4] + w[3], w[3], n, shortcut=False, upsample=True)
+        nk.td3 = C2f(w[3] + w[2], w[2], n, shortcut=False, upsample=True)
+        nk.down3 = ConvBNAct(w[2], w[2], 3, 2)
+        nk.bu4 = C2f(w[2] + w[3], w[3], n, shortcut=False)
+        nk.down4 = ConvBNAct(w[3], w[3], 3, 2)
+        nk.bu5 = C2f(w[3] + w[4], w[4], n, shortcut=False)
+        self.head = nn.Module()
+        for lvl, c_in in zip(("p3", "p4", "p5"), (w[2], w[3], w[4])):
+            level = nn.Module()
+            level.cls = Branch(c_in, config.head_width, k, positive=False, prior=0.01)
+            level.box = Branch(c_in, config.head_width, 4, positive=True)
+            setattr(self.head, lvl, level)
+        self.units: tuple[Unit, ...] = (
+            Unit("backbone.stem", ("image",), "stem"),
+            Unit("backbone.down1", ("stem",), "down1"),
+            Unit("backbone.c2f1", ("down1",), "c2f1"),
+            Unit("backbone.down2", ("c2f1",), "down2"),
+            Unit("backbone.c2f2", ("down2",), "c3"),
+            Unit("backbone.down3", ("c3",), "down3"),
+            Unit("backbone.c2f3", ("down3",), "c4"),
+            Unit("backbone.down4", ("c4",), "down4"),
+            Unit("backbone.c2f4", ("down4",), "c2f4"),
+            Unit("backbone.sppf", ("c2f4",), "c5"),
+            Unit("neck.td4", ("c5", "c4"), "t4"),
+            Unit("neck.td3", ("t4", "c3"), "n3"),
+            Unit("neck.down3", ("n3",), "nd3"),
+            Unit("neck.bu4", ("nd3", "t4"), "n4"),
+            Unit("neck.down4", ("n4",), "nd4"),
+            Unit("neck.bu5", ("nd4", "c5"), "n5"),
+            Unit("head.p3.cls", ("n3",), "cls3"),
+            Unit("head.p3.box", ("n3",), "box3"),
+            Unit("head.p4.cls", ("n4",), "cls4"),
+            Unit("head.p4.box", ("n4",), "box4"),
+            Unit("head.p5.cls", ("n5",), "cls5"),
+            Unit("head.p5.box", ("n5",), "box5"),
+        )
+        self.outputs = (("cls3", "cls4", "cls5"), ("box3", "box4", "box5"))
+        self.to(memory_format=torch.channels_last)
+
+    # ------------------------------------------------------------------ units
+    @property
+    def unit_names(self) -> tuple[str, ...]:
+        """Reconstruction units, in forward order."""
+        return tuple(u.name for u in self.units)
+
+    def conv_names(self) -> tuple[str, ...]:
+        """Every Conv2d by its stable module path, in forward (unit) order."""
+        names = []
+        for u in self.units:
+            unit = self.get_submodule(u.name)
+            names += [f"{u.name}.{n}" if n else u.name for n, m in unit.named_modules() if isinstance(m, nn.Conv2d)]
+        return tuple(names)
+
+    def unit_index(self, unit: int | str) -> int:
+        """Position of a unit given by index or name; a clear error otherwise."""
+        if isinstance(unit, str):
+            if unit not in self.unit_names:
+                raise ValueError(f"unit={unit!r} is not a unit of this model; allowed: {', '.join(self.unit_names)}")
+            return self.unit_names.index(unit)
+        if not 0 <= unit <= len(self.units):
+            raise ValueError(f"unit={unit} out of range 0..{len(self.units)}")
+        return int(unit)
+
+    def unit_of(self, conv_name: str) -> str:
+        """The unit that contains a conv (by its stable name)."""
+        for u in self.unit_names:
+            if conv_name == u or conv_name.startswith(u + "."):
+                return u
+        raise ValueError(f"conv_name={conv_name!r} is not a conv of this model; see model.conv_names()")
+
+    def live_names(self, unit: int | str) -> tuple[str, ...]:
+        """Names of the tensors alive just before unit ``unit``: produced earlier and read by it or later."""
+        k = self.unit_index(unit)
+        produced = {"image"} | {u.output for u in self.units[:k]}
+        needed = {n for u in self.units[k:] for n in u.inputs} | {n for group in self.outputs for n in group}
+        order = ["image"] + [u.output for u in self.units[:k]]
+        return tuple(n for n in order if n in produced and n in needed)
+
+    def run(self, env: dict[str, Tensor], start: int | str = 0, stop: int | str | None = None) -> dict[str, Tensor]:
+        """Execute units ``start:stop`` on the named tensors in ``env``; returns the updated (new) dict."""
+        a = self.unit_index(start)
+        b = len(self.units) if stop is None else self.unit_index(stop)
+        env = dict(env)
+        for u in self.units[a:b]:
+            try:
+                args = [env[n] for n in u.inputs]
+            except KeyError as e:
+                raise ValueError(f"unit {u.name!r} needs tensor {e.args[0]!r}; pass the cache of model.capture(x, {a})") from None
+            env[u.output] = self.get_submodule(u.name)(*args)
+        return env
+
+    def capture(self, x: Tensor, unit: int | str) -> dict[str, Tensor]:
+        """Run the prefix on images ``x`` and return the live tensors before ``unit`` (see :meth:`live_names`)."""
+        k = self.unit_index(unit)
+        env = self.run({"image": self._prepare(x)}, 0, k)
+        return {n: env[n] for n in self.live_names(k)}
+
+    def forward_from(self, unit: int | str, cache: dict[str, Tensor]) -> DenseOutputs:
+        """Restart the forward at ``unit`` from the live tensors ``cache`` (as returned by :meth:`capture`)."""
+        return self._collect(self.run(cache, unit))
+
+    # ---------------------------------------------------------------- forward
+    def _prepare(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] % 32 or x.shape[-2] % 32:
+            raise ValueError(f"image height and width must be multiples of 32, got {tuple(x.shape[-2:])}")
+        if not x.is_floating_point():
+            raise ValueError(f"images must be a float tensor in [0, 1], got dtype {x.dtype}")
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def _collect(self, env: dict[str, Tensor]) -> DenseOutputs:
+        return DenseOutputs(tuple(env[n] for n in self.outputs[0]), tuple(env[n] for n in self.outputs[1]))
+
+    def forward(self, x: Tensor) -> DenseOutputs:
+        """Raw dense head outputs for images ``x`` ``(B, 3, H, W)`` in [0, 1]."""
+        return self._collect(self.run({"image": self._prepare(x)}))
+
+    @torch.no_grad()
+    def detect(self, x: Tensor, score_thresh: float = 0.001, iou_thresh: float = 0.6, max_det: int = 100) -> list[dict[str, Tensor]]:
+        """Detections per image: ``{"boxes": (N, 4) xyxy, "scores": (N,), "labels": (N,)}`` after NMS."""
+        return postprocess(self(x), score_thresh, iou_thresh, max_det)
+
+
+# --------------------------------------------------------------------- decoding
+def make_anchors(shapes: list[tuple[int, int]], strides=STRIDES, device=None) -> tuple[Tensor, Tensor]:
+    """Location centres ``(A, 2)`` in pixels (x, y) and their strides ``(A,)``, levels concatenated."""
+    centres, stride_list = [], []
+    for (h, w), s in zip(shapes, strides):
+        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        centres.append(torch.stack([(xs.flatten() + 0.5) * s, (ys.flatten() + 0.5) * s], dim=1).float())
+        stride_list.append(torch.full((h * w,), float(s), device=device))
+    return torch.cat(centres), torch.cat(stride_list)
+
+
+def flatten_levels(out: DenseOutputs) -> tuple[Tensor, Tensor]:
+    """Concatenate levels: class logits ``(B, A, K)`` and ltrb distances ``(B, A, 4)`` (stride units)."""
+    cls = torch.cat([c.flatten(2) for c in out.cls], dim=2).transpose(1, 2)
+    box = torch.cat([b.flatten(2) for b in out.box], dim=2).transpose(1, 2)
+    return cls, box
+
+
+def distances_to_boxes(dist: Tensor, centres: Tensor, strides: Tensor) -> Tensor:
+    """ltrb distances in stride units ``(..., A, 4)`` -> xyxy pixel boxes ``(..., A, 4)``."""
+    d = dist * strides[:, None]
+    return torch.cat([centres - d[..., :2], centres + d[..., 2:]], dim=-1)
+
+
+def decode(out: DenseOutputs) -> tuple[Tensor, Tensor]:
+    """Dense outputs -> (class probabilities ``(B, A, K)``, xyxy pixel boxes ``(B, A, 4)``)."""
+    cls, dist = flatten_levels(out)
+    centres, strides = make_anchors([tuple(c.shape[-2:]) for c in out.cls], device=cls.device)
+    return cls.sigmoid(), distances_to_boxes(dist, centres, strides)
+
+
+def postprocess(out: DenseOutputs, score_thresh: float = 0.001, iou_thresh: float = 0.6, max_det: int = 100,
+                pre_nms: int = 1000) -> list[dict[str, Tensor]]:
+    """Decode and run class-wise NMS (``torchvision.ops.batched_nms``) per image.
+
+    Every (location, class) pair above ``score_thresh`` is a candidate (multi-label), the ``pre_nms`` best are
+    kept, NMS at ``iou_thresh`` per class, then the ``max_det`` best.
+    """
+    scores, boxes = decode(out)
+    results = []
+    k = scores.shape[-1]
+    for sc, bx in zip(scores, boxes):
+        flat = sc.flatten()
+        keep = (flat > score_thresh).nonzero().squeeze(1)
+        if keep.numel() > pre_nms:
+            keep = keep[flat[keep].topk(pre_nms).indices]
+        s, loc, lab = flat[keep], keep // k, keep % k
+        b = bx[loc]
+        kept = batched_nms(b, s, lab, iou_thresh)[:max_det]
+        results.append({"boxes": b[kept], "scores": s[kept], "labels": lab[kept]})
+    return results
+
+
+# ------------------------------------------------------------------ checkpoints
+WEIGHTS_DIR = __import__("pathlib").Path(__file__).with_name("weights")
+
+
+def load_checkpoint(path, device: str | torch.device = "cpu") -> Detector:
+    """Load a detector written by :func:`detptq_mini.train.save_checkpoint`; eval mode, on ``device``.
+
+    A file that is not such a checkpoint, or weights that do not fit the architecture, give a ValueError
+    that names the problem.
+    """
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint={str(path)!r} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling problem means "not a checkpoint"
+        raise ValueError(f"checkpoint={str(path)!r} is not a detptq-mini checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"checkpoint={str(path)!r} is not a detptq-mini FP checkpoint (needs 'state_dict' and 'config')")
+    if "quant" in ckpt:
+        raise ValueError(f"checkpoint={str(path)!r} holds a quantized model; load it with detptq_mini.pipeline.load_quantized")
+    cfg = dict(ckpt["config"])
+    try:
+        for key in ("widths", "depths"):
+            if key in cfg:
+                cfg[key] = tuple(cfg[key])
+        model = Detector(DetectorConfig(**cfg))
+    except TypeError as e:
+        raise ValueError(f"checkpoint={str(path)!r} has a config this version cannot build: {e}") from None
+    check_state_dict(model, ckpt["state_dict"], str(path))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval()
+
+
+def check_state_dict(model: nn.Module, state: dict, what: str = "state_dict") -> None:
+    """Raise a ValueError naming missing, unexpected or mis-shaped tensors when ``state`` does not fit ``model``."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with another shape (e.g. {shapes[0]})")
+        raise ValueError(f"{what} does not fit this model's architecture: " + "; ".join(parts))
+
+
+def load_pretrained(device: str | torch.device = "cpu") -> Detector:
+    """The shipped FP detector (trained by ``detptq-mini train``), in eval mode on ``device``."""
+    path = WEIGHTS_DIR / "detector.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"shipped weights missing at {path}; reinstall the package or run `detptq-mini train`")
+    return load_checkpoint(path, device)
+
+
+def pretrained_info() -> dict:
+    """Metadata of the shipped weights (training config, seed, val mAP, the command that made them)."""
+    import json
+
+    return json.loads((WEIGHTS_DIR / "detector.json").read_text())
