@@ -259,7 +259,7 @@ def train(cfg: TrainConfig = TrainConfig(), device: str | torch.device = "cpu", 
                     history[k].append(float(losses[k].detach()))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(losses['loss']):.3f}")
+                bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
             step += 1
     if bar is not None:
         bar.close()
