@@ -270,7 +270,7 @@ def train(cfg: TrainConfig = TrainConfig(), device: str | torch.device = "cpu", 
     if out_dir is not None:
         meta = {"train_config": asdict(cfg), "seed": cfg.seed, "val_map": metrics["map"], "val_map50": metrics["map50"],
                 "val_split": {"split": "val", "size": cfg.val_size, "seed": 0}, "train_seconds": round(history["seconds"]),
-                "torch": torch.__version__, "command": "detptq-mini train"}
+                "torch": str(torch.__version__), "command": "detptq-mini train"}
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(final, out_dir / "detector.pt", meta)
