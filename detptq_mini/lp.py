@@ -1,0 +1,232 @@
+"""The Lp metric and the scale search of DetPTQ (METHOD.md section 3).
+
+For a tensor ``X`` (a layer's weights, or a sample of its input activations) and a candidate scale ``s``::
+
+    L_p(s) = mean(|X - Q(X; s)|^p)        s_p* = argmin_s L_p(s)        p in P = {1, 1.5, ..., 4.5}
+
+``Q`` is :func:`detptq_mini.quant.fake_quantize` (the same kernel, so the scales found are the scales used).
+Candidates are the ratios ``r = i / grid``, ``i = 1..grid`` (``r = 1`` is min-max):
+
+* symmetric (weights, per output channel): clip at ``r * max|X_c|``, ``s = clip / (2^(b-1) - 1)``, ``z = 0``;
+* asymmetric (activations, per tensor): range ``(r * lo, r * hi)`` with ``lo = min(X.min(), 0)``,
+  ``hi = max(X.max(), 0)``, ``s = r (hi - lo) / (2^b - 1)``, ``z = clamp(round(-r lo / s), 0, 2^b - 1)``.
+
+Small ``p`` tolerates clipped outliers (tight range, fine steps); large ``p`` protects them. Raw ``L_p`` values
+are not comparable across ``p``; DetPTQ picks ``p`` per layer with a task loss (ODOL, :mod:`detptq_mini.odol`).
+
+The search is vectorized over channels and shares the quantization of each candidate across every ``p``:
+the error ``e = |X - Q(X)|`` is computed once per candidate, and for ``p`` in ``{1, 1.5, ..., 5}`` the sums
+``sum e^p`` are entries of the Gram matrix of ``(e^0.5, e, e^2, e^2.5)`` (``sum e^(a+b) = <e^a, e^b>``), so
+the eight ``p`` of ``P`` cost one square root, two products and one small batched matrix product. Any other
+``p`` falls back to ``e.pow(p)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from .quant import (
+    _check_axis, _check_bits, _check_bool, _check_finite, fake_quantize, fake_quantize_forward, int_range,
+    qparams_from_range,
+)
+
+__all__ = ["P_DEFAULT", "LpSweep", "minmax_scale", "lp_error", "lp_sweep", "lp_scale_search"]
+
+P_DEFAULT: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5)
+
+_BASIS = (0.5, 1.0, 2.0, 2.5)  # exponents whose pairwise sums cover p = 1, 1.5, ..., 5
+_PAIRS = {a + b: (i, j) for i, a in enumerate(_BASIS) for j, b in enumerate(_BASIS) if i <= j}
+_CHUNK = 2**17  # elements (candidates x channels x columns) per step of the search: the buffers stay in L2
+_KMAX = 2**12  # columns per step: float32 Gram sums over at most 4096 terms, accumulated in float64
+
+
+def _check_x(x: Tensor) -> None:
+    _check_finite(x)
+    if x.numel() == 0:
+        raise ValueError("x is empty: there is nothing to quantize")
+
+
+def _check_ps(ps) -> tuple[float, ...]:
+    msg = f"ps={ps!r} must be a non-empty sequence of finite numbers > 0"
+    if isinstance(ps, (int, float)) and not isinstance(ps, bool):
+        ps = (ps,)
+    if isinstance(ps, (str, bool)) or not hasattr(ps, "__iter__"):
+        raise ValueError(msg)
+    ps = tuple(ps)
+    if not ps or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0
+                         for p in ps):
+        raise ValueError(msg)
+    return tuple(dict.fromkeys(float(p) for p in ps))  # duplicates dropped, order kept
+
+
+def _rows(x: Tensor, axis: int | None) -> Tensor:
+    """``x`` as ``(C, K)``: one row per channel along ``axis`` (one row in all per tensor)."""
+    return x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def minmax_scale(x: Tensor, bits: int, axis: int | None = None, symmetric: bool = False) -> tuple[Tensor, Tensor]:
+    """Min-max ``(scale, zero_point)`` of ``x``: the ``r = 1`` candidate of :func:`lp_scale_search`.
+
+    Args:
+        x: tensor ``X``, finite, non-empty.
+        bits: bit width ``b``, 2..8.
+        axis: ``None`` per tensor, else the channel dimension.
+        symmetric: integer range (:func:`detptq_mini.quant.int_range`).
+
+    Returns:
+        float32 scale and int32 zero point, shape ``()`` per tensor or ``(x.shape[axis],)``.
+    """
+    _check_x(x)
+    _check_bits(bits)
+    _check_bool(symmetric, "symmetric")
+    axis = _check_axis(axis, x.dim())
+    rows = _rows(x.detach(), axis)
+    scale, zero_point = qparams_from_range(rows.amin(1).cpu(), rows.amax(1).cpu(), bits, symmetric)
+    if axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    return scale.to(x.device), zero_point.to(x.device)
+
+
+def lp_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, p: float, axis: int | None = None,
+             symmetric: bool = False) -> Tensor:
+    """The metric ``L_p = mean(|X - Q(X; s, z)|^p)``, per channel when ``axis`` is given.
+
+    Args:
+        x: tensor ``X``.
+        scale, zero_point: ``s`` and ``z`` as :func:`detptq_mini.quant.fake_quantize` takes them.
+        bits, symmetric: the integer range.
+        p: exponent, finite and > 0.
+        axis: ``None`` per tensor, else the channel dimension.
+
+    Returns:
+        float64 tensor, shape ``()`` per tensor or ``(x.shape[axis],)``.
+    """
+    _check_x(x)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"p={p!r} must be a finite number > 0")
+    qmin, qmax = int_range(bits, symmetric)
+    axis = _check_axis(axis, x.dim())
+    x = x.detach()
+    err = (x - fake_quantize(x, scale, zero_point, qmin, qmax, axis)).abs().double().pow(p)
+    return err.mean() if axis is None else _rows(err, axis).mean(1)
+
+
+@dataclass(frozen=True)
+class LpSweep:
+    """``L_p`` of every candidate scale for every ``p`` (what :func:`lp_scale_search` minimises).
+
+    ``cs`` below is ``()`` per tensor and ``(C,)`` per channel.
+
+    Attributes:
+        ps: the exponents ``p``, in the order given.
+        ratios: ``r = i / grid``, shape ``(G,)``, float64.
+        scale: candidate scales, shape ``(G, *cs)``, float32.
+        zero_point: candidate zero points, shape ``(G, *cs)``, int32.
+        error: ``L_p`` per ``p`` and candidate, shape ``(P, G, *cs)``, float64.
+    """
+
+    ps: tuple[float, ...]
+    ratios: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    error: Tensor
+
+    def best(self) -> dict[float, tuple[Tensor, Tensor]]:
+        """``{p: (s_p*, z_p*)}``: per ``p`` (and channel) the candidate with the lowest ``L_p``.
+
+        Ties go to the larger ratio ``r`` (the wider range).
+        """
+        g = self.ratios.numel()
+        idx = g - 1 - self.error.flip(1).argmin(1)  # (P, *cs): the last minimum, i.e. the largest ratio
+        out = {}
+        for k, p in enumerate(self.ps):
+            i = idx[k].unsqueeze(0)
+            out[p] = (self.scale.gather(0, i).squeeze(0), self.zero_point.gather(0, i).squeeze(0))
+        return out
+
+
+def _gram(e: Tensor, basis: Tensor) -> Tensor:
+    """``sum_k e^(a + b)`` for ``a, b`` in ``_BASIS``, per row of ``e`` ``(R, K)``: shape ``(R, 16)``.
+
+    ``basis`` is a ``(R, 4, K)`` buffer whose slot 1 already holds ``e``.
+    """
+    torch.sqrt(e, out=basis[:, 0])
+    torch.mul(e, e, out=basis[:, 2])
+    torch.mul(basis[:, 2], basis[:, 0], out=basis[:, 3])
+    return torch.bmm(basis, basis.transpose(1, 2)).view(-1, 16)
+
+
+def lp_sweep(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis: int | None = None, symmetric: bool = False,
+             grid: int = 100) -> LpSweep:
+    """``L_p(s)`` of ``x`` for every candidate ``s`` (ratios ``r = i / grid``) and every ``p`` in ``ps``.
+
+    Args are those of :func:`lp_scale_search`. Cost: ``grid`` fake quantizations of ``x``, shared by all ``p``,
+    in chunks of about ``_CHUNK = 2^17`` elements, with no Python loop over channels.
+    """
+    _check_x(x)
+    _check_bits(bits)
+    _check_bool(symmetric, "symmetric")
+    ps = _check_ps(ps)
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid={grid!r} must be an integer >= 1")
+    axis = _check_axis(axis, x.dim())
+    qmin, qmax = int_range(bits, symmetric)
+    rows = _rows(x.detach(), axis).contiguous()  # (C, K)
+    c, k = rows.shape
+    ratios = torch.arange(1, grid + 1, dtype=torch.float64) / grid
+    lo, hi = rows.amin(1).cpu().double(), rows.amax(1).cpu().double()
+    scale, zero_point = qparams_from_range(ratios[:, None] * lo, ratios[:, None] * hi, bits, symmetric)  # (G, C)
+    s = scale.to(rows.device, rows.dtype).unsqueeze(-1)  # (G, C, 1)
+    z = zero_point.to(rows.device, rows.dtype).unsqueeze(-1)
+
+    k_step = max(1, min(k, _KMAX, _CHUNK // c))
+    g_step = max(1, min(grid, _CHUNK // (c * k_step)))
+    fast = [p for p in ps if p in _PAIRS]  # from the Gram matrix
+    slow = [p for p in ps if p not in _PAIRS]  # from e.pow(p)
+    buf = torch.empty(g_step * c, 4 if fast else 1, k_step, dtype=rows.dtype, device=rows.device)
+    gram = torch.zeros(grid, c, 16, dtype=torch.float64, device=rows.device)
+    pows = torch.zeros(grid, c, len(slow), dtype=torch.float64, device=rows.device)
+    for g0 in range(0, grid, g_step):
+        g1 = min(g0 + g_step, grid)
+        for k0 in range(0, k, k_step):
+            xk = rows[:, k0:k0 + k_step]  # (C, kk)
+            basis = buf[: (g1 - g0) * c, :, : xk.shape[1]]
+            e = basis[:, 1 if fast else 0].view(g1 - g0, c, xk.shape[1])
+            fake_quantize_forward(xk, s[g0:g1], z[g0:g1], qmin, qmax, out=e)  # the shared kernel
+            e = e.sub_(xk).abs_().view(-1, xk.shape[1])  # e = |X - Q(X)|, one row per (candidate, channel)
+            if fast:
+                gram[g0:g1] += _gram(e, basis).view(g1 - g0, c, 16)
+            for j, p in enumerate(slow):
+                pows[g0:g1, :, j] += e.pow(p).sum(1, dtype=torch.float64).view(g1 - g0, c)
+    sums = torch.stack([gram[..., 4 * _PAIRS[p][0] + _PAIRS[p][1]] if p in _PAIRS else pows[..., slow.index(p)]
+                        for p in ps], dim=-1)  # (G, C, P)
+    error = (sums / k).permute(2, 0, 1)  # (P, G, C)
+    if axis is None:
+        scale, zero_point, error = scale[:, 0], zero_point[:, 0], error[:, :, 0]
+    dev = x.device
+    return LpSweep(ps, ratios, scale.to(dev), zero_point.to(dev), error.to(dev))
+
+
+def lp_scale_search(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis: int | None = None,
+                    symmetric: bool = False, grid: int = 100) -> dict[float, tuple[Tensor, Tensor]]:
+    """For every ``p`` in ``ps``, the candidate ``(s, z)`` with the lowest ``L_p`` (METHOD.md section 3).
+
+    Args:
+        x: tensor ``X``: weights ``(C_out, C_in, kH, kW)`` with ``axis=0, symmetric=True``, or an activation
+            sample (any shape) with ``axis=None, symmetric=False``. Finite and non-empty.
+        bits: bit width ``b``, 2..8.
+        ps: exponents ``p``, each finite and > 0 (default ``P_DEFAULT``).
+        axis: ``None`` per tensor, else the channel dimension (each channel gets its own ``s_p*``).
+        symmetric: symmetric (clip ``r max|X_c|``, ``z = 0``) or asymmetric (range ``(r lo, r hi)``).
+        grid: number of candidate ratios ``r = i / grid``, ``i = 1..grid`` (``r = 1`` is min-max), >= 1.
+
+    Returns:
+        ``{p: (scale, zero_point)}``: float32 and int32, shape ``()`` per tensor or ``(x.shape[axis],)``. Ties
+        between candidates go to the larger ratio.
+    """
+    return lp_sweep(x, bits, ps, axis, symmetric, grid).best()
