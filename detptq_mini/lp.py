@@ -35,7 +35,8 @@ from .quant import (
     qparams_from_range,
 )
 
-__all__ = ["P_DEFAULT", "LpSweep", "minmax_scale", "lp_error", "lp_sweep", "lp_scale_search"]
+__all__ = ["P_DEFAULT", "LpSweep", "minmax_scale", "lp_error", "lp_sweep", "lp_scale_search", "LayerScales",
+           "search_model_scales", "apply_scales"]
 
 P_DEFAULT: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5)
 
@@ -230,3 +231,72 @@ def lp_scale_search(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis:
         between candidates go to the larger ratio.
     """
     return lp_sweep(x, bits, ps, axis, symmetric, grid).best()
+
+
+# ------------------------------------------------------------ model level
+@dataclass
+class LayerScales:
+    """``s_p*`` of one quantized conv for every ``p``: ``weight[p]`` and ``act[p]`` are ``(scale, zero_point)``."""
+
+    weight: dict[float, tuple[Tensor, Tensor]]
+    act: dict[float, tuple[Tensor, Tensor]]
+
+
+def search_model_scales(qmodel, images, ps: Iterable[float] = P_DEFAULT, layers: Iterable[str] | None = None,
+                        grid: int = 100, max_elements: int = 2**20, seed: int = 0, batch_size: int = 32,
+                        progress: bool = False) -> dict[str, LayerScales]:
+    """``s_p*`` for every ``p`` of every quantized conv of ``qmodel`` (weights and input activations).
+
+    Weights are searched per output channel with each layer's weight quantizer's settings; activations per
+    tensor on a sample (at most ``max_elements`` values, seed ``seed``) of the layer's FP inputs on
+    ``images``: every quantizer is off while they are collected. One search serves every ``p`` (see the
+    module docstring), so this is the whole cost of trying all of ``P``.
+
+    Returns:
+        ``{layer name: LayerScales}`` in forward order.
+    """
+    from .quant import collect_activations, quant_layers
+
+    ps = _check_ps(ps)
+    all_layers = quant_layers(qmodel)
+    names = list(all_layers) if layers is None else list(layers)
+    unknown = [n for n in names if n not in all_layers]
+    if unknown:
+        raise ValueError(f"layers has {unknown[:3]} that are not quantized convs; allowed: {', '.join(all_layers)}")
+    acts = collect_activations(qmodel, images, names, max_elements=max_elements, seed=seed, batch_size=batch_size)
+    it = names
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(names, desc="Lp scale search", unit="layer")
+    out = {}
+    for name in it:
+        layer = all_layers[name]
+        wq, aq = layer.weight_quantizer, layer.input_quantizer
+        w = layer.conv.weight.detach()
+        out[name] = LayerScales(
+            weight=lp_scale_search(w, wq.bits, ps, axis=wq.axis, symmetric=wq.symmetric, grid=grid),
+            act=lp_scale_search(acts.pop(name), aq.bits, ps, axis=None, symmetric=aq.symmetric, grid=grid),
+        )
+    return out
+
+
+def apply_scales(qmodel, scales: dict[str, LayerScales], p: float | dict[str, float],
+                 act_p: float | dict[str, float] | None = None) -> None:
+    """Set each layer's quantizers to its ``s_p*``: one ``p`` for all, or ``{layer: p}``.
+
+    ``act_p`` (same forms) selects the activations' ``p`` separately; by default it is ``p``.
+    """
+    from .quant import quant_layers
+
+    layers = quant_layers(qmodel)
+
+    def pick(choice, name):
+        return choice[name] if isinstance(choice, dict) else choice
+
+    for name, sc in scales.items():
+        wp = pick(p, name)
+        ap = wp if act_p is None else pick(act_p, name)
+        if wp not in sc.weight or ap not in sc.act:
+            raise ValueError(f"p={wp!r}/{ap!r} for layer {name!r} was not searched; searched: {sorted(sc.weight)}")
+        layers[name].weight_quantizer.set_qparams(*sc.weight[wp])
+        layers[name].input_quantizer.set_qparams(*sc.act[ap])

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .data import ShapesDataset
-from .lp import lp_scale_search, minmax_scale
-from .quant import QuantConfig, collect_activations, quant_layers, quantization_off, quantize_model
+from .lp import apply_scales, search_model_scales
+from .quant import QuantConfig, calibrate_minmax, quant_layers, quantize_model
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized"]
 
@@ -107,34 +107,16 @@ def calibration_images(calib, device: str | torch.device = "cpu") -> torch.Tenso
     return x.to(device)
 
 
-def _set_scale(q, scale: torch.Tensor, zp: torch.Tensor) -> None:
-    q.set_qparams(scale, zp)
-
-
 def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress: bool) -> dict:
-    """Set every quantizer's scale (min-max, or Lp with the fixed p); returns per-layer info."""
-    layers = quant_layers(qmodel)
-    with quantization_off(qmodel):  # activation ranges come from the FP activations
-        acts = collect_activations(qmodel, images, list(layers), max_elements=cfg.max_elements, seed=cfg.seed,
-                                   batch_size=cfg.batch_size)
-    items = layers.items()
-    if progress:
-        from tqdm.auto import tqdm
-        items = tqdm(items, desc=f"{cfg.method} scales", unit="layer")
-    info = {}
-    for name, layer in items:
-        wq, aq = layer.weight_quantizer, layer.input_quantizer
-        w = layer.conv.weight.detach()
-        if cfg.method == "minmax":
-            ws = minmax_scale(w, wq.bits, axis=0, symmetric=wq.symmetric)
-            as_ = minmax_scale(acts[name], aq.bits, axis=None, symmetric=aq.symmetric)
-        else:
-            ws = lp_scale_search(w, wq.bits, (cfg.p,), axis=0, symmetric=wq.symmetric, grid=cfg.grid)[cfg.p]
-            as_ = lp_scale_search(acts[name], aq.bits, (cfg.p,), axis=None, symmetric=aq.symmetric, grid=cfg.grid)[cfg.p]
-        _set_scale(wq, *ws)
-        _set_scale(aq, *as_)
-        info[name] = {"w_bits": wq.bits, "a_bits": aq.bits}
-    return info
+    """Set every quantizer's scale (min-max, or ``s_p*`` with the fixed p); returns per-layer bits."""
+    if cfg.method == "minmax":
+        calibrate_minmax(qmodel, images, batch_size=cfg.batch_size)
+    else:
+        scales = search_model_scales(qmodel, images, (cfg.p,), grid=cfg.grid, max_elements=cfg.max_elements,
+                                     seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+        apply_scales(qmodel, scales, cfg.p)
+    return {name: {"w_bits": m.weight_quantizer.bits, "a_bits": m.input_quantizer.bits}
+            for name, m in quant_layers(qmodel).items()}
 
 
 def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_bits: int = 4,

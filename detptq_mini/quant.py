@@ -27,6 +27,7 @@ BN folding follows Jacob et al. 2018 (integer-arithmetic-only inference).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import zlib
@@ -523,10 +524,11 @@ def _as_images(images) -> Tensor:
 
 
 def collect_activations(model: nn.Module, images, layers: Iterable[str] | None = None, max_elements: int = 2**20,
-                        seed: int = 0, batch_size: int = 32) -> dict[str, Tensor]:
+                        seed: int = 0, batch_size: int = 32, quantized: bool = False) -> dict[str, Tensor]:
     """The input activations of the named convs over the calibration images, as bounded 1-D samples.
 
-    Runs ``model`` (FP or quantized, in its current quantization state, in eval mode without gradients) on
+    Runs ``model`` (in eval mode without gradients; for a quantized model with every quantizer off, i.e. the FP
+    activations, unless ``quantized=True``, which keeps its current quantization state) on
     ``images`` in batches, with a forward pre-hook on each layer. A layer whose inputs total at most
     ``max_elements`` values keeps all of them (in order); otherwise it keeps exactly ``max_elements`` values
     drawn uniformly with replacement, each batch contributing in proportion to its number of images, from a
@@ -540,11 +542,13 @@ def collect_activations(model: nn.Module, images, layers: Iterable[str] | None =
         max_elements: per-layer bound, at least 2.
         seed: non-negative integer.
         batch_size: images per forward.
+        quantized: collect with the model's quantizers as they are (the inputs a quantized prefix produces).
 
     Returns:
         ``{name: 1-D tensor}`` in the order of ``layers``.
     """
     images = _as_images(images)
+    _check_bool(quantized, "quantized")
     for name, v, low in (("max_elements", max_elements, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{name}={v!r} must be an integer >= {low}")
@@ -586,7 +590,7 @@ def collect_activations(model: nn.Module, images, layers: Iterable[str] | None =
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     device = next(iter(model.parameters()), torch.empty(0)).device
     try:
-        with _eval_no_grad(model):
+        with _eval_no_grad(model), (contextlib.nullcontext() if quantized else quantization_off(model)):
             for start in range(0, n_images, batch_size):
                 batch.update(index=batch["index"] + 1, start=start, end=min(start + batch_size, n_images))
                 model(images[start:batch["end"]].to(device))
