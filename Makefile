@@ -28,7 +28,7 @@ test: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) tools/run_notebooks.py notebooks/*.ipynb
 
-## make weights: retrain the shipped FP detector (about 20 CPU minutes) and write it into the package
+## make weights: retrain the shipped FP detector (about 30 CPU minutes) and write it into the package
 weights: $(STAMP)
 	$(VENV)/bin/detptq-mini train --progress
 
