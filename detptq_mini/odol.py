@@ -26,7 +26,8 @@ from .data import ShapesDataset
 from .model import STRIDES, DenseOutputs, distances_to_boxes, flatten_levels, make_anchors
 from .train import detection_loss
 
-__all__ = ["l_perf", "l_perf_map", "odol", "odol_terms", "bernoulli_kl_from_logits", "elementwise_iou"]
+__all__ = ["l_perf", "l_perf_map", "odol", "odol_terms", "bernoulli_kl_from_logits", "elementwise_iou", "ODOL_VARIANTS",
+           "spearman", "scale_sweep", "sweep_agreement"]
 
 
 def _check_dataset(dataset) -> None:
@@ -236,3 +237,120 @@ def odol(fp_out: DenseOutputs, q_out: DenseOutputs, cls: ClsMode = "kl", loc: Lo
             whose structure or shapes differ, or a NaN/inf in them.
     """
     return odol_terms(fp_out, q_out, cls, loc, fg, lam, fg_thresh, eps, reduction, strides)["total"]
+
+
+# ------------------------------------------------------ the scale-sweep study
+ODOL_VARIANTS: tuple[tuple[str, str], ...] = (("kl", "l1"), ("kl", "iou"), ("l2", "l1"), ("l2", "iou"))
+
+
+def _ranks(v: Tensor) -> Tensor:
+    """Average ranks (ties share their mean rank), for Spearman's correlation."""
+    v = v.double()
+    order = v.argsort()
+    ranks = torch.empty_like(v)
+    ranks[order] = torch.arange(len(v), dtype=torch.float64)
+    for value in v.unique():  # average the ranks of ties
+        tie = v == value
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(a: Sequence[float] | Tensor, b: Sequence[float] | Tensor) -> float:
+    """Spearman's rank correlation of two equally long sequences (0.0 if either is constant)."""
+    ra, rb = _ranks(torch.as_tensor(a)), _ranks(torch.as_tensor(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else 0.0
+
+
+@torch.no_grad()
+def scale_sweep(qmodel: nn.Module, layer: str, dataset: ShapesDataset, ratios: Sequence[float],
+                variants: Sequence[tuple[str, str]] = ODOL_VARIANTS, fg: FgMode = "soft", lam: float = 1.0) -> dict:
+    """Sweep one layer's scales and record ``L_perf`` and every ODOL variant (the paper's ODOL experiment).
+
+    Only ``layer`` is quantized (its weight and input quantizers, at their configured bits); every other
+    quantizer is off (FP). At ratio ``r`` the layer's scales are ``r`` times its min-max scales (weights per
+    output channel, symmetric; the input activation's range ``(r lo, r hi)``), so ``r = 1`` is min-max. The
+    FP prefix before the layer's unit is computed once (``capture``) and every candidate runs only the rest.
+
+    Args:
+        qmodel: a quantized detector (see :func:`detptq_mini.quant.quantize_model`); its quantization state is
+            restored afterwards.
+        layer: the quantized conv to sweep (a name of ``quant_layers(qmodel)``).
+        dataset: labelled images: ``L_perf`` uses their labels; ODOL uses only the images.
+        ratios: the candidate ratios ``r > 0``.
+        variants: ``(cls, loc)`` pairs of ODOL to record.
+
+    Returns:
+        ``{"ratios": [...], "l_perf": [...], "odol": {"kl+l1": [...], ...}, "fp_l_perf": float}``.
+    """
+    from .lp import minmax_scale
+    from .quant import collect_activations, qparams_from_range, quant_layers
+
+    _check_dataset(dataset)
+    layers = quant_layers(qmodel)
+    if layer not in layers:
+        raise ValueError(f"layer={layer!r} is not a quantized conv; allowed: {', '.join(layers)}")
+    ratios = [float(r) for r in ratios]
+    if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
+        raise ValueError(f"ratios={ratios!r} must be a non-empty sequence of numbers > 0")
+    for c, l in variants:
+        _check_choice("cls", c, ClsMode)
+        _check_choice("loc", l, LocMode)
+    q = layers[layer]
+    wq, aq = q.weight_quantizer, q.input_quantizer
+    x, targets = dataset.images(), dataset.targets
+    act = collect_activations(qmodel, x, [layer])[layer]
+    lo, hi = float(act.min()), float(act.max())
+    w_scale, _ = minmax_scale(q.conv.weight.detach(), wq.bits, axis=wq.axis, symmetric=wq.symmetric)
+    saved = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in layers.items()}
+    w_saved = (wq.scale.clone(), wq.zero_point.clone(), aq.scale.clone(), aq.zero_point.clone(),
+               bool(wq.calibrated), bool(aq.calibrated))
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        for m in layers.values():
+            m.set_quant_state(False, False)
+        unit = qmodel.unit_of(layer)
+        cache = qmodel.capture(x, unit)
+        fp_out = qmodel.forward_from(unit, cache)
+        fp_l_perf = float(detection_loss(fp_out, targets)["loss"])
+        q.set_quant_state(True, True)
+        out = {"ratios": ratios, "l_perf": [], "odol": {f"{c}+{l}": [] for c, l in variants}, "fp_l_perf": fp_l_perf}
+        for r in ratios:
+            wq.set_qparams(w_scale * r, torch.zeros_like(wq.zero_point))
+            aq.set_qparams(*qparams_from_range(r * lo, r * hi, aq.bits, aq.symmetric))
+            q_out = qmodel.forward_from(unit, cache)
+            out["l_perf"].append(float(detection_loss(q_out, targets)["loss"]))
+            for c, l in variants:
+                out["odol"][f"{c}+{l}"].append(float(odol(fp_out, q_out, cls=c, loc=l, fg=fg, lam=lam)))
+    finally:
+        for n, (w_on, a_on) in saved.items():
+            layers[n].set_quant_state(w_on, a_on)
+        with torch.no_grad():
+            wq.scale.copy_(w_saved[0]); wq.zero_point.copy_(w_saved[1])  # noqa: E702
+            aq.scale.copy_(w_saved[2]); aq.zero_point.copy_(w_saved[3])  # noqa: E702
+            wq.calibrated.fill_(w_saved[4]); aq.calibrated.fill_(w_saved[5])  # noqa: E702
+        qmodel.train(was_training)
+    return out
+
+
+def sweep_agreement(sweeps: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """How well each ODOL variant tracks ``L_perf`` over the sweeps of several layers.
+
+    For each variant: ``argmin_distance``, the mean over layers of ``|r*_ODOL - r*_Lperf|`` (in ratio units,
+    i.e. relative to the min-max scale), and ``spearman``, the mean rank correlation of the two curves.
+    """
+    variants = next(iter(sweeps.values()))["odol"].keys()
+    result = {}
+    for v in variants:
+        dist, corr = [], []
+        for sw in sweeps.values():
+            r = sw["ratios"]
+            best_perf = r[min(range(len(r)), key=lambda i: sw["l_perf"][i])]
+            best_odol = r[min(range(len(r)), key=lambda i: sw["odol"][v][i])]
+            dist.append(abs(best_odol - best_perf))
+            corr.append(spearman(sw["odol"][v], sw["l_perf"]))
+        result[v] = {"argmin_distance": sum(dist) / len(dist), "spearman": sum(corr) / len(corr)}
+    return result
