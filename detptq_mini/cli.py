@@ -51,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
 
     q = sub.add_parser("quantize", help="quantize the shipped model with a PTQ method and evaluate it")
-    q.add_argument("--method", required=True, help="minmax | lp (see `detptq_mini.pipeline.METHODS`)")
+    q.add_argument("--method", required=True, help="minmax | lp | detptq (see `detptq_mini.pipeline.METHODS`)")
     q.add_argument("--w-bits", type=int, required=True, help="weight bits, 2..8")
     q.add_argument("--a-bits", type=int, required=True, help="activation bits, 2..8")
-    q.add_argument("--p", type=float, default=None, help="the fixed p of method lp (default 2.0)")
+    q.add_argument("--p", type=float, default=None, help="the fixed p of method lp (default 2.0); an error with detptq, which chooses p per layer")
     q.add_argument("--calib", type=_positive_int, default=64, help="number of calibration images (default 64)")
     q.add_argument("--seed", type=int, default=0, help="calibration seed (the seed of the calib split)")
     q.add_argument("--val", type=_positive_int, default=500, help="number of val images for the mAP")
@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("--progress", action="store_true")
     q.add_argument("--device", default="cpu")
+
+    b = sub.add_parser("benchmark", help="run a benchmark suite, one subprocess per cell, resumable")
+    b.add_argument("--suite", default="simple", help="simple | quick (see `detptq_mini.benchmark.SUITES`)")
+    b.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<suite>.json)")
+    b.add_argument("--only", default=None, metavar="SUBSTRING", help="run only the cells whose key contains this")
+    b.add_argument("--list", action="store_true", help="list the cells and their status, run nothing")
+    b.add_argument("--progress", action="store_true")
+    b.add_argument("--device", default="cpu")
     return p
 
 
@@ -120,6 +128,8 @@ def _cmd_quantize(args) -> dict:
         raise UsageError(f"--method {args.method!r} is not a method; allowed: {', '.join(METHODS)}")
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed} must be >= 0")
+    if args.p is not None and args.method.startswith("detptq"):
+        raise UsageError(f"--p is not allowed with --method {args.method}: it chooses p per layer itself")
     if args.out is not None:
         from pathlib import Path
 
@@ -149,7 +159,35 @@ def _cmd_quantize(args) -> dict:
             "seconds": r["seconds"]}
 
 
-_COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "quantize": _cmd_quantize}
+def _cmd_benchmark(args) -> int:
+    from pathlib import Path
+
+    from .benchmark import SUITES, load_results, run_suite
+    from .utils import resolve_device
+
+    if args.suite not in SUITES:
+        raise UsageError(f"--suite {args.suite!r} is not a suite; allowed: {', '.join(SUITES)}")
+    cells = [c for c in SUITES[args.suite] if args.only is None or args.only in c.key]
+    if not cells:
+        raise UsageError(f"--only {args.only!r} matches no cell of suite {args.suite!r} (see --list)")
+    resolve_device(args.device)
+    out = Path(args.out) if args.out is not None else Path("benchmarks") / "results" / f"{args.suite}.json"
+    if args.out is not None and not out.parent.is_dir():
+        raise UsageError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
+    if args.list:
+        done = (load_results(out) or {"cells": {}})["cells"]
+        for c in cells:
+            print(f"{c.key}\t{done[c.key]['status'] if c.key in done else 'todo'}")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)  # only reached for the default out (a custom one must exist)
+    run = run_suite(args.suite, out, progress=args.progress, only=args.only, device=args.device)
+    for key in run.failed:
+        print(f"detptq-mini: cell {key} failed: {run.results['cells'][key].get('error', '')}", file=sys.stderr)
+    print(run.summary())
+    return 0 if run.ok else 1
+
+
+_COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "quantize": _cmd_quantize, "benchmark": _cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"detptq-mini: error: {e}", file=sys.stderr)
         return 2
+    if isinstance(result, int):  # a command that printed its own output (benchmark): its exit status
+        return result
     if getattr(args, "json", False):
         print(json.dumps(result))
     else:

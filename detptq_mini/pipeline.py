@@ -3,7 +3,10 @@
 Methods available now:
 
 * ``"minmax"``: round-to-nearest with min-max ranges (weights per output channel, activations per tensor);
-* ``"lp"``: the Lp scale search of every quantizer with one fixed p for all layers (``p``, default 2.0).
+* ``"lp"``: the Lp scale search of every quantizer with one fixed p for all layers (``p``, default 2.0);
+* ``"detptq"``: the same search for every p of ``ps``, then DetPTQ's per-layer (or per-unit) choice of p by
+  ODOL (:func:`detptq_mini.detptq.select_p`; options ``granularity``, ``separate``, ``rest``, ``odol_*``,
+  ``select_images``).
 
 The input model is never modified: a BN-folded, quantized copy is returned. Activation ranges are
 searched on the FP activations (quantizers disabled) of the calibration images, sampled to at most
@@ -22,12 +25,13 @@ import torch
 from torch import nn
 
 from .data import ShapesDataset
-from .lp import apply_scales, search_model_scales
+from .detptq import select_p
+from .lp import P_DEFAULT, _check_ps, apply_scales, search_model_scales
 from .quant import QuantConfig, calibrate_minmax, quant_layers, quantize_model
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized"]
 
-Method = Literal["minmax", "lp"]
+Method = Literal["minmax", "lp", "detptq"]
 METHODS: tuple[str, ...] = get_args(Method)
 
 
@@ -44,6 +48,13 @@ class PTQConfig:
         max_elements: activation values sampled per layer for the search.
         seed: seed of the activation sampling.
         batch_size: calibration batch size.
+        ps: the candidate p of ``"detptq"`` (default ``P = {1, 1.5, ..., 4.5}``).
+        granularity: ``"detptq"``: one p per ``"layer"`` or per ``"unit"``.
+        separate: ``"detptq"``: choose the weight p and the activation p separately.
+        rest: ``"detptq"``: the layers after the one being tried are ``"fp"`` or ``"quantized"`` (p = 2).
+        odol_cls, odol_loc, odol_fg, odol_lam: ``"detptq"``: the ODOL variant (default KL + L1, soft, 1.0).
+        select_images: ``"detptq"``: the first this many calibration images measure ODOL (default: all).
+        select_batch_size: ``"detptq"``: images per forward of the selection.
     """
 
     method: Method = "minmax"
@@ -56,6 +67,16 @@ class PTQConfig:
     max_elements: int = 2**20
     seed: int = 0
     batch_size: int = 32
+    ps: tuple[float, ...] = P_DEFAULT
+    granularity: Literal["layer", "unit"] = "layer"
+    separate: bool = False
+    rest: Literal["fp", "quantized"] = "fp"
+    odol_cls: Literal["kl", "l2"] = "kl"
+    odol_loc: Literal["l1", "iou"] = "l1"
+    odol_fg: Literal["soft", "hard"] = "soft"
+    odol_lam: float = 1.0
+    select_images: int | None = None
+    select_batch_size: int = 64
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,11 +91,39 @@ class PTQConfig:
                 raise ValueError(f"p={self.p!r} must be a finite number > 0")
             object.__setattr__(self, "p", float(p))
         elif self.p is not None:
-            raise ValueError(f"p={self.p!r} is only for method 'lp'; method={self.method!r} takes no p")
+            hint = " (it chooses p per layer itself)" if self.method.startswith("detptq") else ""
+            raise ValueError(f"p={self.p!r} is only for method 'lp'; method={self.method!r} takes no p{hint}")
+        self._check_detptq()
         for name in ("grid", "max_elements", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
+
+    def _check_detptq(self) -> None:
+        """Validate the ``"detptq"`` options; with another method they must keep their defaults."""
+        own = ("ps", "granularity", "separate", "rest", "odol_cls", "odol_loc", "odol_fg", "odol_lam",
+               "select_images", "select_batch_size")
+        if not self.method.startswith("detptq"):
+            changed = [f.name for f in fields(self) if f.name in own and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} only apply to method 'detptq', not method={self.method!r}")
+        object.__setattr__(self, "ps", _check_ps(self.ps))
+        choices = {"granularity": ("layer", "unit"), "rest": ("fp", "quantized"), "odol_cls": ("kl", "l2"),
+                   "odol_loc": ("l1", "iou"), "odol_fg": ("soft", "hard")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: "
+                                 f"{', '.join(repr(a) for a in allowed)}")
+        if not isinstance(self.separate, bool):
+            raise ValueError(f"separate={self.separate!r} must be a bool (True or False)")
+        lam = self.odol_lam
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"odol_lam={lam!r} must be a finite number >= 0")
+        object.__setattr__(self, "odol_lam", float(lam))
+        for name in ("select_images", "select_batch_size"):
+            v = getattr(self, name)
+            if not (name == "select_images" and v is None) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}={v!r} must be a positive integer" + (" or None" if name == "select_images" else ""))
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, stem_8bit=self.stem_8bit, pred_8bit=self.pred_8bit)
@@ -119,6 +168,19 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress
             for name, m in quant_layers(qmodel).items()}
 
 
+def _detptq(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress: bool):
+    """Search ``s_p*`` for every p of ``cfg.ps`` (and p = 2 for ``rest="quantized"``), then select p per layer."""
+    n = len(images) if cfg.select_images is None else cfg.select_images
+    if n > len(images):
+        raise ValueError(f"select_images={n} exceeds the {len(images)} calibration images")
+    search_ps = tuple(dict.fromkeys(cfg.ps + (2.0,)))
+    scales = search_model_scales(qmodel, images, search_ps, grid=cfg.grid, max_elements=cfg.max_elements,
+                                 seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    return select_p(qmodel, images[:n], scales, ps=cfg.ps, granularity=cfg.granularity, separate=cfg.separate,
+                    rest=cfg.rest, cls=cfg.odol_cls, loc=cfg.odol_loc, fg=cfg.odol_fg, lam=cfg.odol_lam,
+                    batch_size=cfg.select_batch_size, progress=progress, rest_p=2.0)
+
+
 def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_bits: int = 4,
             device: str | torch.device = "cpu", progress: bool = False, **options) -> PTQResult:
     """Quantize a copy of ``model`` with ``method`` at W``w_bits``A``a_bits``.
@@ -135,7 +197,9 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
 
     Returns:
         a :class:`PTQResult` with ``.model`` (quantized copy, eval mode) and ``.report`` (``method, w_bits,
-        a_bits, config, chosen_p, layers, seconds``).
+        a_bits, config, chosen_p, layers, seconds``; for ``"detptq"`` also ``selection``, the
+        :meth:`~detptq_mini.detptq.Selection.to_dict` of the p selection: ``chosen_p`` is then the chosen p per
+        layer, or ``{"weight": ..., "act": ...}`` with ``separate=True``).
     """
     allowed = {f.name for f in fields(PTQConfig)} - {"method", "w_bits", "a_bits"}
     unknown = sorted(set(options) - allowed)
@@ -145,13 +209,24 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
     t0 = time.perf_counter()
     images = calibration_images(calib, device)
     qmodel = quantize_model(copy.deepcopy(model).to(device).eval(), cfg.quant_config())
-    info = _calibrate(qmodel, images, cfg, progress)
+    selection = None
+    if cfg.method == "detptq":
+        selection = _detptq(qmodel, images, cfg, progress)
+        info = {name: {"w_bits": m.weight_quantizer.bits, "a_bits": m.input_quantizer.bits}
+                for name, m in quant_layers(qmodel).items()}
+    else:
+        info = _calibrate(qmodel, images, cfg, progress)
     chosen = {name: cfg.p for name in info} if cfg.method == "lp" else {}
+    if selection is not None:  # per layer (units expanded); weight and activation p apart with separate=True
+        chosen = ({"weight": selection.layer_p("weight"), "act": selection.layer_p("act")} if cfg.separate
+                  else selection.layer_p())
     report = {
         "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": asdict(cfg),
         "quant_config": cfg.quant_config().to_dict(), "calib_images": len(images), "chosen_p": chosen,
         "layers": info, "seconds": time.perf_counter() - t0,
     }
+    if selection is not None:
+        report["selection"] = selection.to_dict()  # the chosen p per item and the ODOL of every candidate
     return PTQResult(qmodel.eval(), report)
 
 
