@@ -363,12 +363,8 @@ def postprocess(out: DenseOutputs, score_thresh: float = 0.001, iou_thresh: floa
 WEIGHTS_DIR = __import__("pathlib").Path(__file__).with_name("weights")
 
 
-def load_checkpoint(path, device: str | torch.device = "cpu") -> Detector:
-    """Load a detector written by :func:`detptq_mini.train.save_checkpoint`; eval mode, on ``device``.
-
-    A file that is not such a checkpoint, or weights that do not fit the architecture, give a ValueError
-    that names the problem.
-    """
+def read_checkpoint(path, device: str | torch.device = "cpu") -> dict:
+    """The raw dict of a detptq-mini checkpoint (FP or quantized), with a ValueError naming any problem."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -376,17 +372,32 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> Detector:
     except Exception as e:  # noqa: BLE001 - any unpickling problem means "not a checkpoint"
         raise ValueError(f"checkpoint={str(path)!r} is not a detptq-mini checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"checkpoint={str(path)!r} is not a detptq-mini FP checkpoint (needs 'state_dict' and 'config')")
+        raise ValueError(f"checkpoint={str(path)!r} is not a detptq-mini checkpoint (needs 'state_dict' and 'config')")
+    return ckpt
+
+
+def detector_from_config(config: dict, what: str = "checkpoint") -> Detector:
+    """A fresh :class:`Detector` from a config dict as stored in checkpoints (lists become tuples)."""
+    cfg = dict(config)
+    for key in ("widths", "depths"):
+        if key in cfg:
+            cfg[key] = tuple(cfg[key])
+    try:
+        return Detector(DetectorConfig(**cfg))
+    except TypeError as e:
+        raise ValueError(f"{what} has a config this version cannot build: {e}") from None
+
+
+def load_checkpoint(path, device: str | torch.device = "cpu") -> Detector:
+    """Load a detector written by :func:`detptq_mini.train.save_checkpoint`; eval mode, on ``device``.
+
+    A file that is not such a checkpoint, or weights that do not fit the architecture, give a ValueError
+    that names the problem.
+    """
+    ckpt = read_checkpoint(path, device)
     if "quant" in ckpt:
         raise ValueError(f"checkpoint={str(path)!r} holds a quantized model; load it with detptq_mini.pipeline.load_quantized")
-    cfg = dict(ckpt["config"])
-    try:
-        for key in ("widths", "depths"):
-            if key in cfg:
-                cfg[key] = tuple(cfg[key])
-        model = Detector(DetectorConfig(**cfg))
-    except TypeError as e:
-        raise ValueError(f"checkpoint={str(path)!r} has a config this version cannot build: {e}") from None
+    model = detector_from_config(ckpt["config"], f"checkpoint={str(path)!r}")
     check_state_dict(model, ckpt["state_dict"], str(path))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval()

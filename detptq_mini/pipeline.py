@@ -27,6 +27,7 @@ from torch import nn
 from .data import ShapesDataset
 from .detptq import select_p
 from .lp import P_DEFAULT, _check_ps, apply_scales, search_model_scales
+from .utils import atomic_torch_save
 from .quant import QuantConfig, calibrate_minmax, quant_layers, quantize_model
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized"]
@@ -232,39 +233,22 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
 
 def save_quantized(result: PTQResult, path, fp_config: dict) -> None:
     """Write the quantized model (weights, quantization parameters, chosen p, config) atomically."""
-    from pathlib import Path
-    import os
-
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ValueError(f"out={str(path)!r}: directory {str(path.parent)!r} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     payload = {"state_dict": result.model.state_dict(), "config": fp_config,
                "quant": {"ptq_config": result.report["config"], "quant_config": result.report["quant_config"],
                          "chosen_p": result.report["chosen_p"]},
                "report": {k: v for k, v in result.report.items() if k != "seconds"}}
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(payload, path, "out")
 
 
 def load_quantized(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Load a checkpoint written by :func:`save_quantized`; returns the quantized model and its report."""
-    from .model import Detector, DetectorConfig, check_state_dict
+    from .model import check_state_dict, detector_from_config, read_checkpoint
 
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint={str(path)!r} does not exist") from None
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"checkpoint={str(path)!r} is not a detptq-mini checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "quant" not in ckpt:
+    ckpt = read_checkpoint(path, device)
+    if "quant" not in ckpt:
         raise ValueError(f"checkpoint={str(path)!r} is not a quantized detptq-mini checkpoint")
-    cfg = dict(ckpt["config"])
-    for key in ("widths", "depths"):
-        if key in cfg:
-            cfg[key] = tuple(cfg[key])
     qc = QuantConfig(**ckpt["quant"]["quant_config"])
-    qmodel = quantize_model(Detector(DetectorConfig(**cfg)).eval(), qc)
+    qmodel = quantize_model(detector_from_config(ckpt["config"], f"checkpoint={str(path)!r}").eval(), qc)
     check_state_dict(qmodel, ckpt["state_dict"], f"checkpoint {str(path)!r}")
     qmodel.load_state_dict(ckpt["state_dict"])
     return qmodel.to(device).eval(), ckpt["report"]

@@ -22,7 +22,6 @@ One command reproduces the shipped weights: ``detptq-mini train``.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou, complete_box_iou_loss
 
 from .data import ShapesDataset
+from .utils import atomic_torch_save, atomic_write_json
 from .model import STRIDES, DenseOutputs, Detector, DetectorConfig, distances_to_boxes, flatten_levels, make_anchors
 
 __all__ = ["LossConfig", "TrainConfig", "detection_loss", "assign", "train", "ModelEMA"]
@@ -194,12 +194,7 @@ def _flip(images: Tensor, targets: list[dict], gen: torch.Generator) -> tuple[Te
 
 def save_checkpoint(model: Detector, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Write ``{"state_dict", "config", "meta"}`` atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ValueError(f"path={str(path)!r}: directory {str(path.parent)!r} does not exist")
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "config": asdict(model.config), "meta": meta or {}}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"state_dict": model.state_dict(), "config": asdict(model.config), "meta": meta or {}}, path)
 
 
 def train(cfg: TrainConfig = TrainConfig(), device: str | torch.device = "cpu", progress: bool = False,
@@ -274,7 +269,5 @@ def train(cfg: TrainConfig = TrainConfig(), device: str | torch.device = "cpu", 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(final, out_dir / "detector.pt", meta)
-        tmp = out_dir / "detector.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, out_dir / "detector.json")
+        atomic_write_json(out_dir / "detector.json", meta)
     return final, history

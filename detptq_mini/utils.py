@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "resolve_device", "atomic_write_text", "atomic_write_json"]
+__all__ = ["seed_everything", "resolve_device", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -31,13 +31,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+def _temporary_beside(path: str | os.PathLike, argument: str) -> tuple[Path, Path]:
     path = Path(path)
     if not path.parent.is_dir():
-        raise ValueError(f"path={str(path)!r}: directory {str(path.parent)!r} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        raise ValueError(f"{argument}={str(path)!r}: directory {str(path.parent)!r} does not exist")
+    return path, path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, argument: str = "path") -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    path, tmp = _temporary_beside(path, argument)
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike, argument: str = "path") -> None:
+    """``torch.save`` through a temporary file and a rename (``argument`` names the path in errors)."""
+    path, tmp = _temporary_beside(path, argument)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
