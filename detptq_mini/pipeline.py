@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from .data import ShapesDataset
-from .detptq import select_p
+from .detptq import Granularity, Rest, select_p
+from .odol import ClsMode, FgMode, LocMode
 from .lp import P_DEFAULT, _check_ps, apply_scales, search_model_scales
 from .utils import atomic_torch_save
-from .quant import QuantConfig, calibrate_minmax, quant_layers, quantize_model
+from .quant import QuantConfig, _check_bits, _check_bool, calibrate_minmax, quant_layers, quantize_model
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized"]
 
@@ -69,12 +70,12 @@ class PTQConfig:
     seed: int = 0
     batch_size: int = 32
     ps: tuple[float, ...] = P_DEFAULT
-    granularity: Literal["layer", "unit"] = "layer"
+    granularity: Granularity = "layer"
     separate: bool = False
-    rest: Literal["fp", "quantized"] = "fp"
-    odol_cls: Literal["kl", "l2"] = "kl"
-    odol_loc: Literal["l1", "iou"] = "l1"
-    odol_fg: Literal["soft", "hard"] = "soft"
+    rest: Rest = "fp"
+    odol_cls: ClsMode = "kl"
+    odol_loc: LocMode = "l1"
+    odol_fg: FgMode = "soft"
     odol_lam: float = 1.0
     select_images: int | None = None
     select_batch_size: int = 64
@@ -83,9 +84,7 @@ class PTQConfig:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not a method; allowed: {', '.join(METHODS)}")
         for name in ("w_bits", "a_bits"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
-                raise ValueError(f"{name}={v!r} must be an integer in 2..8")
+            _check_bits(getattr(self, name), name)
         if self.method == "lp":
             p = 2.0 if self.p is None else self.p
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
@@ -109,14 +108,14 @@ class PTQConfig:
             if changed:
                 raise ValueError(f"{', '.join(changed)} only apply to method 'detptq', not method={self.method!r}")
         object.__setattr__(self, "ps", _check_ps(self.ps))
-        choices = {"granularity": ("layer", "unit"), "rest": ("fp", "quantized"), "odol_cls": ("kl", "l2"),
-                   "odol_loc": ("l1", "iou"), "odol_fg": ("soft", "hard")}
-        for name, allowed in choices.items():
+        choices = {"granularity": Granularity, "rest": Rest, "odol_cls": ClsMode, "odol_loc": LocMode,
+                   "odol_fg": FgMode}
+        for name, mode in choices.items():
+            allowed = get_args(mode)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: "
                                  f"{', '.join(repr(a) for a in allowed)}")
-        if not isinstance(self.separate, bool):
-            raise ValueError(f"separate={self.separate!r} must be a bool (True or False)")
+        _check_bool(self.separate, "separate")
         lam = self.odol_lam
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"odol_lam={lam!r} must be a finite number >= 0")
