@@ -6,7 +6,13 @@ Methods available now:
 * ``"lp"``: the Lp scale search of every quantizer with one fixed p for all layers (``p``, default 2.0);
 * ``"detptq"``: the same search for every p of ``ps``, then DetPTQ's per-layer (or per-unit) choice of p by
   ODOL (:func:`detptq_mini.detptq.select_p`; options ``granularity``, ``separate``, ``rest``, ``odol_*``,
-  ``select_images``).
+  ``select_images``);
+* ``"brecq"``, ``"qdrop"``: the ``"lp"`` scales with a fixed p (default 2), then block reconstruction
+  (:func:`detptq_mini.reconstruction.reconstruct`) with the Lp loss of the same p; BRECQ quantizes every
+  activation element during reconstruction (``quant_prob = 1``), QDrop half of them (``quant_prob = 0.5``);
+* ``"detptq-qdrop"``: DetPTQ's choice of p per reconstruction unit, then QDrop reconstruction of each unit
+  from its ``s_p*`` with the Lp loss of its own p (options ``iters``, ``recon_batch_size``, ``quant_prob``,
+  ``round_lam``, ``lr_v``, ``lr_act`` for the three reconstruction methods).
 
 The input model is never modified: a BN-folded, quantized copy is returned. Activation ranges are
 searched on the FP activations (quantizers disabled) of the calibration images, sampled to at most
@@ -29,12 +35,17 @@ from .detptq import Granularity, Rest, select_p
 from .odol import ClsMode, FgMode, LocMode
 from .lp import P_DEFAULT, _check_ps, apply_scales, search_model_scales
 from .utils import atomic_torch_save
-from .quant import QuantConfig, _check_bits, _check_bool, calibrate_minmax, quant_layers, quantize_model
+from .quant import QuantConfig, _check_bits, _check_bool, calibrate_minmax, fold_bn, quant_layers, quantize_model
+from .reconstruction import ReconConfig, ReconHistory, reconstruct
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized"]
 
-Method = Literal["minmax", "lp", "detptq"]
+Method = Literal["minmax", "lp", "detptq", "brecq", "qdrop", "detptq-qdrop"]
 METHODS: tuple[str, ...] = get_args(Method)
+RECON_METHODS: tuple[str, ...] = ("brecq", "qdrop", "detptq-qdrop")
+FIXED_P_METHODS: tuple[str, ...] = ("lp", "brecq", "qdrop")
+_QUANT_PROB = {"brecq": 1.0, "qdrop": 0.5, "detptq-qdrop": 0.5}
+_RECON_OPTIONS = ("iters", "recon_batch_size", "quant_prob", "round_lam", "lr_v", "lr_act")
 
 
 @dataclass(frozen=True)
@@ -44,19 +55,27 @@ class PTQConfig:
     Attributes:
         method: one of :data:`METHODS`.
         w_bits, a_bits: bit widths of weights and activations, 2..8.
-        p: the fixed p of ``"lp"`` (must be None for the methods that choose p themselves).
+        p: the fixed p of ``"lp"``, ``"brecq"`` and ``"qdrop"`` (default 2.0; must be None for the methods
+            that choose p themselves).
         stem_8bit, pred_8bit: keep the stem conv and the head's prediction convs at W8A8 (the usual convention).
         grid: number of candidate ranges of the scale search.
         max_elements: activation values sampled per layer for the search.
         seed: seed of the activation sampling.
         batch_size: calibration batch size.
         ps: the candidate p of ``"detptq"`` (default ``P = {1, 1.5, ..., 4.5}``).
-        granularity: ``"detptq"``: one p per ``"layer"`` or per ``"unit"``.
+        granularity: ``"detptq"``: one p per ``"layer"`` (its default) or per ``"unit"``; ``"detptq-qdrop"``
+            is per ``"unit"`` (its reconstruction loss needs one p per unit).
         separate: ``"detptq"``: choose the weight p and the activation p separately.
         rest: ``"detptq"``: the layers after the one being tried are ``"fp"`` or ``"quantized"`` (p = 2).
         odol_cls, odol_loc, odol_fg, odol_lam: ``"detptq"``: the ODOL variant (default KL + L1, soft, 1.0).
         select_images: ``"detptq"``: the first this many calibration images measure ODOL (default: all).
         select_batch_size: ``"detptq"``: images per forward of the selection.
+        iters: reconstruction steps per unit (the reconstruction methods).
+        recon_batch_size: samples per reconstruction step.
+        quant_prob: probability that an activation element is quantized during reconstruction (default: 1.0
+            for ``"brecq"``, 0.5 for ``"qdrop"`` and ``"detptq-qdrop"``; BRECQ is 1.0 by definition).
+        round_lam: weight of AdaRound's rounding regulariser.
+        lr_v, lr_act: Adam learning rates of the rounding variables and of the activation step sizes.
     """
 
     method: Method = "minmax"
@@ -70,7 +89,7 @@ class PTQConfig:
     seed: int = 0
     batch_size: int = 32
     ps: tuple[float, ...] = P_DEFAULT
-    granularity: Granularity = "layer"
+    granularity: Granularity | None = None
     separate: bool = False
     rest: Rest = "fp"
     odol_cls: ClsMode = "kl"
@@ -79,21 +98,29 @@ class PTQConfig:
     odol_lam: float = 1.0
     select_images: int | None = None
     select_batch_size: int = 64
+    iters: int | None = None
+    recon_batch_size: int | None = None
+    quant_prob: float | None = None
+    round_lam: float | None = None
+    lr_v: float | None = None
+    lr_act: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not a method; allowed: {', '.join(METHODS)}")
         for name in ("w_bits", "a_bits"):
             _check_bits(getattr(self, name), name)
-        if self.method == "lp":
+        if self.method in FIXED_P_METHODS:
             p = 2.0 if self.p is None else self.p
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
                 raise ValueError(f"p={self.p!r} must be a finite number > 0")
             object.__setattr__(self, "p", float(p))
         elif self.p is not None:
             hint = " (it chooses p per layer itself)" if self.method.startswith("detptq") else ""
-            raise ValueError(f"p={self.p!r} is only for method 'lp'; method={self.method!r} takes no p{hint}")
+            raise ValueError(f"p={self.p!r} is only for the methods {', '.join(FIXED_P_METHODS)}; "
+                             f"method={self.method!r} takes no p{hint}")
         self._check_detptq()
+        self._check_recon()
         for name in ("grid", "max_elements", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -106,15 +133,25 @@ class PTQConfig:
         if not self.method.startswith("detptq"):
             changed = [f.name for f in fields(self) if f.name in own and getattr(self, f.name) != f.default]
             if changed:
-                raise ValueError(f"{', '.join(changed)} only apply to method 'detptq', not method={self.method!r}")
+                raise ValueError(f"{', '.join(changed)} only apply to the methods 'detptq' and 'detptq-qdrop', "
+                                 f"not method={self.method!r}")
+        else:
+            default = "unit" if self.method == "detptq-qdrop" else "layer"
+            object.__setattr__(self, "granularity", self.granularity or default)
+            if self.method == "detptq-qdrop" and (self.granularity != "unit" or self.separate):
+                raise ValueError("method='detptq-qdrop' chooses one p per reconstruction unit: granularity must be "
+                                 f"'unit' (got {self.granularity!r}) and separate False (got {self.separate!r})")
         object.__setattr__(self, "ps", _check_ps(self.ps))
-        choices = {"granularity": Granularity, "rest": Rest, "odol_cls": ClsMode, "odol_loc": LocMode,
+        choices = {"rest": Rest, "odol_cls": ClsMode, "odol_loc": LocMode,
                    "odol_fg": FgMode}
         for name, mode in choices.items():
             allowed = get_args(mode)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: "
                                  f"{', '.join(repr(a) for a in allowed)}")
+        if self.granularity is not None and self.granularity not in get_args(Granularity):
+            raise ValueError(f"granularity={self.granularity!r} is not allowed; allowed: "
+                             f"{', '.join(repr(a) for a in get_args(Granularity))}")
         _check_bool(self.separate, "separate")
         lam = self.odol_lam
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
@@ -124,6 +161,34 @@ class PTQConfig:
             v = getattr(self, name)
             if not (name == "select_images" and v is None) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}={v!r} must be a positive integer" + (" or None" if name == "select_images" else ""))
+
+    def _check_recon(self) -> None:
+        """Validate the reconstruction options (resolving their defaults); other methods must leave them None."""
+        given = [name for name in _RECON_OPTIONS if getattr(self, name) is not None]
+        if self.method not in RECON_METHODS:
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to the reconstruction methods "
+                                 f"{', '.join(RECON_METHODS)}, not method={self.method!r}")
+            return
+        if self.method == "brecq" and self.quant_prob not in (None, 1, 1.0):
+            raise ValueError(f"quant_prob={self.quant_prob!r}: BRECQ quantizes every activation element "
+                             "(quant_prob=1.0); use method 'qdrop' for another probability")
+        defaults = ReconConfig()
+        values = {"iters": self.iters, "batch_size": self.recon_batch_size, "lam": self.round_lam,
+                  "lr_v": self.lr_v, "lr_act": self.lr_act,
+                  "quant_prob": _QUANT_PROB[self.method] if self.quant_prob is None else self.quant_prob}
+        resolved = ReconConfig(**{k: getattr(defaults, k) if v is None else v for k, v in values.items()})
+        for option, key in (("iters", "iters"), ("recon_batch_size", "batch_size"), ("quant_prob", "quant_prob"),
+                            ("round_lam", "lam"), ("lr_v", "lr_v"), ("lr_act", "lr_act")):
+            object.__setattr__(self, option, getattr(resolved, key))
+
+    def recon_config(self) -> ReconConfig:
+        """The :class:`~detptq_mini.reconstruction.ReconConfig` of a reconstruction method."""
+        if self.method not in RECON_METHODS:
+            raise ValueError(f"method={self.method!r} does no reconstruction")
+        return ReconConfig(iters=self.iters, batch_size=self.recon_batch_size, lr_v=self.lr_v, lr_act=self.lr_act,
+                           lam=self.round_lam, quant_prob=self.quant_prob, p=2.0 if self.p is None else self.p,
+                           seed=self.seed)
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, stem_8bit=self.stem_8bit, pred_8bit=self.pred_8bit)
@@ -135,6 +200,7 @@ class PTQResult:
 
     model: nn.Module
     report: dict = field(default_factory=dict)
+    history: ReconHistory | None = None  # the reconstruction methods: loss curves per unit
 
 
 def calibration_images(calib, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -209,14 +275,19 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
     t0 = time.perf_counter()
     images = calibration_images(calib, device)
     qmodel = quantize_model(copy.deepcopy(model).to(device).eval(), cfg.quant_config())
-    selection = None
-    if cfg.method == "detptq":
+    selection = history = None
+    if cfg.method.startswith("detptq"):
         selection = _detptq(qmodel, images, cfg, progress)
         info = {name: {"w_bits": m.weight_quantizer.bits, "a_bits": m.input_quantizer.bits}
                 for name, m in quant_layers(qmodel).items()}
     else:
         info = _calibrate(qmodel, images, cfg, progress)
-    chosen = {name: cfg.p for name in info} if cfg.method == "lp" else {}
+    t_init = time.perf_counter() - t0
+    if cfg.method in RECON_METHODS:
+        unit_p = selection.chosen if selection is not None else None
+        fp_model = fold_bn(copy.deepcopy(model).to(device).eval())
+        history = reconstruct(qmodel, fp_model, images, cfg.recon_config(), unit_p=unit_p, progress=progress)
+    chosen = {name: cfg.p for name in info} if cfg.method in FIXED_P_METHODS else {}
     if selection is not None:  # per layer (units expanded); weight and activation p apart with separate=True
         chosen = ({"weight": selection.layer_p("weight"), "act": selection.layer_p("act")} if cfg.separate
                   else selection.layer_p())
@@ -227,7 +298,10 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
     }
     if selection is not None:
         report["selection"] = selection.to_dict()  # the chosen p per item and the ODOL of every candidate
-    return PTQResult(qmodel.eval(), report)
+    if history is not None:
+        report["reconstruction"] = history.summary()
+        report["timings"] = {"scales_and_selection": t_init, "reconstruction": history.seconds["total"]}
+    return PTQResult(qmodel.eval(), report, history)
 
 
 def save_quantized(result: PTQResult, path, fp_config: dict) -> None:

@@ -244,8 +244,8 @@ def test_run_ptq_detptq_options(pretrained, calib):
 
 @pytest.mark.parametrize("kwargs, word", [
     (dict(method="detptq", p=2.0), "p="),
-    (dict(method="lp", granularity="unit"), "only apply to method 'detptq'"),
-    (dict(method="minmax", separate=True), "only apply to method 'detptq'"),
+    (dict(method="lp", granularity="unit"), "only apply to the methods 'detptq'"),
+    (dict(method="minmax", separate=True), "only apply to the methods 'detptq'"),
     (dict(method="detptq", granularity="block"), "granularity"),
     (dict(method="detptq", rest="half"), "rest"),
     (dict(method="detptq", odol_cls="ce"), "odol_cls"),

@@ -1,0 +1,603 @@
+"""Block reconstruction: BRECQ, QDrop and DetPTQ's per-unit Lp loss (METHOD.md section 6).
+
+Simple PTQ sets each quantizer's scale and rounds every weight to nearest. *Reconstruction* then tunes
+the quantized network one unit at a time so that each unit's output matches the FP network's:
+
+* the units are the model's own (:attr:`Detector.units`: the stem, each downsampling conv, each C2f
+  block, SPPF, each neck unit and each head branch), in forward order;
+* for unit ``k`` three tensors are cached over the calibration set: its input from the *quantized* prefix
+  (units ``< k`` already reconstructed, every quantizer on), its input from the FP model, and its FP
+  output (the target);
+* the unit's weights get learned rounding (:mod:`detptq_mini.adaround`: ``V``, Adam at ``lr_v``) and its
+  input quantizers' step sizes are learned too (LSQ, Adam at ``lr_act`` with cosine decay to 0), on
+
+      loss = mean_(b, y, x) sum_c |unit(x_in) - y_fp|^p  +  lam * sum_layers f_reg(V, beta)
+
+  (the Lp reconstruction loss summed over channels, as BRECQ's ``lp_loss``), batch ``batch_size``;
+* QDrop [Wei et al. 2022]: during reconstruction each activation element is quantized with probability
+  ``quant_prob`` and left FP otherwise, at every input quantizer of the unit, and the unit's input is itself
+  an element-wise mix of the quantized-prefix input (probability ``quant_prob``) and the FP input. BRECQ
+  [Li et al. 2021] is ``quant_prob = 1``: always quantized, always the quantized-prefix input. (QDrop's code
+  calls this probability ``drop_prob`` although it is the probability of *keeping* quantization; we name
+  it for what it is.)
+* at the end of each unit the hard rounding is written into the weights and the learned step sizes into
+  the quantizers, and the unit's quantized output (hard, every element quantized) is cached as the next
+  unit's quantized-prefix input.
+
+The p of the loss is ``p`` for every unit (the BRECQ and QDrop baselines: 2; StablePTQ's 2.4 is an option)
+or, in DetPTQ mode, the p chosen for that unit by :func:`detptq_mini.detptq.select_p` at unit
+granularity, whose ``s_p*`` are also the unit's starting scales [ours, METHOD.md 6]. Every method runs
+through :func:`reconstruct`; only ``p`` (per unit) and ``quant_prob`` differ.
+
+:func:`rounding_ablation` is the paper's check that learned rounding does not move the best p.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from numbers import Real
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import adaround
+from .detptq import _PROTOCOL, _check_images
+from .lp import P_DEFAULT, LayerScales, _check_ps
+from .odol import odol
+from .quant import QuantConv2d, Quantizer, quant_layers, quantization_off
+
+__all__ = ["ReconConfig", "UnitHistory", "ReconHistory", "QDropQuantizer", "MaskPool", "lp_loss", "reconstruct_unit",
+           "reconstruct", "rounding_ablation", "RoundingAblation"]
+
+
+# ------------------------------------------------------------------ config
+def _number(name: str, v, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    ok = isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and v <= high
+    ok = ok and (v > low if low_open else v >= low)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ValueError(f"{name}={v!r} must be a finite number {bound}")
+    return float(v)
+
+
+def _integer(name: str, v, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name}={v!r} must be an integer >= {low}")
+    return v
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """Settings of one reconstruction run (defaults: BRECQ/QDrop's, METHOD.md 6 and the reference notes).
+
+    Attributes:
+        iters: optimisation steps per unit (the references use 20,000 on ImageNet GPUs; see the chapter).
+        batch_size: cached calibration samples per step.
+        lr_v: Adam learning rate of the rounding variables ``V``.
+        lr_act: Adam learning rate of the input quantizers' step sizes (cosine-annealed to 0); 0 keeps them.
+        lam: weight of the rounding regulariser (summed over every weight of the unit).
+        warmup: fraction of ``iters`` with the regulariser off.
+        beta: regulariser temperature ``(start, end)``, annealed linearly after the warm-up.
+        quant_prob: probability that an activation element is quantized during reconstruction (QDrop 0.5;
+            1.0 is BRECQ).
+        p: the p of the Lp reconstruction loss, for units without their own p.
+        seed: seeds the batch sampling and the QDrop masks (each unit from ``(seed, unit name)``).
+        chunk: images per forward when caching (memory only; results do not depend on it).
+    """
+
+    iters: int = 2000
+    batch_size: int = 32
+    lr_v: float = 1e-3
+    lr_act: float = 4e-5
+    lam: float = 0.01
+    warmup: float = 0.2
+    beta: tuple[float, float] = (20.0, 2.0)
+    quant_prob: float = 0.5
+    p: float = 2.0
+    seed: int = 0
+    chunk: int = 64
+
+    def __post_init__(self):
+        _integer("iters", self.iters, 1)
+        _integer("batch_size", self.batch_size, 1)
+        _integer("seed", self.seed, 0)
+        _integer("chunk", self.chunk, 1)
+        _number("lr_v", self.lr_v, 0, low_open=True)
+        _number("lr_act", self.lr_act, 0)
+        _number("lam", self.lam, 0)
+        if not (isinstance(self.warmup, Real) and not isinstance(self.warmup, bool) and 0 <= self.warmup < 1):
+            raise ValueError(f"warmup={self.warmup!r} must be a number in [0, 1)")
+        beta = tuple(self.beta) if isinstance(self.beta, (tuple, list)) else None
+        if beta is None or len(beta) != 2:
+            raise ValueError(f"beta={self.beta!r} must be a pair (start, end) of numbers > 0")
+        object.__setattr__(self, "beta", tuple(_number("beta", b, 0, low_open=True) for b in beta))
+        object.__setattr__(self, "quant_prob", _number("quant_prob", self.quant_prob, 0, 1, low_open=True))
+        object.__setattr__(self, "p", _number("p", self.p, 0, low_open=True))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ history
+@dataclass
+class UnitHistory:
+    """What happened to one unit.
+
+    Attributes:
+        name: the unit.
+        p: the p of its reconstruction loss.
+        layers: its quantized convs.
+        loss: the reconstruction loss of every step (on the step's batch, with QDrop's random masks).
+        reg: the regulariser term ``lam * f_reg`` of every step (0 in the warm-up).
+        before, after: the loss on every cached sample with the quantized-prefix input and every element
+            quantized: before (round-to-nearest, the starting scales) and after reconstruction.
+        flipped: weights whose rounding differs from round-to-nearest at the end, per layer.
+        seconds: wall time of the optimisation.
+    """
+
+    name: str
+    p: float
+    layers: tuple[str, ...]
+    loss: list[float] = field(default_factory=list)
+    reg: list[float] = field(default_factory=list)
+    before: float = math.nan
+    after: float = math.nan
+    flipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {"p": self.p, "before": self.before, "after": self.after, "layers": list(self.layers),
+                "flipped": dict(self.flipped), "seconds": self.seconds}
+
+
+@dataclass
+class ReconHistory:
+    """The result of :func:`reconstruct`: the config and a :class:`UnitHistory` per unit, in order."""
+
+    config: ReconConfig
+    units: dict[str, UnitHistory] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """JSON-ready: the config, per unit ``p, before, after, flipped, seconds``, and the time split."""
+        return {"config": self.config.to_dict(), "units": {n: h.summary() for n, h in self.units.items()},
+                "seconds": dict(self.seconds)}
+
+
+# ------------------------------------------------------------------ pieces
+def lp_loss(out: Tensor, target: Tensor, p: float) -> Tensor:
+    """``mean over (batch, y, x) of sum_c |out - target|^p`` (BRECQ's ``lp_loss`` with any p)."""
+    d = (out - target).abs()
+    d = d.square() if p == 2 else d.pow(p)
+    return d.sum(1).mean()
+
+
+class _MixedFakeQuantize(torch.autograd.Function):
+    """Fake quantization with an element-wise keep mask, in float arithmetic (no ``where``, no bool masks,
+    which are several times slower than float ops on CPU): ``out = x + keep * (x_hat - x)``.
+
+    The forward is :func:`detptq_mini.quant.fake_quantize_forward`'s sequence of operations, so kept elements
+    equal :func:`~detptq_mini.quant.fake_quantize` bit for bit. Backward: the clipped STE on kept elements
+    (identity on the others) and the LSQ gradient for the scale, summed over kept elements and multiplied by
+    ``grad_factor``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point: float, qmin: int, qmax: int, keep, grad_factor: float):
+        inv = 1.0 / scale
+        t = x * inv
+        q = torch.round(t).add_(zero_point)
+        x_hat = q.clamp(qmin, qmax)
+        inr = (q - x_hat).abs_().clamp_(max=1.0).neg_().add_(1.0)  # 1 inside the range, 0 outside
+        x_hat.sub_(zero_point)
+        need_s = ctx.needs_input_grad[1]
+        ds = torch.addcmul(x_hat, inr, t, value=-1.0) if need_s else None  # d(x_hat)/ds: q - z - x/s inside, q - z out
+        x_hat.mul_(scale)
+        if keep is None:
+            out, gx = x_hat, inr
+        else:  # x_hat * keep + x * (1 - keep): exactly x_hat or x (a product with 0 or 1 is exact)
+            drop = 1.0 - keep
+            out = torch.addcmul(x_hat.mul_(keep), x, drop)
+            gx = torch.addcmul(drop, keep, inr)
+            if need_s:
+                ds.mul_(keep)
+        ctx.grad_factor = grad_factor
+        ctx.save_for_backward(gx, ds) if need_s else ctx.save_for_backward(gx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, *rest = ctx.saved_tensors
+        grad_x = grad * gx if ctx.needs_input_grad[0] else None
+        grad_s = (grad * rest[0]).sum().mul_(ctx.grad_factor).reshape(()) if rest else None
+        return grad_x, grad_s, None, None, None, None, None
+
+
+class MaskPool:
+    """Random keep masks (1 with probability ``prob``, else 0) for batches of one tensor shape.
+
+    Drawing a fresh random number per element costs about as much as the convolution itself on a CPU (the
+    generator runs at a few ns per element), so a pool of ``size`` per-sample masks is drawn once (on the
+    first call, or when the shape changes) and each call gives each sample of the batch a mask picked at
+    random from the pool [ours].
+    """
+
+    def __init__(self, prob: float, generator: torch.Generator | None, size: int = 128):
+        self.prob, self.generator, self.size = prob, generator, size
+        self.pool: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.pool is None or self.pool.shape[1:] != x.shape[1:] or self.pool.dtype != x.dtype:
+            pool = torch.empty((self.size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+            pool.bernoulli_(self.prob, generator=self.generator)
+            self.pool = pool.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else pool
+        idx = torch.randint(0, self.size, (x.shape[0],), generator=self.generator, device=x.device)
+        return self.pool[idx]
+
+
+class QDropQuantizer(nn.Module):
+    """An activation quantizer for reconstruction: a learnable step size (LSQ) and QDrop's random keep.
+
+    Wraps a calibrated :class:`~detptq_mini.quant.Quantizer` (per tensor). ``forward(x)`` fake-quantizes
+    ``x`` with the learnable ``scale`` and, while ``drop`` is on and ``quant_prob < 1``, keeps each quantized
+    element with probability ``quant_prob`` and the FP value otherwise. The step size's gradient is scaled by
+    LSQ's ``1 / sqrt(features * qmax)``. A disabled inner quantizer passes ``x`` through.
+    The masks come from a :class:`MaskPool` of ``pool`` per-sample masks [ours].
+    """
+
+    def __init__(self, quantizer: Quantizer, quant_prob: float, generator: torch.Generator | None,
+                 learn_scale: bool = True, pool: int = 128):
+        super().__init__()
+        if not isinstance(quantizer, Quantizer) or quantizer.axis is not None:
+            raise ValueError("quantizer must be a per-tensor Quantizer")
+        self.inner = quantizer
+        scale = quantizer.scale.detach().clone()
+        if learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.zero = float(quantizer.zero_point)
+        self.quant_prob = quant_prob
+        self.masks = MaskPool(quant_prob, generator, pool)
+        self.drop = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.inner.enabled:
+            return x
+        s = self.scale.clamp_min(1e-8)
+        keep = self.masks(x) if self.drop and self.quant_prob < 1 else None
+        g = 1.0 / math.sqrt(x[0].numel() * self.inner.qmax)
+        return _MixedFakeQuantize.apply(x, s, self.zero, self.inner.qmin, self.inner.qmax, keep, g)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Write the learned step size into the inner quantizer (zero point unchanged); drop the mask pool."""
+        self.inner.set_qparams(self.scale.detach().clamp_min(1e-8), self.inner.zero_point)
+        self.masks.pool = None
+
+
+def _unit_layers(module: nn.Module, prefix: str) -> dict[str, QuantConv2d]:
+    if isinstance(module, QuantConv2d):
+        return {prefix: module}
+    return {f"{prefix}.{n}" if prefix else n: m for n, m in module.named_modules() if isinstance(m, QuantConv2d)}
+
+
+@torch.no_grad()
+def _apply(module: nn.Module, inputs: Sequence[Tensor], chunk: int) -> Tensor:
+    n = inputs[0].shape[0]
+    return torch.cat([module(*[x[i:i + chunk] for x in inputs]) for i in range(0, n, chunk)])
+
+
+@torch.no_grad()
+def _full_loss(module: nn.Module, inputs: Sequence[Tensor], target: Tensor, p: float, chunk: int) -> float:
+    n, total = inputs[0].shape[0], 0.0
+    for i in range(0, n, chunk):
+        out = module(*[x[i:i + chunk] for x in inputs])
+        total += float(lp_loss(out, target[i:i + chunk], p)) * out.shape[0]
+    return total / n
+
+
+def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Tensor], y_fp: Tensor,
+                     p: float | None = None, config: ReconConfig = ReconConfig(), name: str = "unit",
+                     progress: bool = False) -> UnitHistory:
+    """Reconstruct one unit in place: learned rounding of its weights and step sizes of its inputs.
+
+    Args:
+        module: the quantized unit (a module containing :class:`~detptq_mini.quant.QuantConv2d` layers with
+            calibrated quantizers, or one such layer); called as ``module(*inputs)``.
+        x_q: the unit's inputs from the quantized prefix, each ``(N, ...)``.
+        x_fp: the same inputs from the FP model.
+        y_fp: the FP output (the target), ``(N, C, H, W)``.
+        p: the p of the Lp loss (default ``config.p``).
+        config: a :class:`ReconConfig`.
+        name: the unit's name (seeds its random streams, labels the history).
+        progress: a tqdm bar over the steps.
+
+    Returns:
+        a :class:`UnitHistory`. On return the weights hold the hard rounding and the quantizers the learned
+        step sizes; the module is back to plain quantizers (also if interrupted).
+    """
+    if not isinstance(config, ReconConfig):
+        raise ValueError(f"config must be a ReconConfig, got {type(config).__name__}")
+    p = config.p if p is None else _number("p", p, 0, low_open=True)
+    x_q, x_fp = list(x_q), list(x_fp)
+    if not x_q or len(x_q) != len(x_fp):
+        raise ValueError("x_q and x_fp must be non-empty lists of the same length (one tensor per unit input)")
+    n = y_fp.shape[0]
+    if any(t.shape[0] != n for t in x_q + x_fp):
+        raise ValueError("x_q, x_fp and y_fp must hold the same number of samples")
+    layers = _unit_layers(module, name)
+    hist = UnitHistory(name=name, p=p, layers=tuple(layers))
+    if not layers:
+        raise ValueError(f"unit {name!r} has no QuantConv2d layers to reconstruct")
+    device = y_fp.device
+    gen = torch.Generator(device).manual_seed(zlib.crc32(f"{config.seed}:{name}".encode()))
+    hist.before = _full_loss(module, x_q, y_fp, p, config.chunk)
+
+    t0 = time.perf_counter()
+    adas, drops = {}, {}
+    try:
+        for lname, layer in layers.items():
+            if layer.weight_quantizer.enabled:
+                adas[lname] = adaround.attach(layer)
+            drops[lname] = QDropQuantizer(layer.input_quantizer, config.quant_prob, gen,
+                                          learn_scale=config.lr_act > 0)
+            layer.input_quantizer = drops[lname]
+        opt_v = torch.optim.Adam([a.v for a in adas.values()], lr=config.lr_v) if adas else None
+        scales = [d.scale for d in drops.values() if isinstance(d.scale, nn.Parameter)]
+        opt_s = torch.optim.Adam(scales, lr=config.lr_act) if scales else None
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=config.iters, eta_min=0) if scales else None
+        mixers = [MaskPool(config.quant_prob, gen) for _ in x_q]
+        bs = min(config.batch_size, n)
+        steps = range(config.iters)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc=f"reconstruct {name}", unit="it", leave=False)
+        for step in steps:
+            idx = torch.randperm(n, generator=gen, device=device)[:bs]
+            if config.quant_prob < 1:  # the input mix: quantized-prefix input where kept, FP input elsewhere
+                inputs = []
+                for a, b, mixer in zip(x_q, x_fp, mixers):
+                    bf = b[idx]
+                    keep = mixer(bf)
+                    inputs.append(torch.addcmul(a[idx].mul_(keep), bf, keep.neg_().add_(1.0)))
+            else:
+                inputs = [a[idx] for a in x_q]
+            rec = lp_loss(module(*inputs), y_fp[idx], p)
+            beta = adaround.beta_at(step, config.iters, config.warmup, *config.beta)
+            loss = rec
+            reg = 0.0
+            if beta is not None and adas and config.lam > 0:
+                reg_t = config.lam * sum(adaround.round_regularizer(a.v, beta) for a in adas.values())
+                loss = rec + reg_t
+                reg = float(reg_t.detach())
+            for opt in (opt_v, opt_s):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in (opt_v, opt_s):
+                if opt is not None:
+                    opt.step()
+            if sched is not None:
+                sched.step()
+            hist.loss.append(float(rec.detach()))
+            hist.reg.append(reg)
+    finally:
+        for lname, layer in layers.items():
+            if lname in adas:
+                hist.flipped[lname] = adaround.finish(layer)
+            if lname in drops:
+                drops[lname].finish()
+                layer.input_quantizer = drops[lname].inner
+    hist.seconds = time.perf_counter() - t0
+    hist.after = _full_loss(module, x_q, y_fp, p, config.chunk)
+    return hist
+
+
+# ------------------------------------------------------------------ the model
+def _check_protocol(model: nn.Module, name: str) -> None:
+    missing = [a for a in _PROTOCOL if not hasattr(model, a)]
+    if missing:
+        raise ValueError(f"{name} must be a restartable detector (with {', '.join(_PROTOCOL)}); it lacks "
+                         f"{', '.join(missing)}")
+
+
+def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconConfig = ReconConfig(),
+                unit_p: dict[str, float] | None = None, units: Iterable[str] | None = None,
+                progress: bool = False) -> ReconHistory:
+    """Reconstruct ``qmodel`` unit by unit against ``fp_model`` on ``images`` (in place).
+
+    Args:
+        qmodel: the quantized restartable detector, every quantizer calibrated (its starting scales: min-max,
+            ``s_p*`` of a fixed p, or DetPTQ's per-unit ``s_p*``). Modified in place.
+        fp_model: the FP detector with the same units (e.g. :func:`detptq_mini.quant.fold_bn` of the original);
+            not modified.
+        images: calibration images ``(N, 3, H, W)`` (or a data set with ``.images()``); labels are never used.
+        config: a :class:`ReconConfig`.
+        unit_p: ``{unit name: p}`` of the reconstruction loss (DetPTQ mode); units not in it use ``config.p``.
+        units: reconstruct only these units (default: every unit with quantized layers); the others are
+            left as they are but still run to produce the next inputs.
+        progress: tqdm bars over the units and the steps.
+
+    Returns:
+        a :class:`ReconHistory` (per-unit loss curves, before/after losses, times).
+    """
+    _check_protocol(qmodel, "qmodel")
+    _check_protocol(fp_model, "fp_model")
+    if not isinstance(config, ReconConfig):
+        raise ValueError(f"config must be a ReconConfig, got {type(config).__name__}")
+    if tuple(u.name for u in qmodel.units) != tuple(u.name for u in fp_model.units):
+        raise ValueError("qmodel and fp_model must have the same units (the quantized model of fp_model)")
+    if not quant_layers(qmodel):
+        raise ValueError("qmodel has no QuantConv2d layers: quantize it with quantize_model first")
+    names = [u.name for u in qmodel.units]
+    unit_p = dict(unit_p or {})
+    unknown = [u for u in unit_p if u not in names]
+    if unknown:
+        raise ValueError(f"unit_p has {unknown} that are not units; allowed: {', '.join(names)}")
+    for u, v in unit_p.items():
+        unit_p[u] = _number(f"unit_p[{u!r}]", v, 0, low_open=True)
+    if units is None:
+        todo = set(names)
+    else:
+        todo = {units} if isinstance(units, str) else set(units)
+        bad = sorted(todo - set(names))
+        if bad or not todo:
+            raise ValueError(f"units={bad or list(todo)!r}: give unit names; allowed: {', '.join(names)}")
+    images = _check_images(images)
+    device = next(qmodel.parameters()).device
+    images = images.to(device)
+    hist = ReconHistory(config)
+    t_cache = t_opt = 0.0
+    modes = {m: m.training for m in qmodel.modules()}
+    qmodel.eval()
+    fp_model.eval()
+    try:
+        with torch.no_grad():
+            env_q = qmodel.capture(images, 0)
+            env_fp = fp_model.capture(images, 0)
+        steps = list(enumerate(qmodel.units))
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="reconstruction", unit="unit")
+        for k, u in steps:
+            t = time.perf_counter()
+            mod_q, mod_fp = qmodel.get_submodule(u.name), fp_model.get_submodule(u.name)
+            x_q, x_fp = [env_q[n] for n in u.inputs], [env_fp[n] for n in u.inputs]
+            y_fp = _apply(mod_fp, x_fp, config.chunk)
+            t_cache += time.perf_counter() - t
+            if u.name in todo and _unit_layers(mod_q, u.name):
+                with torch.enable_grad():
+                    h = reconstruct_unit(mod_q, x_q, x_fp, y_fp, unit_p.get(u.name, config.p), config, u.name,
+                                         progress=False)
+                hist.units[u.name] = h
+                t_opt += h.seconds
+            t = time.perf_counter()
+            env_q[u.output] = _apply(mod_q, x_q, config.chunk)
+            env_fp[u.output] = y_fp
+            live = set(qmodel.live_names(k + 1)) if k + 1 < len(qmodel.units) else set()
+            for env in (env_q, env_fp):
+                for key in [key for key in env if key not in live]:
+                    del env[key]
+            t_cache += time.perf_counter() - t
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    hist.seconds = {"cache": t_cache, "optimise": t_opt, "total": t_cache + t_opt}
+    return hist
+
+
+# ------------------------------------------------------------------ the V ablation
+@dataclass
+class RoundingAblation:
+    """ODOL per candidate p of each layer, with the scale alone and with the scale plus learned rounding.
+
+    Attributes:
+        scale: ``{layer: {p: ODOL}}`` with ``s_p*`` and round-to-nearest.
+        rounding: ``{layer: {p: ODOL}}`` with ``s_p*`` and a short AdaRound of the layer (Lp loss with that p).
+        config: the settings (JSON-ready).
+    """
+
+    scale: dict[str, dict[float, float]]
+    rounding: dict[str, dict[float, float]]
+    config: dict
+
+    def best(self, kind: str = "scale") -> dict[str, float]:
+        """The p with the lowest ODOL per layer (``kind`` ``"scale"`` or ``"rounding"``)."""
+        if kind not in ("scale", "rounding"):
+            raise ValueError(f"kind={kind!r} is not allowed; allowed: 'scale', 'rounding'")
+        table = self.scale if kind == "scale" else self.rounding
+        return {layer: min(row, key=row.get) for layer, row in table.items()}
+
+    def moved(self) -> dict[str, bool]:
+        """Per layer: does learned rounding move the best p?"""
+        a, b = self.best("scale"), self.best("rounding")
+        return {layer: a[layer] != b[layer] for layer in a}
+
+
+def rounding_ablation(qmodel: nn.Module, images, scales: dict[str, LayerScales], layers: Sequence[str],
+                      ps: Iterable[float] = P_DEFAULT, iters: int = 200, config: ReconConfig | None = None,
+                      progress: bool = False) -> RoundingAblation:
+    """The paper's V ablation: does adding learned rounding to the p search change the best p?
+
+    One layer at a time, everything else FP (the "quantize this layer" view of DetPTQ's selection): for each
+    ``p``, quantize the layer with ``s_p*`` and measure ODOL (KL + L1) on ``images``; then start again from
+    ``s_p*``, run ``iters`` steps of AdaRound on that layer alone (inputs: the layer's FP inputs; target:
+    its FP output; loss: Lp with the same p; step sizes fixed, every element quantized) and measure ODOL
+    again. ``qmodel`` is restored afterwards (weights, scales, quantizer states).
+
+    Args:
+        qmodel: a quantized restartable detector whose quantizers are calibrated or covered by ``scales``.
+        images: calibration images.
+        scales: :func:`~detptq_mini.lp.search_model_scales` output covering ``ps`` for ``layers``.
+        layers: the quantized layers to study.
+        ps: candidate p.
+        iters: AdaRound steps per (layer, p).
+        config: reconstruction settings (``iters`` is taken from the argument; ``quant_prob`` is set to 1
+            and ``lr_act`` to 0).
+        progress: a tqdm bar over the layers.
+    """
+    _check_protocol(qmodel, "qmodel")
+    ps = _check_ps(ps)
+    all_layers = quant_layers(qmodel)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    bad = [n for n in layers if n not in all_layers]
+    if bad or not layers:
+        raise ValueError(f"layers={bad or layers!r}: give quantized layer names; allowed: {', '.join(all_layers)}")
+    for n in layers:
+        if n not in scales or any(p not in scales[n].weight or p not in scales[n].act for p in ps):
+            raise ValueError(f"scales lacks layer {n!r} or one of ps={list(ps)}: search them first")
+    base = ReconConfig() if config is None else config
+    cfg = ReconConfig(**{**base.to_dict(), "iters": _integer("iters", iters, 1), "quant_prob": 1.0, "lr_act": 0.0})
+    images = _check_images(images).to(next(qmodel.parameters()).device)
+    saved = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    states = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in all_layers.items()}
+    out_scale: dict[str, dict[float, float]] = {}
+    out_round: dict[str, dict[float, float]] = {}
+    it = layers
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(layers, desc="rounding ablation", unit="layer")
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad(), quantization_off(qmodel):
+            fp_out = qmodel(images)
+        for name in it:
+            layer = all_layers[name]
+            unit = qmodel.unit_of(name)
+            for m in all_layers.values():
+                m.set_quant_state(False, False)
+            with torch.no_grad():
+                cache = qmodel.capture(images, unit)
+                x_in = []
+                hook = layer.register_forward_pre_hook(lambda mod, args: x_in.append(args[0].detach()))
+                qmodel.forward_from(unit, cache)
+                hook.remove()
+                x_fp = x_in[0]
+                y_fp = layer(x_fp)
+            weight0 = layer.conv.weight.detach().clone()
+            layer.set_quant_state(True, True)
+            out_scale[name], out_round[name] = {}, {}
+            for p in ps:
+                layer.weight_quantizer.set_qparams(*scales[name].weight[p])
+                layer.input_quantizer.set_qparams(*scales[name].act[p])
+                with torch.no_grad():
+                    out_scale[name][p] = float(odol(fp_out, qmodel.forward_from(unit, cache)))
+                with torch.enable_grad():
+                    reconstruct_unit(layer, [x_fp], [x_fp], y_fp, p, cfg, name)
+                with torch.no_grad():
+                    out_round[name][p] = float(odol(fp_out, qmodel.forward_from(unit, cache)))
+                    layer.conv.weight.copy_(weight0)
+    finally:
+        qmodel.load_state_dict(saved)
+        for n, (w, a) in states.items():
+            all_layers[n].set_quant_state(w, a)
+        qmodel.train(was_training)
+    config_out = {"layers": layers, "ps": list(ps), "iters": iters, "images": int(images.shape[0]),
+                  "recon": cfg.to_dict()}
+    return RoundingAblation(out_scale, out_round, config_out)

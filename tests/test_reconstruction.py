@@ -1,0 +1,267 @@
+"""Block reconstruction: the mixed fake quantizer's forward and gradients, the QDrop masks, one unit and the
+whole detector, the V ablation, and the three reconstruction methods through run_ptq."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from detptq_mini.adaround import AdaRoundQuantizer
+from detptq_mini.data import ShapesDataset
+from detptq_mini.lp import search_model_scales
+from detptq_mini.pipeline import PTQConfig, run_ptq
+from detptq_mini.quant import (QuantConfig, QuantConv2d, Quantizer, _FakeQuantize, calibrate_minmax, fake_quantize,
+                               fold_bn, qparams_from_range, quant_layers, quantize_model)
+from detptq_mini.reconstruction import (MaskPool, QDropQuantizer, ReconConfig, _MixedFakeQuantize, lp_loss,
+                                        reconstruct, reconstruct_unit, rounding_ablation)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return ShapesDataset("calib", 8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def minmax_w4a4(pretrained, calib):
+    q = quantize_model(pretrained, QuantConfig(w_bits=4, a_bits=4))
+    return calibrate_minmax(q, calib.images())
+
+
+# ------------------------------------------------------------------ pieces
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(iters=0), "iters"), (dict(batch_size=0), "batch_size"), (dict(quant_prob=0.0), "quant_prob"),
+    (dict(quant_prob=1.5), "quant_prob"), (dict(p=0), "p="), (dict(p=float("nan")), "p="),
+    (dict(warmup=1.0), "warmup"), (dict(beta=(20.0,)), "beta"), (dict(beta=(20.0, -2.0)), "beta"),
+    (dict(lr_v=0.0), "lr_v"), (dict(lam=-1.0), "lam"), (dict(iters=True), "iters"),
+])
+def test_bad_recon_config(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        ReconConfig(**kwargs)
+
+
+def test_lp_loss_sums_channels_and_averages_the_rest():
+    out, target = torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)
+    target[0, :, 0, 0] = 2.0  # one location of one sample: 3 channels of error 2
+    assert lp_loss(out, target, 2.0).item() == pytest.approx(3 * 4 / 40)
+    assert lp_loss(out, target, 1.0).item() == pytest.approx(3 * 2 / 40)
+    assert lp_loss(out, target, 3.0).item() == pytest.approx(3 * 8 / 40)
+
+
+def _reference(x, s, z, qmin, qmax, keep):
+    x_hat = _FakeQuantize.apply(x, s, torch.tensor(float(z)), qmin, qmax)
+    return x_hat if keep is None else torch.where(keep.bool(), x_hat, x)
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_mixed_fake_quantize_matches_the_reference_forward_and_gradients(with_keep):
+    torch.manual_seed(1)
+    x = (torch.randn(4, 5, 6, 7) * 2).contiguous(memory_format=torch.channels_last)
+    keep = (torch.rand(x.shape) < 0.5).float() if with_keep else None
+    grad = torch.randn(x.shape)
+    results = []
+    for fn in (lambda x, s: _MixedFakeQuantize.apply(x, s, 3.0, 0, 15, keep, 0.25),
+               lambda x, s: _reference(x, s, 3, 0, 15, keep)):
+        xi = x.clone().requires_grad_(True)
+        s = torch.tensor(0.3, requires_grad=True)
+        out = fn(xi, s)
+        out.backward(grad)
+        results.append((out.detach(), xi.grad, s.grad))
+    (o1, gx1, gs1), (o2, gx2, gs2) = results
+    assert torch.equal(o1, o2)  # bit for bit: the same sequence of float operations
+    assert torch.equal(gx1, gx2)
+    assert gs1.item() == pytest.approx(0.25 * gs2.item(), rel=1e-5)  # the LSQ gradient, scaled by grad_factor
+    assert o1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_mask_pool_draws_with_the_given_probability():
+    gen = torch.Generator().manual_seed(0)
+    pool = MaskPool(0.3, gen, size=64)
+    x = torch.zeros(32, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    masks = torch.stack([pool(x) for _ in range(5)])
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert masks.mean().item() == pytest.approx(0.3, abs=0.01)
+    assert masks[0].shape == x.shape and masks[0].is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(masks[0], masks[1])  # a new pairing of samples and masks each call
+
+
+def test_qdrop_quantizer_learns_a_scale_and_writes_it_back():
+    q = Quantizer(4, False)
+    q.set_qparams(*qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), 4, False))
+    qd = QDropQuantizer(q, 1.0, torch.Generator().manual_seed(0))
+    x = torch.randn(8, 3, 4, 4) * 2
+    assert torch.equal(qd(x), fake_quantize(x, q.scale, q.zero_point, q.qmin, q.qmax))
+    (qd(x) - x).square().sum().backward()
+    assert qd.scale.grad is not None and qd.scale.grad.item() != 0
+    with torch.no_grad():
+        qd.scale.mul_(1.5)
+    qd.finish()
+    assert q.scale.item() == pytest.approx(1.5 * 4 / 15)
+    q.enabled = False
+    assert qd(x) is x
+    half = QDropQuantizer(q, 0.5, torch.Generator().manual_seed(0))
+    q.enabled = True
+    out = half(x)
+    quantized = out == fake_quantize(x, q.scale, q.zero_point, q.qmin, q.qmax)
+    assert 0.3 < (quantized & (out != x)).float().mean().item() < 0.7
+    with pytest.raises(ValueError, match="per-tensor"):
+        QDropQuantizer(Quantizer(4, True, 0, 3), 0.5, None)
+
+
+def _conv_layer(seed=0):
+    torch.manual_seed(seed)
+    layer = QuantConv2d(nn.Conv2d(8, 8, 3, padding=1), w_bits=3, a_bits=8)
+    w = layer.conv.weight.detach().reshape(8, -1)
+    layer.weight_quantizer.set_qparams(*qparams_from_range(w.amin(1), w.amax(1), 3, True))
+    # spatially and across channels correlated inputs: where rounding to nearest is not optimal (with i.i.d.
+    # inputs the output error's Hessian is diagonal and round-to-nearest is already the best rounding)
+    x = torch.nn.functional.interpolate(torch.randn(64, 8, 3, 3), size=8, mode="bilinear", align_corners=True)
+    x = x + 0.8 * x.mean(1, keepdim=True)
+    layer.input_quantizer.set_qparams(*qparams_from_range(x.min(), x.max(), 8, False))
+    return layer, x
+
+
+@pytest.mark.parametrize("quant_prob", [1.0, 0.5])
+def test_reconstructing_one_layer_lowers_its_output_error(quant_prob):
+    layer, x = _conv_layer()
+    with torch.no_grad():
+        y = layer.conv(x)
+    cfg = ReconConfig(iters=300, batch_size=16, quant_prob=quant_prob, lam=0.001, lr_v=0.01)
+    h = reconstruct_unit(layer, [x], [x], y, 2.0, cfg, "layer")
+    assert h.after < 0.7 * h.before, (h.before, h.after)
+    assert len(h.loss) == 300 and len(h.reg) == 300 and all(r == 0 for r in h.reg[:60]) and h.reg[-1] >= 0
+    assert h.flipped["layer"] > 0
+    # back to plain quantizers, weights on the grid
+    assert isinstance(layer.weight_quantizer, Quantizer) and isinstance(layer.input_quantizer, Quantizer)
+    q = layer.weight_quantizer
+    w = layer.conv.weight.detach()
+    assert torch.equal(fake_quantize(w, q.scale, q.zero_point, q.qmin, q.qmax, 0), w)
+
+
+def test_reconstruct_unit_checks_its_inputs():
+    layer, x = _conv_layer()
+    y = layer.conv(x).detach()
+    with pytest.raises(ValueError, match="same number of samples"):
+        reconstruct_unit(layer, [x[:10]], [x[:10]], y, 2.0, ReconConfig(iters=1))
+    with pytest.raises(ValueError, match="same length"):
+        reconstruct_unit(layer, [x], [], y, 2.0, ReconConfig(iters=1))
+    with pytest.raises(ValueError, match="ReconConfig"):
+        reconstruct_unit(layer, [x], [x], y, 2.0, {"iters": 1})
+    with pytest.raises(ValueError, match="p="):
+        reconstruct_unit(layer, [x], [x], y, -1.0, ReconConfig(iters=1))
+    with pytest.raises(ValueError, match="no QuantConv2d"):
+        reconstruct_unit(nn.Conv2d(8, 8, 1), [x], [x], y, 2.0, ReconConfig(iters=1))
+
+
+# ------------------------------------------------------------------ the detector
+def test_reconstruct_the_detector_is_deterministic_and_leaves_plain_quantizers(pretrained, minmax_w4a4, calib):
+    images = calib.images()
+    fp = fold_bn(pretrained)
+    cfg = ReconConfig(iters=4, batch_size=4, quant_prob=0.5)
+    states = []
+    for _ in range(2):
+        q = copy.deepcopy(minmax_w4a4)
+        hist = reconstruct(q, fp, images, cfg, unit_p={"head.p3.box": 3.0})
+        states.append(q.state_dict())
+    assert list(hist.units) == list(pretrained.unit_names)
+    assert hist.units["head.p3.box"].p == 3.0 and hist.units["neck.td4"].p == 2.0
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not any(isinstance(m, (AdaRoundQuantizer, QDropQuantizer)) for m in q.modules())
+    for name, layer in quant_layers(q).items():
+        wq, w = layer.weight_quantizer, layer.conv.weight.detach()
+        assert torch.equal(fake_quantize(w, wq.scale, wq.zero_point, wq.qmin, wq.qmax, wq.axis), w), name
+    s = hist.summary()
+    assert set(s) == {"config", "units", "seconds"} and s["config"]["iters"] == 4
+    assert all(u["before"] > 0 and u["after"] > 0 for u in s["units"].values())
+
+
+def test_reconstruct_only_some_units(pretrained, minmax_w4a4, calib):
+    q = copy.deepcopy(minmax_w4a4)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    hist = reconstruct(q, fold_bn(pretrained), calib.images(), ReconConfig(iters=2, batch_size=4),
+                       units=["neck.down4"])
+    assert list(hist.units) == ["neck.down4"]
+    changed = {k for k, v in q.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("neck.down4.") for k in changed)
+
+
+def test_reconstruct_bad_arguments(pretrained, minmax_w4a4, calib):
+    fp, images, cfg = fold_bn(pretrained), calib.images(), ReconConfig(iters=1)
+    with pytest.raises(ValueError, match="unit_p"):
+        reconstruct(copy.deepcopy(minmax_w4a4), fp, images, cfg, unit_p={"nope": 2.0})
+    with pytest.raises(ValueError, match="unit_p"):
+        reconstruct(copy.deepcopy(minmax_w4a4), fp, images, cfg, unit_p={"neck.td4": 0.0})
+    with pytest.raises(ValueError, match="units="):
+        reconstruct(copy.deepcopy(minmax_w4a4), fp, images, cfg, units=["backbone"])
+    with pytest.raises(ValueError, match="restartable"):
+        reconstruct(copy.deepcopy(minmax_w4a4), nn.Conv2d(3, 3, 1), images, cfg)
+    with pytest.raises(ValueError, match="QuantConv2d"):
+        reconstruct(fp, fp, images, cfg)
+    with pytest.raises(ValueError, match="empty"):
+        reconstruct(copy.deepcopy(minmax_w4a4), fp, images[:0], cfg)
+
+
+def test_rounding_ablation_tables_and_restores_the_model(minmax_w4a4, calib):
+    q = copy.deepcopy(minmax_w4a4)
+    images = calib.images()
+    layers = ["backbone.down2.conv", "head.p3.box.cv2.conv"]
+    scales = search_model_scales(q, images, (2.0, 3.0), layers=layers, max_elements=2**12)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    ab = rounding_ablation(q, images, scales, layers, ps=(2.0, 3.0), iters=5)
+    assert set(ab.scale) == set(ab.rounding) == set(layers)
+    assert all(set(row) == {2.0, 3.0} for row in list(ab.scale.values()) + list(ab.rounding.values()))
+    assert all(v >= 0 for row in ab.scale.values() for v in row.values())
+    assert set(ab.best("scale").values()) <= {2.0, 3.0} and set(ab.moved()) == set(layers)
+    after = q.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="scales lacks"):
+        rounding_ablation(q, images, scales, layers, ps=(2.5,), iters=1)
+    with pytest.raises(ValueError, match="kind"):
+        ab.best("v")
+
+
+# ------------------------------------------------------------------ run_ptq
+@pytest.mark.parametrize("method, prob", [("brecq", 1.0), ("qdrop", 0.5), ("detptq-qdrop", 0.5)])
+def test_reconstruction_methods_through_run_ptq(pretrained, calib, method, prob):
+    opts = dict(iters=2, recon_batch_size=4, max_elements=2**12)
+    if method == "detptq-qdrop":
+        opts.update(ps=(2.0, 3.0))
+    res = run_ptq(pretrained, calib, method, 4, 4, **opts)
+    r = res.report
+    assert r["config"]["quant_prob"] == prob and r["config"]["iters"] == 2
+    assert set(r["reconstruction"]["units"]) == set(pretrained.unit_names)
+    assert res.history is not None and len(res.history.units["neck.td4"].loss) == 2
+    assert len(r["chosen_p"]) == 63
+    if method == "detptq-qdrop":
+        sel = r["selection"]
+        assert sel["granularity"] == "unit" and r["config"]["granularity"] == "unit"
+        for unit, layers in sel["groups"].items():  # one p per unit: the selection's and the loss's
+            assert {r["chosen_p"][n] for n in layers} == {sel["chosen"][unit]}
+            assert r["reconstruction"]["units"][unit]["p"] == sel["chosen"][unit]
+    else:
+        assert set(r["chosen_p"].values()) == {2.0}
+        assert {u["p"] for u in r["reconstruction"]["units"].values()} == {2.0}
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(method="detptq-qdrop", p=2.0), "takes no p"),
+    (dict(method="brecq", quant_prob=0.5), "BRECQ"),
+    (dict(method="minmax", iters=10), "only apply to the reconstruction methods"),
+    (dict(method="lp", quant_prob=0.5), "only apply to the reconstruction methods"),
+    (dict(method="detptq-qdrop", granularity="layer"), "granularity must be 'unit'"),
+    (dict(method="detptq-qdrop", separate=True), "separate"),
+    (dict(method="qdrop", iters=0), "iters"),
+    (dict(method="qdrop", quant_prob=2.0), "quant_prob"),
+])
+def test_bad_reconstruction_options(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        PTQConfig(**kwargs)
+
+
+def test_reconstruction_defaults_are_resolved_in_the_config():
+    cfg = PTQConfig(method="qdrop")
+    assert (cfg.iters, cfg.recon_batch_size, cfg.quant_prob, cfg.round_lam, cfg.p) == (2000, 32, 0.5, 0.01, 2.0)
+    assert PTQConfig(method="brecq").quant_prob == 1.0
+    assert PTQConfig(method="detptq").granularity == "layer"
+    assert PTQConfig(method="detptq-qdrop").granularity == "unit"
+    assert PTQConfig(method="minmax").iters is None
