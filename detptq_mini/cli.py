@@ -51,10 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
 
     q = sub.add_parser("quantize", help="quantize the shipped model with a PTQ method and evaluate it")
-    q.add_argument("--method", required=True, help="minmax | lp | detptq (see `detptq_mini.pipeline.METHODS`)")
+    q.add_argument("--method", required=True,
+                   help="minmax | lp | detptq | brecq | qdrop | detptq-qdrop (see `detptq_mini.pipeline.METHODS`)")
     q.add_argument("--w-bits", type=int, required=True, help="weight bits, 2..8")
     q.add_argument("--a-bits", type=int, required=True, help="activation bits, 2..8")
-    q.add_argument("--p", type=float, default=None, help="the fixed p of method lp (default 2.0); an error with detptq, which chooses p per layer")
+    q.add_argument("--p", type=float, default=None,
+                   help="the fixed p of lp, brecq and qdrop (default 2.0); an error with detptq*, which choose p themselves")
+    q.add_argument("--iters", type=_positive_int, default=None,
+                   help="reconstruction steps per unit for brecq | qdrop | detptq-qdrop (default 2000)")
+    q.add_argument("--quant-prob", type=float, default=None,
+                   help="qdrop | detptq-qdrop: probability that an activation element is quantized during "
+                        "reconstruction (default 0.5)")
     q.add_argument("--calib", type=_positive_int, default=64, help="number of calibration images (default 64)")
     q.add_argument("--seed", type=int, default=0, help="calibration seed (the seed of the calib split)")
     q.add_argument("--val", type=_positive_int, default=500, help="number of val images for the mAP")
@@ -139,8 +146,9 @@ def _cmd_quantize(args) -> dict:
     model = load_pretrained(device)
     calib = ShapesDataset("calib", args.calib, seed=args.seed)
     options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred}
-    if args.p is not None:
-        options["p"] = args.p
+    for name in ("p", "iters", "quant_prob"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     res = run_ptq(model, calib, args.method, args.w_bits, args.a_bits, device=device, progress=args.progress, **options)
     val = ShapesDataset("val", args.val, seed=0)
     m = evaluate_model(res.model, val, device=device, progress=args.progress)

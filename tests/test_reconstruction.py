@@ -265,3 +265,34 @@ def test_reconstruction_defaults_are_resolved_in_the_config():
     assert PTQConfig(method="detptq").granularity == "layer"
     assert PTQConfig(method="detptq-qdrop").granularity == "unit"
     assert PTQConfig(method="minmax").iters is None
+
+
+# ------------------------------------------------------------------ command line
+def test_cli_quantize_with_reconstruction(capsys):
+    from detptq_mini.cli import main
+
+    code = main(["quantize", "--method", "qdrop", "--w-bits", "4", "--a-bits", "8", "--iters", "2",
+                 "--calib", "8", "--val", "16", "--json"])
+    assert code == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "qdrop" and out["config"]["iters"] == 2 and out["config"]["quant_prob"] == 0.5
+    assert 0 <= out["map"] <= 1 and set(out["chosen_p"].values()) == {2.0}
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--method", "minmax", "--iters", "5"], "only apply to the reconstruction methods"),
+    (["--method", "detptq-qdrop", "--p", "2"], "--p is not allowed"),
+    (["--method", "brecq", "--quant-prob", "0.5"], "BRECQ"),
+    (["--method", "qdrop", "--iters", "0"], "must be > 0"),
+])
+def test_cli_reconstruction_bad_input_is_one_line_and_exit_2(args, word):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "detptq_mini.cli", "quantize", "--w-bits", "4", "--a-bits", "4",
+                        "--calib", "4", "--val", "4", *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0] and "Traceback" not in r.stderr
