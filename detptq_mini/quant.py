@@ -514,13 +514,9 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
 
 
 def _as_images(images) -> Tensor:
-    if hasattr(images, "images") and callable(images.images):  # a data set such as ShapesDataset
-        images = images.images()
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError("images must be an (N, 3, H, W) tensor or a data set with .images()")
-    if images.shape[0] == 0:
-        raise ValueError("images is empty: the calibration set needs at least one image")
-    return images
+    from .data import check_images
+
+    return check_images(images, "images")
 
 
 def collect_activations(model: nn.Module, images, layers: Iterable[str] | None = None, max_elements: int = 2**20,
