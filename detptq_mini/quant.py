@@ -207,8 +207,10 @@ def qparams_from_range(lo: Tensor | float, hi: Tensor | float, bits: int, symmet
         ``(scale, zero_point)``: float32 and int32 tensors of the broadcast shape.
     """
     qmin, qmax = int_range(bits, symmetric)
-    lo = torch.as_tensor(lo).double().clamp(max=0.0)
-    hi = torch.as_tensor(hi).double().clamp(min=0.0)
+    lo, hi = torch.as_tensor(lo).double(), torch.as_tensor(hi).double()
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("lo and hi must be finite: a range with NaN or inf has no scale")
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     lo, hi = torch.broadcast_tensors(lo, hi)
     floor = SCALE_FLOOR * torch.maximum(-lo, hi).clamp(min=1.0)
     if symmetric:
