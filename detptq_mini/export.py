@@ -97,13 +97,17 @@ class _QDQConv(nn.Module):
             self.register_buffer(f"{kind}_scale", q.scale.detach().clone().float())
             self.register_buffer(f"{kind}_zero_point", q.zero_point.detach().clone().to(torch.int32))
             self.quantizers.append((kind, q.axis, q.qmin, q.qmax))
+        # per-tensor qparams as Python numbers for the dynamo path (torch.export cannot read a buffer's value)
+        self.scalars = {"a": (float(layer.input_quantizer.scale), int(layer.input_quantizer.zero_point))}
+        if layer.weight_quantizer.axis is None:
+            self.scalars["w"] = (float(layer.weight_quantizer.scale), int(layer.weight_quantizer.zero_point))
 
     def _qdq(self, x: Tensor, kind: str, axis: int | None, qmin: int, qmax: int) -> Tensor:
         s, z = getattr(self, f"{kind}_scale"), getattr(self, f"{kind}_zero_point")
         if self.dynamo:  # PT2E's ops: torch.export traces them, the exporter maps them to Q/DQ
             ops, dtype = torch.ops.quantized_decomposed, _RANGES[(qmin, qmax)]
             if axis is None:
-                sf, zi = float(s), int(z)
+                sf, zi = self.scalars[kind]
                 return ops.dequantize_per_tensor(ops.quantize_per_tensor(x, sf, zi, qmin, qmax, dtype),
                                                  sf, zi, qmin, qmax, dtype)
             z = z.long()
@@ -191,7 +195,7 @@ def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = Fa
             raise ValueError(f"dynamo={dynamo!r} must be a bool (True or False)")
         model = copy.deepcopy(model).eval().requires_grad_(False)
     device = next(iter(model.parameters()), torch.empty(0)).device
-    example = torch.zeros(1, 3, image_size, image_size, device=device)
+    example = torch.zeros(2, 3, image_size, image_size, device=device)  # batch 2: torch.export specializes 1
     axes = {"images": {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}}
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -244,18 +248,27 @@ def qdq_summary(path) -> dict:
     for n in g.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     convs = [n for n in g.node if n.op_type == "Conv"]
+    def weight_source(name: str) -> str | None:
+        """The tensor a weight DequantizeLinear dequantizes back to: a QuantizeLinear's float input, or an
+        integer initializer (possibly through Identity/Clip, as the dynamo exporter writes it)."""
+        n = producer.get(name)
+        while n is not None and n.op_type in ("Identity", "Clip"):
+            name, n = n.input[0], producer.get(n.input[0])
+        if n is None:
+            return name if name in inits or name in consts else None
+        return n.input[0] if n.op_type == "QuantizeLinear" else None
+
     qdq = per_channel = 0
     for conv in convs:
         dq_x, dq_w = from_op(conv.input[0], "DequantizeLinear"), from_op(conv.input[1], "DequantizeLinear")
         if dq_x is None or dq_w is None or from_op(dq_x.input[0], "QuantizeLinear") is None:
             continue
-        if from_op(dq_w.input[0], "QuantizeLinear") is None and dq_w.input[0] not in inits:
+        source = weight_source(dq_w.input[0])
+        if source is None:
             continue
         qdq += 1
         axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
-        w_shape = shape_of(from_op(dq_w.input[0], "QuantizeLinear").input[0]) if dq_w.input[0] not in inits \
-            else shape_of(dq_w.input[0])
-        s_shape = shape_of(dq_w.input[1])
+        w_shape, s_shape = shape_of(source), shape_of(dq_w.input[1])
         if axis == 0 and w_shape is not None and s_shape == (w_shape[0],):
             per_channel += 1
     opset = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
