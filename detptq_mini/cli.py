@@ -1,4 +1,4 @@
-"""The ``detptq-mini`` command line: ``train``, ``evaluate`` (and, as they land, ``quantize``, ``benchmark``, ``export``).
+"""The ``detptq-mini`` command line: ``train``, ``evaluate``, ``quantize``, ``benchmark``, ``export``.
 
 Exit status 0 on success; 2 on bad usage or bad input, with a one-line error on stderr and no traceback.
 Every command takes ``--device`` (``cpu`` by default).
@@ -30,6 +30,23 @@ def _positive_int(text: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{v} must be > 0")
     return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def _check_out_dir(path: str, flag: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).parent.is_dir():
+        raise UsageError(f"{flag} {path!r}: directory {str(Path(path).parent)!r} does not exist")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val", type=_positive_int, default=500, help="number of val images for the mAP")
     q.add_argument("--no-8bit-stem", action="store_true", help="quantize the stem conv at the target bits too")
     q.add_argument("--no-8bit-pred", action="store_true", help="quantize the head's prediction convs at the target bits too")
+    q.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="calibration images per forward (default: up to 32); at most --calib")
     q.add_argument("--out", default=None, help="write the quantized checkpoint here (atomically)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("--progress", action="store_true")
@@ -79,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--list", action="store_true", help="list the cells and their status, run nothing")
     b.add_argument("--progress", action="store_true")
     b.add_argument("--device", default="cpu")
+
+    x = sub.add_parser("export", help="write a W8A8 checkpoint as an ONNX QDQ graph and check it in ONNX Runtime")
+    x.add_argument("--checkpoint", required=True, help="a W8A8 checkpoint written by `quantize --w-bits 8 --a-bits 8 --out`")
+    x.add_argument("--onnx", required=True, help="the .onnx file to write (atomically; its directory must exist)")
+    x.add_argument("--val", type=_non_negative_int, default=500,
+                   help="val images for the check: outputs and mAP of ONNX Runtime vs the fake-quant model (0: skip)")
+    x.add_argument("--dynamo", action="store_true", help="export with the torch.export based exporter")
+    x.add_argument("--benchmark", action="store_true",
+                   help="also time ONNX Runtime per image, this graph vs the FP32 graph of the same model")
+    x.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    x.add_argument("--json", action="store_true", help="print one JSON object")
+    x.add_argument("--device", default="cpu", help="where the fake-quant reference runs (ONNX Runtime: CPU)")
     return p
 
 
@@ -98,18 +129,17 @@ def _cmd_train(args) -> dict:
 
 
 def _load_any(checkpoint: str | None, device):
-    from .model import load_checkpoint, load_pretrained
+    """The model of ``--checkpoint`` (FP or quantized: the file is read once), or the shipped FP model."""
+    from .model import detector_from_checkpoint, load_pretrained, read_checkpoint
+    from .pipeline import quantized_from_checkpoint
 
     if checkpoint is None:
         return load_pretrained(device)
-    try:
-        return load_checkpoint(checkpoint, device)
-    except ValueError as e:
-        if "holds a quantized model" not in str(e):
-            raise
-    from .pipeline import load_quantized
-
-    return load_quantized(checkpoint, device)[0]
+    ckpt = read_checkpoint(checkpoint, device)
+    what = f"checkpoint {checkpoint!r}"
+    if "quant" in ckpt:
+        return quantized_from_checkpoint(ckpt, what, device)[0]
+    return detector_from_checkpoint(ckpt, what).to(device)
 
 
 def _cmd_evaluate(args) -> dict:
@@ -138,15 +168,15 @@ def _cmd_quantize(args) -> dict:
     if args.p is not None and args.method.startswith("detptq"):
         raise UsageError(f"--p is not allowed with --method {args.method}: it chooses p per layer itself")
     if args.out is not None:
-        from pathlib import Path
-
-        if not Path(args.out).parent.is_dir():
-            raise UsageError(f"--out {args.out!r}: directory {str(Path(args.out).parent)!r} does not exist")
+        _check_out_dir(args.out, "--out")
+    if args.batch_size is not None and args.batch_size > args.calib:
+        raise UsageError(f"--batch-size {args.batch_size} is more than the --calib {args.calib} calibration images; "
+                         f"allowed: 1..{args.calib}")
     device = resolve_device(args.device)
     model = load_pretrained(device)
     calib = ShapesDataset("calib", args.calib, seed=args.seed)
     options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred}
-    for name in ("p", "iters", "quant_prob"):
+    for name in ("p", "iters", "quant_prob", "batch_size"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     res = run_ptq(model, calib, args.method, args.w_bits, args.a_bits, device=device, progress=args.progress, **options)
@@ -195,7 +225,65 @@ def _cmd_benchmark(args) -> int:
     return 0 if run.ok else 1
 
 
-_COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "quantize": _cmd_quantize, "benchmark": _cmd_benchmark}
+def _cmd_export(args) -> dict:
+    import tempfile
+
+    from .data import ShapesDataset
+    from .evaluate import evaluate_model
+    from .export import (OnnxDetector, check_exportable, check_layers, compare_outputs, export_onnx,
+                         latency_per_image, onnx_session, qdq_summary, to_float)
+    from .model import read_checkpoint
+    from .pipeline import quantized_from_checkpoint
+    from .utils import resolve_device
+
+    _check_out_dir(args.onnx, "--onnx")
+    if not args.onnx.endswith(".onnx"):
+        raise UsageError(f"--onnx {args.onnx!r} must end in .onnx")
+    device = resolve_device(args.device)
+    ckpt = read_checkpoint(args.checkpoint, "cpu")
+    if "quant" not in ckpt:
+        raise UsageError(f"--checkpoint {args.checkpoint!r} holds an FP model; export needs a W8A8 checkpoint "
+                         "from `detptq-mini quantize --w-bits 8 --a-bits 8 --out PATH`")
+    qmodel, report = quantized_from_checkpoint(ckpt, f"checkpoint {args.checkpoint!r}", "cpu")
+    try:
+        check_exportable(qmodel)
+    except ValueError as e:
+        raise UsageError(f"--checkpoint {args.checkpoint!r}: {e}") from None
+    export_onnx(qmodel, args.onnx, dynamo=args.dynamo, argument="--onnx")
+    summary = qdq_summary(args.onnx)
+    out = {"onnx": args.onnx, "checkpoint": args.checkpoint, "method": report.get("method"), "opset": summary["opset"],
+           "convs": summary["convs"], "qdq_convs": summary["qdq_convs"],
+           "per_channel_weight_convs": summary["per_channel_weight_convs"],
+           "quantize_linear": summary["nodes"].get("QuantizeLinear", 0),
+           "dequantize_linear": summary["nodes"].get("DequantizeLinear", 0)}
+    session = onnx_session(args.onnx, args.threads)
+    if args.val > 0:
+        val = ShapesDataset("val", args.val, seed=0)
+        qmodel = qmodel.to(device)
+        images = val.images()
+        layers = check_layers(qmodel, images[:8], args.threads)
+        cmp = compare_outputs(qmodel, session, images)
+        m_fq = evaluate_model(qmodel, val, device=device)
+        m_ort = evaluate_model(OnnxDetector(session), val)
+        out.update(val_images=args.val, map_fake_quant=m_fq["map"], map_onnx=m_ort["map"],
+                   map_diff=m_ort["map"] - m_fq["map"], map50_fake_quant=m_fq["map50"], map50_onnx=m_ort["map50"],
+                   layer_max_steps=layers["max_steps"], layer_worst=layers["worst_layer"],
+                   layers_within_step=layers["within_step"],
+                   output_max_steps=max(v["max_steps"] for v in cmp.values()),
+                   output_max_abs_diff=max(v["max_abs"] for v in cmp.values()),
+                   output_mean_abs_diff=max(v["mean_abs"] for v in cmp.values()))
+    if args.benchmark:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp_path = export_onnx(to_float(qmodel.cpu()), f"{tmp}/fp32.onnx")
+            fp = latency_per_image(onnx_session(fp_path, args.threads))
+        qdq = latency_per_image(session)
+        out.update(threads=args.threads, latency_fp32_ms=fp["median_ms"], latency_qdq_ms=qdq["median_ms"],
+                   latency_ratio_qdq_to_fp32=qdq["median_ms"] / fp["median_ms"])
+    return out
+
+
+_COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "quantize": _cmd_quantize, "benchmark": _cmd_benchmark,
+             "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,18 +122,9 @@ def _check_choice(name: str, value, mode) -> None:
 
 
 def _check_images(images) -> Tensor:
-    if hasattr(images, "images") and callable(images.images):  # a data set such as ShapesDataset
-        images = images.images()
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be an (N, 3, H, W) float tensor (or a data set with .images()), got {shape}")
-    if images.shape[0] == 0:
-        raise ValueError("images is empty: p selection needs at least one calibration image")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor in [0, 1], got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contains NaN or inf")
-    return images
+    from .data import check_images
+
+    return check_images(images, "images")
 
 
 def _check_scales(scales, groups: dict[str, tuple[str, ...]], ps, rest_names, rest_p) -> None:

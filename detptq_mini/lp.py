@@ -178,14 +178,26 @@ def lp_sweep(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis: int | 
     axis = _check_axis(axis, x.dim())
     qmin, qmax = int_range(bits, symmetric)
     rows = _rows(x.detach(), axis).contiguous()  # (C, K)
-    c, k = rows.shape
+    c, k_cols = rows.shape
     ratios = torch.arange(1, grid + 1, dtype=torch.float64) / grid
     lo, hi = rows.amin(1).cpu().double(), rows.amax(1).cpu().double()
     scale, zero_point = qparams_from_range(ratios[:, None] * lo, ratios[:, None] * hi, bits, symmetric)  # (G, C)
     s = scale.to(rows.device, rows.dtype).unsqueeze(-1)  # (G, C, 1)
     z = zero_point.to(rows.device, rows.dtype).unsqueeze(-1)
+    # Huge or tiny rows would overflow/underflow e^(a+b) in the float32 sums (e^4.5 overflows for e > ~4e8).
+    # Such a row and its candidate scales are multiplied by 2^-k, k even: exact in floating point, so every
+    # code is the same and e scales by exactly 2^-k, sqrt(e) by 2^(-k/2); L_p then scales by 2^(-k p), which
+    # is multiplied back in float64. Rows within [2^-16, 2^16] keep k = 0 (nothing changes for them).
+    amax = rows.abs().amax(1).double()
+    shift = (amax > 2.0**16) | ((amax < 2.0**-16) & (amax > 0))
+    k = None
+    if bool(shift.any()):
+        k = torch.where(shift, 2 * torch.floor(torch.log2(amax.clamp(min=1e-300)) / 2), 0.0).clamp(-126, 126)
+        factor = torch.exp2(-k).to(rows.dtype)  # (C,), powers of two, normal floats
+        rows = rows * factor[:, None]
+        s = s * factor.view(1, -1, 1)
 
-    k_step = max(1, min(k, _KMAX, _CHUNK // c))
+    k_step = max(1, min(k_cols, _KMAX, _CHUNK // c))
     g_step = max(1, min(grid, _CHUNK // (c * k_step)))
     fast = [p for p in ps if p in _PAIRS]  # from the Gram matrix
     slow = [p for p in ps if p not in _PAIRS]  # from e.pow(p)
@@ -194,7 +206,7 @@ def lp_sweep(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis: int | 
     pows = torch.zeros(grid, c, len(slow), dtype=torch.float64, device=rows.device)
     for g0 in range(0, grid, g_step):
         g1 = min(g0 + g_step, grid)
-        for k0 in range(0, k, k_step):
+        for k0 in range(0, k_cols, k_step):
             xk = rows[:, k0:k0 + k_step]  # (C, kk)
             basis = buf[: (g1 - g0) * c, :, : xk.shape[1]]
             e = basis[:, 1 if fast else 0].view(g1 - g0, c, xk.shape[1])
@@ -206,7 +218,10 @@ def lp_sweep(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis: int | 
                 pows[g0:g1, :, j] += e.pow(p).sum(1, dtype=torch.float64).view(g1 - g0, c)
     sums = torch.stack([gram[..., 4 * _PAIRS[p][0] + _PAIRS[p][1]] if p in _PAIRS else pows[..., slow.index(p)]
                         for p in ps], dim=-1)  # (G, C, P)
-    error = (sums / k).permute(2, 0, 1)  # (P, G, C)
+    error = (sums / k_cols).permute(2, 0, 1)  # (P, G, C)
+    if k is not None:  # undo the row shifts: L_p(x) = 2^(k p) L_p(x 2^-k)
+        pk = torch.tensor(ps, dtype=torch.float64, device=error.device).view(-1, 1, 1) * k.to(error.device)
+        error = error * torch.exp2(pk)
     if axis is None:
         scale, zero_point, error = scale[:, 0], zero_point[:, 0], error[:, :, 0]
     dev = x.device

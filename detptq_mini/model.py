@@ -397,10 +397,15 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> Detector:
     ckpt = read_checkpoint(path, device)
     if "quant" in ckpt:
         raise ValueError(f"checkpoint={str(path)!r} holds a quantized model; load it with detptq_mini.pipeline.load_quantized")
-    model = detector_from_config(ckpt["config"], f"checkpoint={str(path)!r}")
-    check_state_dict(model, ckpt["state_dict"], str(path))
+    return detector_from_checkpoint(ckpt, f"checkpoint {str(path)!r}").to(device).eval()
+
+
+def detector_from_checkpoint(ckpt: dict, what: str = "checkpoint") -> Detector:
+    """The FP detector of a checkpoint dict read by :func:`read_checkpoint` (``what`` names it in errors)."""
+    model = detector_from_config(ckpt["config"], what)
+    check_state_dict(model, ckpt["state_dict"], what)
     model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval()
+    return model.eval()
 
 
 def check_state_dict(model: nn.Module, state: dict, what: str = "state_dict") -> None:

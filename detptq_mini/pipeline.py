@@ -38,7 +38,8 @@ from .utils import atomic_torch_save
 from .quant import QuantConfig, _check_bits, _check_bool, calibrate_minmax, fold_bn, quant_layers, quantize_model
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
 
-__all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized"]
+__all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized",
+           "quantized_from_checkpoint"]
 
 Method = Literal["minmax", "lp", "detptq", "brecq", "qdrop", "detptq-qdrop"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -61,7 +62,8 @@ class PTQConfig:
         grid: number of candidate ranges of the scale search.
         max_elements: activation values sampled per layer for the search.
         seed: seed of the activation sampling.
-        batch_size: calibration batch size.
+        batch_size: calibration images per forward. Given explicitly to :func:`run_ptq`, the calibration set
+            must hold at least this many images (a "tiny" set is an error); the default is an upper bound.
         ps: the candidate p of ``"detptq"`` (default ``P = {1, 1.5, ..., 4.5}``).
         granularity: ``"detptq"``: one p per ``"layer"`` (its default) or per ``"unit"``; ``"detptq-qdrop"``
             is per ``"unit"`` (its reconstruction loss needs one p per unit).
@@ -203,23 +205,18 @@ class PTQResult:
     history: ReconHistory | None = None  # the reconstruction methods: loss curves per unit
 
 
-def calibration_images(calib, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A calibration set (a ShapesDataset or an ``(N, 3, H, W)`` float tensor) -> float tensor, validated."""
-    if isinstance(calib, ShapesDataset):
-        x = calib.images()
-    elif isinstance(calib, torch.Tensor):
-        x = calib
-    else:
+def calibration_images(calib, device: str | torch.device = "cpu", min_images: int = 1,
+                       min_what: str | None = None) -> torch.Tensor:
+    """A calibration set (a ShapesDataset or an ``(N, 3, H, W)`` float tensor) -> float tensor on ``device``.
+
+    Validated by :func:`detptq_mini.data.check_images` (shape, dtype, NaN/inf, empty, at least ``min_images``
+    images, ``min_what`` saying why); errors name the argument ``calib``.
+    """
+    from .data import check_images
+
+    if not isinstance(calib, (ShapesDataset, torch.Tensor)):
         raise ValueError(f"calib must be a ShapesDataset or an (N, 3, H, W) tensor, got {type(calib).__name__}")
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"calib images must have shape (N, 3, H, W), got {tuple(x.shape)}")
-    if len(x) == 0:
-        raise ValueError("calib is empty: at least one calibration image is needed")
-    if not x.is_floating_point():
-        raise ValueError(f"calib images must be float in [0, 1], got dtype {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError("calib images contain NaN or inf")
-    return x.to(device)
+    return check_images(calib, "calib", min_images, min_what).to(device)
 
 
 def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress: bool) -> dict:
@@ -273,7 +270,9 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for run_ptq; allowed: {', '.join(sorted(allowed))}")
     cfg = PTQConfig(method=method, w_bits=w_bits, a_bits=a_bits, **options)
     t0 = time.perf_counter()
-    images = calibration_images(calib, device)
+    # a batch size asked for explicitly must fit the calibration set; the default one is an upper bound
+    need = cfg.batch_size if "batch_size" in options else 1
+    images = calibration_images(calib, device, need, f"batch_size={cfg.batch_size}" if need > 1 else None)
     qmodel = quantize_model(copy.deepcopy(model).to(device).eval(), cfg.quant_config())
     selection = history = None
     if cfg.method.startswith("detptq"):
@@ -314,14 +313,45 @@ def save_quantized(result: PTQResult, path, fp_config: dict) -> None:
 
 
 def load_quantized(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a checkpoint written by :func:`save_quantized`; returns the quantized model and its report."""
-    from .model import check_state_dict, detector_from_config, read_checkpoint
+    """Load a checkpoint written by :func:`save_quantized`; returns the quantized model and its report.
 
-    ckpt = read_checkpoint(path, device)
-    if "quant" not in ckpt:
-        raise ValueError(f"checkpoint={str(path)!r} is not a quantized detptq-mini checkpoint")
-    qc = QuantConfig(**ckpt["quant"]["quant_config"])
-    qmodel = quantize_model(detector_from_config(ckpt["config"], f"checkpoint={str(path)!r}").eval(), qc)
-    check_state_dict(qmodel, ckpt["state_dict"], f"checkpoint {str(path)!r}")
+    Errors (ValueError, naming ``checkpoint``): the file is missing or not a checkpoint; it holds an FP model;
+    its weights do not fit the architecture its config describes (another architecture); its quantization
+    config cannot be built, or gives other bit widths than the ones it was saved with, or a quantizer has no
+    valid scale (another quantization config).
+    """
+    from .model import read_checkpoint
+
+    return quantized_from_checkpoint(read_checkpoint(path, device), f"checkpoint {str(path)!r}", device)
+
+
+def quantized_from_checkpoint(ckpt: dict, what: str = "checkpoint",
+                              device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """:func:`load_quantized` of a checkpoint dict already read by :func:`detptq_mini.model.read_checkpoint`."""
+    from .model import check_state_dict, detector_from_config
+
+    quant = ckpt.get("quant")
+    if not isinstance(quant, dict) or not isinstance(quant.get("quant_config"), dict):
+        raise ValueError(f"{what} is not a quantized detptq-mini checkpoint (no quantization config); "
+                         "an FP checkpoint loads with detptq_mini.model.load_checkpoint")
+    try:
+        qc = QuantConfig(**quant["quant_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} has a quantization config this version cannot build: {e}") from None
+    qmodel = quantize_model(detector_from_config(ckpt["config"], what).eval(), qc)
+    check_state_dict(qmodel, ckpt["state_dict"], what)
     qmodel.load_state_dict(ckpt["state_dict"])
-    return qmodel.to(device).eval(), ckpt["report"]
+    report = ckpt.get("report") or {}
+    saved = report.get("layers") or {}
+    for name, layer in quant_layers(qmodel).items():
+        bits = {"w_bits": layer.weight_quantizer.bits, "a_bits": layer.input_quantizer.bits}
+        if name in saved and saved[name] != bits:
+            raise ValueError(f"{what}: layer {name!r} was saved at {saved[name]} but its quantization config "
+                             f"{qc.to_dict()} gives {bits}; the checkpoint's config and parameters do not match")
+        for kind, q in (("weight", layer.weight_quantizer), ("input", layer.input_quantizer)):
+            ok = bool(q.calibrated) and bool((torch.isfinite(q.scale) & (q.scale > 0)).all()) and bool(
+                ((q.zero_point >= q.qmin) & (q.zero_point <= q.qmax)).all())
+            if not ok:
+                raise ValueError(f"{what}: layer {name!r} has no valid {kind} quantization parameters (scale finite "
+                                 f"and > 0, zero point in {q.qmin}..{q.qmax}); it was not written by save_quantized")
+    return qmodel.to(device).eval(), report

@@ -207,8 +207,10 @@ def qparams_from_range(lo: Tensor | float, hi: Tensor | float, bits: int, symmet
         ``(scale, zero_point)``: float32 and int32 tensors of the broadcast shape.
     """
     qmin, qmax = int_range(bits, symmetric)
-    lo = torch.as_tensor(lo).double().clamp(max=0.0)
-    hi = torch.as_tensor(hi).double().clamp(min=0.0)
+    lo, hi = torch.as_tensor(lo).double(), torch.as_tensor(hi).double()
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("lo and hi must be finite: a range with NaN or inf has no scale")
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     lo, hi = torch.broadcast_tensors(lo, hi)
     floor = SCALE_FLOOR * torch.maximum(-lo, hi).clamp(min=1.0)
     if symmetric:
@@ -514,13 +516,9 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
 
 
 def _as_images(images) -> Tensor:
-    if hasattr(images, "images") and callable(images.images):  # a data set such as ShapesDataset
-        images = images.images()
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError("images must be an (N, 3, H, W) tensor or a data set with .images()")
-    if images.shape[0] == 0:
-        raise ValueError("images is empty: the calibration set needs at least one image")
-    return images
+    from .data import check_images
+
+    return check_images(images, "images")
 
 
 def collect_activations(model: nn.Module, images, layers: Iterable[str] | None = None, max_elements: int = 2**20,

@@ -1,0 +1,436 @@
+"""ONNX export of a W8A8 quantized detector as a QDQ graph, and its check in ONNX Runtime.
+
+A deployment runtime does not know our :class:`~detptq_mini.quant.Quantizer`; it knows the ONNX operators
+``QuantizeLinear`` (float -> int8/uint8) and ``DequantizeLinear`` (back to float). A *QDQ graph* puts a
+``QuantizeLinear -> DequantizeLinear`` pair wherever the fake-quant model rounds, so it computes the same
+function, and a runtime may fuse each pair with the conv that follows into an integer kernel::
+
+    x --Q(s_a, z_a, uint8)--DQ--+
+                                Conv -- ...          (one pair on the input, one on the weight of every conv)
+    W --Q(s_w, 0, int8, axis 0)--DQ--+
+
+The mapping from our quantizer (METHOD.md section 2) is exact at 8 bits: activations are asymmetric per tensor
+in ``[0, 255]`` (uint8, zero point in range), weights symmetric per output channel in ``[-128, 127]`` (int8,
+zero point 0; per-channel ``QuantizeLinear`` needs opset >= 13). Lower bit widths have no 8-bit QDQ form, so
+only W8A8 models are exported (:func:`check_exportable` says why a model is not).
+
+:func:`to_qdq` makes an export copy of a quantized model in which every :class:`QuantConv2d` calls torch's own
+quantization ops, which the exporters translate into ``QuantizeLinear``/``DequantizeLinear``:
+``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine`` for the TorchScript
+exporter (``dynamo=False``, the default), and the ``quantized_decomposed`` quantize/dequantize ops (PT2E's)
+for the ``torch.export`` based exporter (``dynamo=True``). Both compute bit for bit what
+:func:`detptq_mini.quant.fake_quantize` computes (reciprocal multiply, round half to even), so the copy's
+torch forward equals the quantized model's. The quantizers themselves are not changed.
+
+The exported graph holds the dense head outputs (``cls0..2``, ``box0..2``, a
+:class:`~detptq_mini.model.DenseOutputs`); decoding and NMS stay in torch (:func:`detptq_mini.model.postprocess`),
+so :class:`OnnxDetector` plugs an ONNX Runtime session into :func:`detptq_mini.evaluate.evaluate_model`.
+
+ONNX Runtime does not reproduce the fake-quant model bit for bit: its convs accumulate floats in another order,
+so now and then a value lands on the other side of a rounding boundary, one integer code away, and the next
+layers carry that on. So the check has three parts: :func:`check_layers` runs every exported conv in ONNX
+Runtime on the fake-quant model's own input to that conv and requires its output within one quantization step
+(``s_a * sum_k |W_q[c, k]|``: every input of the output one integer code away); :func:`compare_outputs`
+reports how far the whole network's outputs drift, in the same units; and the mAP of the exported graph
+(:class:`OnnxDetector`) is compared with the fake-quant model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .model import DenseOutputs
+from .quant import QuantConv2d, quant_layers
+
+__all__ = [
+    "OPSET", "OUTPUT_NAMES", "check_exportable", "to_qdq", "to_float", "export_onnx", "qdq_summary", "onnx_session",
+    "OnnxDetector", "compare_outputs", "check_layers", "latency_per_image",
+]
+
+OPSET = 17  # TorchScript exporter; dynamo=True exports at 18 (its lowest), both >= 13 for per-channel QDQ
+OUTPUT_NAMES: tuple[str, ...] = ("cls0", "cls1", "cls2", "box0", "box1", "box2")
+_RANGES = {(0, 255): torch.uint8, (-128, 127): torch.int8}  # the integer ranges ONNX QuantizeLinear has at 8 bits
+
+
+def check_exportable(qmodel: nn.Module) -> dict[str, QuantConv2d]:
+    """The quantized convs of ``qmodel``, after checking that each maps onto 8-bit ONNX QDQ.
+
+    Raises a ValueError naming the first layer that does not: bits other than 8, an uncalibrated or disabled
+    quantizer, a per-tensor activation range other than uint8 ``[0, 255]`` / int8 ``[-128, 127]``.
+    """
+    layers = quant_layers(qmodel)
+    if not layers:
+        raise ValueError("qmodel has no QuantConv2d layers: quantize it first (run_ptq or quantize_model)")
+    for name, layer in layers.items():
+        for kind, q in (("weight", layer.weight_quantizer), ("input", layer.input_quantizer)):
+            if q.bits != 8:
+                w, a = layer.weight_quantizer.bits, layer.input_quantizer.bits
+                raise ValueError(f"qmodel layer {name!r} is W{w}A{a}; ONNX QDQ export supports W8A8 only "
+                                 "(QuantizeLinear is 8-bit): quantize with w_bits=8, a_bits=8")
+            if not q.enabled or not bool(q.calibrated):
+                raise ValueError(f"qmodel layer {name!r}: the {kind} quantizer is disabled or has no scale; "
+                                 "export needs every quantizer enabled and calibrated")
+            if (q.qmin, q.qmax) not in _RANGES:
+                raise ValueError(f"qmodel layer {name!r}: {kind} range {q.qmin}..{q.qmax} has no ONNX form; "
+                                 "allowed: 0..255 (uint8) or -128..127 (int8)")
+            if q.axis not in (None, 0):
+                raise ValueError(f"qmodel layer {name!r}: {kind} quantizer axis={q.axis}; allowed: None or 0")
+    return layers
+
+
+class _QDQConv(nn.Module):
+    """A :class:`QuantConv2d` for export: the same conv, its quantizers as torch quantization ops."""
+
+    def __init__(self, layer: QuantConv2d, dynamo: bool):
+        super().__init__()
+        self.conv, self.dynamo = layer.conv, dynamo
+        self.quantizers = []
+        for kind, q in (("w", layer.weight_quantizer), ("a", layer.input_quantizer)):
+            self.register_buffer(f"{kind}_scale", q.scale.detach().clone().float())
+            self.register_buffer(f"{kind}_zero_point", q.zero_point.detach().clone().to(torch.int32))
+            self.quantizers.append((kind, q.axis, q.qmin, q.qmax))
+        # per-tensor qparams as Python numbers for the dynamo path (torch.export cannot read a buffer's value)
+        self.scalars = {"a": (float(layer.input_quantizer.scale), int(layer.input_quantizer.zero_point))}
+        if layer.weight_quantizer.axis is None:
+            self.scalars["w"] = (float(layer.weight_quantizer.scale), int(layer.weight_quantizer.zero_point))
+
+    def _qdq(self, x: Tensor, kind: str, axis: int | None, qmin: int, qmax: int) -> Tensor:
+        s, z = getattr(self, f"{kind}_scale"), getattr(self, f"{kind}_zero_point")
+        if self.dynamo:  # PT2E's ops: torch.export traces them, the exporter maps them to Q/DQ
+            ops, dtype = torch.ops.quantized_decomposed, _RANGES[(qmin, qmax)]
+            if axis is None:
+                sf, zi = self.scalars[kind]
+                return ops.dequantize_per_tensor(ops.quantize_per_tensor(x, sf, zi, qmin, qmax, dtype),
+                                                 sf, zi, qmin, qmax, dtype)
+            z = z.long()
+            return ops.dequantize_per_channel(ops.quantize_per_channel(x, s, z, axis, qmin, qmax, dtype),
+                                              s, z, axis, qmin, qmax, dtype)
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, s, z, axis, qmin, qmax)
+
+    def forward(self, x: Tensor) -> Tensor:
+        (_, w_axis, w_min, w_max), (_, a_axis, a_min, a_max) = self.quantizers
+        w = self._qdq(self.conv.weight, "w", w_axis, w_min, w_max)
+        return self.conv._conv_forward(self._qdq(x, "a", a_axis, a_min, a_max), w, self.conv.bias)
+
+
+def to_qdq(qmodel: nn.Module, dynamo: bool = False) -> nn.Module:
+    """An export copy of the W8A8 ``qmodel``: every :class:`QuantConv2d` computes with torch's quantization ops.
+
+    The copy's forward equals ``qmodel``'s bit for bit; it is in eval mode with gradients off. ``qmodel`` is
+    not modified. ``dynamo`` selects the ops its exporter understands (see the module docstring).
+    """
+    if not isinstance(dynamo, bool):
+        raise ValueError(f"dynamo={dynamo!r} must be a bool (True or False)")
+    if dynamo:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers torch.ops.quantized_decomposed
+    names = list(check_exportable(qmodel))
+    out = copy.deepcopy(qmodel).eval().requires_grad_(False)
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        holder = out.get_submodule(parent) if parent else out
+        setattr(holder, leaf, _QDQConv(getattr(holder, leaf), dynamo))
+    return out
+
+
+def to_float(qmodel: nn.Module) -> nn.Module:
+    """The FP32 twin of a quantized model: each :class:`QuantConv2d` replaced by its (BN-folded) float conv.
+
+    The baseline of :func:`latency_per_image`: the same graph as the QDQ export, without the Q/DQ pairs.
+    """
+    layers = quant_layers(qmodel)
+    if not layers:
+        raise ValueError("qmodel has no QuantConv2d layers: it is already a float model")
+    out = copy.deepcopy(qmodel).eval()
+    for name in layers:
+        parent, _, leaf = name.rpartition(".")
+        holder = out.get_submodule(parent) if parent else out
+        setattr(holder, leaf, getattr(holder, leaf).conv)
+    return out
+
+
+def _atomic_target(path, argument: str) -> tuple[Path, Path]:
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"{argument}={str(path)!r}: directory {str(path.parent)!r} does not exist")
+    if path.suffix != ".onnx":
+        raise ValueError(f"{argument}={str(path)!r} must end in .onnx")
+    return path, path.with_name(f".{path.stem}.tmp{os.getpid()}.onnx")
+
+
+def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = False, opset: int | None = None,
+                argument: str = "path") -> Path:
+    """Write ``model`` to ``path`` as ONNX (atomically): a QDQ graph for a W8A8 quantized model, else FP32.
+
+    Input ``images`` ``(batch, 3, image_size, image_size)`` float32 with a dynamic batch; outputs
+    :data:`OUTPUT_NAMES` (the dense head outputs, levels in order).
+
+    Args:
+        model: a quantized detector (exported through :func:`to_qdq`) or an FP detector (exported as it is).
+        path: the ``.onnx`` file; its directory must exist. Nothing is left behind on failure.
+        image_size: height and width of the example input (a multiple of 32).
+        dynamo: use the ``torch.export`` based exporter (needs onnxscript) instead of the TorchScript one.
+        opset: ONNX opset (default :data:`OPSET`; 18 with ``dynamo``); at least 13.
+        argument: the name ``path`` has in error messages (the CLI passes ``--onnx``).
+    """
+    path, tmp = _atomic_target(path, argument)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
+        raise ValueError(f"image_size={image_size!r} must be a positive multiple of 32")
+    opset = (18 if dynamo else OPSET) if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset={opset!r} must be an integer >= 13 (per-channel QuantizeLinear)")
+    if quant_layers(model):
+        model = to_qdq(model, dynamo)
+    else:
+        if not isinstance(dynamo, bool):
+            raise ValueError(f"dynamo={dynamo!r} must be a bool (True or False)")
+        model = copy.deepcopy(model).eval().requires_grad_(False)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    example = torch.zeros(2, 3, image_size, image_size, device=device)  # batch 2: torch.export specializes 1
+    axes = {"images": {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporters' tracer and deprecation notes; errors still raise
+            if dynamo:
+                torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset, verbose=False,
+                                  input_names=["images"], output_names=list(OUTPUT_NAMES),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},), external_data=False)
+            else:
+                torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=["images"], output_names=list(OUTPUT_NAMES), dynamic_axes=axes)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def qdq_summary(path) -> dict:
+    """What an exported graph holds: node counts and how many convs sit between Q/DQ pairs.
+
+    A conv counts as quantized when its input comes from a ``DequantizeLinear`` fed by a ``QuantizeLinear``,
+    and its weight from a ``DequantizeLinear`` (of a ``QuantizeLinear`` or of an int8 initializer); its weight
+    is per channel when that ``DequantizeLinear``'s scale has one entry per output channel along axis 0.
+
+    Returns:
+        ``{"opset", "nodes": {op type: count}, "convs", "qdq_convs", "per_channel_weight_convs"}``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+
+    def shape_of(name: str) -> tuple[int, ...] | None:
+        if name in inits:
+            return tuple(inits[name].dims)
+        if name in consts:
+            return tuple(numpy_helper.to_array(consts[name].attribute[0].t).shape)
+        return None
+
+    def from_op(name: str, op: str):
+        n = producer.get(name)
+        while n is not None and n.op_type == "Identity":  # the exporters sometimes alias initializers
+            n = producer.get(n.input[0])
+        return n if n is not None and n.op_type == op else None
+
+    counts: dict[str, int] = {}
+    for n in g.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    def weight_source(name: str) -> str | None:
+        """The tensor a weight DequantizeLinear dequantizes back to: a QuantizeLinear's float input, or an
+        integer initializer (possibly through Identity/Clip, as the dynamo exporter writes it)."""
+        n = producer.get(name)
+        while n is not None and n.op_type in ("Identity", "Clip"):
+            name, n = n.input[0], producer.get(n.input[0])
+        if n is None:
+            return name if name in inits or name in consts else None
+        return n.input[0] if n.op_type == "QuantizeLinear" else None
+
+    qdq = per_channel = 0
+    for conv in convs:
+        dq_x, dq_w = from_op(conv.input[0], "DequantizeLinear"), from_op(conv.input[1], "DequantizeLinear")
+        if dq_x is None or dq_w is None or from_op(dq_x.input[0], "QuantizeLinear") is None:
+            continue
+        source = weight_source(dq_w.input[0])
+        if source is None:
+            continue
+        qdq += 1
+        axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
+        w_shape, s_shape = shape_of(source), shape_of(dq_w.input[1])
+        if axis == 0 and w_shape is not None and s_shape == (w_shape[0],):
+            per_channel += 1
+    opset = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"opset": opset, "nodes": counts, "convs": len(convs), "qdq_convs": qdq,
+            "per_channel_weight_convs": per_channel}
+
+
+def onnx_session(path, threads: int = 1):
+    """An ONNX Runtime CPU session of ``path`` with ``threads`` intra-op threads (and one inter-op thread)."""
+    import onnxruntime as ort
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r} must be a positive integer")
+    if not Path(path).is_file():
+        raise ValueError(f"onnx={str(path)!r} does not exist")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OnnxDetector(nn.Module):
+    """An ONNX Runtime session behind the detector's interface: ``forward(images) -> DenseOutputs`` (CPU).
+
+    So :func:`detptq_mini.evaluate.evaluate_model` (decode and NMS in torch) measures the exported graph's mAP.
+    """
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        names = [o.name for o in session.get_outputs()]
+        if names != list(OUTPUT_NAMES):
+            raise ValueError(f"session outputs are {names}; an exported detector has {list(OUTPUT_NAMES)}")
+
+    def forward(self, x: Tensor) -> DenseOutputs:
+        outs = self.session.run(None, {"images": x.detach().cpu().float().contiguous().numpy()})
+        t = [torch.from_numpy(o) for o in outs]
+        return DenseOutputs(tuple(t[:3]), tuple(t[3:]))
+
+
+@torch.no_grad()
+def compare_outputs(qmodel: nn.Module, session, images: Tensor, batch_size: int = 32) -> dict:
+    """ONNX Runtime's outputs against the fake-quant model's, per output, in units of a quantization step.
+
+    For output ``o`` (a prediction conv's output, channel ``c``) the step is ``s_a * sum_k |W_q[c, k]|``: how
+    far the output moves when every input value of that conv moves by one integer code (``s_a``, the conv's
+    input scale) in the worst direction. Returned per output name: ``max_abs`` and ``mean_abs`` of
+    ``|ORT - fake quant|``, ``step`` (the smallest step over the channels), ``max_steps`` (the largest
+    ``|ORT - fake quant| / step_c``). Through the whole network these are not bounded by one step: a value
+    that ORT rounds to the neighbouring code moves the next layers' inputs, which may cross further rounding
+    boundaries. :func:`check_layers` checks each conv on its own; the mAP checks the whole.
+    """
+    from .data import check_images
+
+    images = check_images(images, "images")
+    layers = check_exportable(qmodel)
+    ort_model = OnnxDetector(session)
+    preds = [n for n in layers if n.endswith(".pred")]
+    if len(preds) != len(OUTPUT_NAMES):
+        raise ValueError(f"qmodel has {len(preds)} prediction convs (*.pred); the detector has {len(OUTPUT_NAMES)}")
+    # the detector's prediction convs in output order: cls of each level, then box of each level
+    order = [n for n in preds if ".cls." in n] + [n for n in preds if ".box." in n]
+    steps = [_step(layers[n]) for n in order]
+    stats = {n: {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "max_steps": 0.0} for n in OUTPUT_NAMES}
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size]
+            ref, got = qmodel(x.to(next(qmodel.parameters()).device)), ort_model(x)
+            for name, r, o, st in zip(OUTPUT_NAMES, ref.cls + ref.box, got.cls + got.box, steps):
+                d = (r.float().cpu() - o).abs()
+                s = stats[name]
+                s["max_abs"] = max(s["max_abs"], float(d.max()))
+                s["sum_abs"] += float(d.sum())
+                s["count"] += d.numel()
+                s["max_steps"] = max(s["max_steps"], float((d / st.cpu()).max()))
+    finally:
+        qmodel.train(was_training)
+    out = {}
+    for name, st in zip(OUTPUT_NAMES, steps):
+        s = stats[name]
+        out[name] = {"max_abs": s["max_abs"], "mean_abs": s["sum_abs"] / s["count"], "step": float(st.min()),
+                     "max_steps": s["max_steps"]}
+    return out
+
+
+def _step(layer: QuantConv2d) -> Tensor:
+    """``s_a * sum_k |W_q[c, k]|`` per output channel, shape ``(1, C_out, 1, 1)``."""
+    w = layer.weight_quantizer(layer.conv.weight.detach()).abs().flatten(1).sum(1)
+    return (layer.input_quantizer.scale * w).view(1, -1, 1, 1).float()
+
+
+@torch.no_grad()
+def check_layers(qmodel: nn.Module, images: Tensor, threads: int = 1) -> dict:
+    """Every conv as ONNX Runtime runs it, against the fake-quant conv, on the same input: within one step?
+
+    Each :class:`QuantConv2d` is exported on its own (the same Q/DQ pair on its input and on its weight as in
+    the full graph) and run by ONNX Runtime on the very input the fake-quant model gives that conv on
+    ``images``. The difference, per output channel ``c``, is measured in steps ``s_a * sum_k |W_q[c, k]|``
+    (every input of the output one integer code away): float accumulation order aside, a conv that rounds
+    as the fake-quant conv does stays far below one step.
+
+    Returns:
+        ``{"layers": {name: max_steps}, "max_steps", "worst_layer", "within_step"}`` (``max_steps <= 1``).
+    """
+    import io
+
+    import onnxruntime as ort
+
+    from .data import check_images
+
+    images = check_images(images, "images")
+    layers = check_exportable(qmodel)
+    inputs: dict[str, Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
+               for n, m in layers.items()]
+    was_training = qmodel.training
+    try:
+        qmodel.eval()
+        qmodel(images.to(next(qmodel.parameters()).device))
+    finally:
+        qmodel.train(was_training)
+        for h in handles:
+            h.remove()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    result = {}
+    for name, layer in layers.items():
+        x = inputs[name].float().contiguous()
+        ref = layer(x)
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_QDQConv(layer, dynamo=False).eval().requires_grad_(False), (x[:1],), buf,
+                              dynamo=False, opset_version=OPSET, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+        sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"x": x.cpu().numpy()})[0])
+        result[name] = float(((ref.cpu() - got).abs() / _step(layer).cpu()).max())
+    worst = max(result, key=result.get)
+    return {"layers": result, "max_steps": result[worst], "worst_layer": worst, "within_step": result[worst] <= 1.0}
+
+
+def latency_per_image(session, image_size: int = 128, warmup: int = 10, repeats: int = 50, batch: int = 1,
+                      seed: int = 0) -> dict:
+    """Wall-clock latency of ``session`` per image: median (and min, max) over ``repeats`` timed runs.
+
+    Each run is one batch of ``batch`` random images (seeded); ``warmup`` untimed runs come first.
+    Returns ``{"median_ms", "min_ms", "max_ms", "batch", "repeats"}``, per image.
+    """
+    for name, v, low in (("warmup", warmup, 0), ("repeats", repeats, 1), ("batch", batch, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name}={v!r} must be an integer >= {low}")
+    g = torch.Generator().manual_seed(seed)
+    feed = {"images": torch.rand(batch, 3, image_size, image_size, generator=g).numpy()}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1000 / batch)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "batch": batch,
+            "repeats": repeats}
