@@ -294,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"detptq-mini: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:  # an optional dependency (onnx, onnxruntime for `export`)
+        print(f"detptq-mini: error: {e}; install the optional dependencies: pip install -e '.[export]'",
+              file=sys.stderr)
+        return 2
     if isinstance(result, int):  # a command that printed its own output (benchmark): its exit status
         return result
     if getattr(args, "json", False):
