@@ -1,6 +1,6 @@
 """detptq-mini: task-loss-guided post-training quantization (DetPTQ) of a small YOLO-style detector.
 
-Modules, in the order data flows: ``data`` -> ``model`` -> ``train`` / ``evaluate`` -> ``quant`` (+ ``lp``)
+Modules, in the order data flows: ``data`` -> ``model`` (+ ``adapter``) -> ``train`` / ``evaluate`` -> ``quant`` (+ ``lp``)
 -> ``odol`` / ``detptq`` -> ``reconstruction`` -> ``pipeline`` -> ``cli``.
 """
 

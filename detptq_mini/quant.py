@@ -252,8 +252,10 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
     Two patterns are recognised (others are left as they are):
 
-    * a module with attributes ``conv`` (an ``nn.Conv2d``) and ``bn`` (``nn.BatchNorm2d`` or torchvision's
-      ``FrozenBatchNorm2d``), such as :class:`detptq_mini.model.ConvBNAct`; ``bn`` becomes ``nn.Identity``;
+    * a module with attributes ``conv<k>`` (an ``nn.Conv2d``) and ``bn<k>`` (``nn.BatchNorm2d`` or torchvision's
+      ``FrozenBatchNorm2d``) with the same suffix ``<k>`` (none, or e.g. ``1``), such as
+      :class:`detptq_mini.model.ConvBNAct` (``conv``/``bn``) or torchvision's ResNet blocks
+      (``conv1``/``bn1`` ...); ``bn<k>`` becomes ``nn.Identity``;
     * an ``nn.Sequential`` in which an ``nn.Conv2d`` is immediately followed by such a BatchNorm; the BatchNorm
       is replaced by ``nn.Identity`` (indices are kept).
 
@@ -262,10 +264,12 @@ def fold_bn(model: nn.Module) -> nn.Module:
     """
     model = copy.deepcopy(model)
     for module in list(model.modules()):
-        conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, _BATCH_NORMS):
-            _fold_into(conv, bn)
-            module.bn = nn.Identity()
+        for name, conv in list(module._modules.items()):
+            bn_name = "bn" + name[len("conv"):]
+            bn = module._modules.get(bn_name)
+            if name.startswith("conv") and isinstance(conv, nn.Conv2d) and isinstance(bn, _BATCH_NORMS):
+                _fold_into(conv, bn)
+                module._modules[bn_name] = nn.Identity()
         if isinstance(module, nn.Sequential):
             items = list(module._modules.items())
             for (_, a), (name_b, b) in zip(items, items[1:]):
@@ -532,6 +536,9 @@ def collect_activations(model: nn.Module, images, layers: Iterable[str] | None =
     drawn uniformly with replacement, each batch contributing in proportion to its number of images, from a
     ``torch.Generator`` seeded with ``seed`` and the layer name. The sample always contains the layer's exact
     minimum and maximum (its first two entries), so the min-max range of a sample is the range of the data.
+    A conv that runs several times in one forward (a module shared by several inputs, such as RetinaNet's head,
+    which runs on every pyramid level) has one input distribution: the inputs of all its calls in a batch
+    are pooled before sampling.
 
     Args:
         model: a model whose convs (``nn.Conv2d`` or :class:`QuantConv2d`) are named in ``layers``.
@@ -561,7 +568,7 @@ def collect_activations(model: nn.Module, images, layers: Iterable[str] | None =
                              f"allowed: {', '.join(sorted(allowed))}")
         modules = {n: model.get_submodule(n) for n in names}
     n_images = images.shape[0]
-    state = {n: {"parts": [], "lo": None, "hi": None, "batch": -1, "total": 0} for n in modules}
+    state = {n: {"parts": [], "calls": [], "lo": None, "hi": None, "total": 0} for n in modules}
     # one generator per layer, seeded from (seed, name): mt19937 keeps 32 bits of a seed, so hash both together
     gens = {n: torch.Generator().manual_seed(zlib.crc32(f"{seed}:{n}".encode())) for n in modules}
     batch = {"index": -1, "start": 0, "end": 0}
@@ -569,21 +576,26 @@ def collect_activations(model: nn.Module, images, layers: Iterable[str] | None =
     def hook(name):
         def fn(module, args):
             st, x = state[name], args[0].detach()
-            if st["batch"] == batch["index"]:
-                raise ValueError(f"layer {name!r} ran twice in one forward (a shared module); not supported")
-            st["batch"] = batch["index"]
             lo, hi = x.min(), x.max()
             st["lo"] = lo if st["lo"] is None else torch.minimum(st["lo"], lo)
             st["hi"] = hi if st["hi"] is None else torch.maximum(st["hi"], hi)
-            flat = x.reshape(-1)
+            st["calls"].append(x.reshape(-1))  # sampled once the batch's forward is over (see flush)
+        return fn
+
+    def flush():
+        """Sample each layer's inputs of this batch (all its calls pooled: one call unless the conv is shared)."""
+        for name, st in state.items():
+            if not st["calls"]:
+                continue
+            flat = st["calls"][0] if len(st["calls"]) == 1 else torch.cat(st["calls"])
+            st["calls"] = []
             st["total"] += flat.numel()
-            if n_images * x[0].numel() <= max_elements:
+            if n_images * (flat.numel() // (batch["end"] - batch["start"])) <= max_elements:
                 st["parts"].append(flat.clone())
             else:  # this batch's share of the sample: images [start, end) of N
                 k = max_elements * batch["end"] // n_images - max_elements * batch["start"] // n_images
                 idx = torch.randint(0, flat.numel(), (k,), generator=gens[name]).to(flat.device)
                 st["parts"].append(flat[idx])
-        return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     device = next(iter(model.parameters()), torch.empty(0)).device
@@ -592,6 +604,7 @@ def collect_activations(model: nn.Module, images, layers: Iterable[str] | None =
             for start in range(0, n_images, batch_size):
                 batch.update(index=batch["index"] + 1, start=start, end=min(start + batch_size, n_images))
                 model(images[start:batch["end"]].to(device))
+                flush()
     finally:
         for h in handles:
             h.remove()

@@ -7,7 +7,8 @@ and recorded, so a page that needs a CDN fails. Each page must show no console
 error, load every image, render its math with the vendored MathJax, and link
 only to files that exist. The search page must find "ODOL", and the slider of
 every explorer page must change the figure it drives. A full-page screenshot
-of each page is saved under ``_build/screenshots/``.
+of each page is saved under ``_build/screenshots/``. Every page's download button gives its source
+(``.ipynb`` or ``.md``), and no page has a launch button.
 
 Skipped, with the reason, when the book is not built (``make book``) or
 ``/usr/bin/chromium`` is missing (``apt-get install chromium``).
@@ -285,6 +286,21 @@ def test_page_renders_offline(visit, page):
     v.screenshot(page.replace("/", "_"))
     problems = v.problems() + problems
     assert not problems, f"{page}.html:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_offers_its_source_for_download(visit, page):
+    """The download button gives the page's own source (.ipynb for a chapter, .md for a page), served offline."""
+    source = next(p for p in ROOT.glob(f"{page}.*") if p.suffix in (".ipynb", ".md"))
+    v = visit(f"{page}.html")
+    link = v.page.locator("a.btn-download-source-button")
+    assert link.count() == 1, f"{page}.html has {link.count()} download-source buttons"
+    href = link.get_attribute("href")
+    target = (HTML / page).parent / href
+    assert href.endswith(f"_sources/{page}{source.suffix}"), f"{page}.html downloads {href!r}"
+    assert target.resolve().is_file(), f"{page}.html: the download {href!r} is missing from _build/html"
+    # no launch (Binder/Colab) button: the project has no public repository for it to point at yet
+    assert v.page.locator(".dropdown-launch-buttons").count() == 0
 
 
 def test_search_finds_odol(visit):

@@ -13,7 +13,13 @@ For each notebook given on the command line:
 3. number the executed code cells 1..n in order (empty code cells get no
    number and no outputs);
 4. check the result with ``tools/check_notebooks.py`` and write it atomically
-   (a temporary file in the same folder, then ``os.replace``).
+   (a temporary file in the same folder, then ``os.replace``);
+5. record the measured run time: the whole seconds go into ``run_times.json``
+   next to the notebook (``{"01_detector.ipynb": 7, ...}``, other entries
+   kept), and the chapter's run-time line (a line of its first markdown cell
+   that starts with ``Run time:``) is rewritten to state them, so the number a
+   reader sees is the one measured (``tests/test_run_times.py`` checks that
+   the two agree).
 
 It prints the time each notebook took (kernel start included) and exits 1 if a
 notebook raised (that notebook is left untouched), failed the check, or took
@@ -28,7 +34,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -46,6 +54,42 @@ BUDGET_SECONDS = 150.0
 CELL_TIMEOUT_SECONDS = 600
 #: The environment the notebooks run in, the same as the tests'.
 KERNEL_ENV = {"PYTHONHASHSEED": "0"}
+#: The file, next to the notebooks, that records each notebook's measured run time in whole seconds.
+RUN_TIMES = "run_times.json"
+#: The run-time line of a chapter (in its first markdown cell); group 1 is the number of seconds.
+RUN_TIME_LINE = re.compile(r"^Run time: (\d+) s\b.*$", re.MULTILINE)
+
+
+def run_time_line(seconds: int) -> str:
+    """The sentence a chapter shows near its top, for a run of ``seconds`` whole seconds."""
+    return (f"Run time: {seconds} s on 2 CPU cores, measured when its outputs were last regenerated "
+            f"(`make notebooks`; every chapter's time is in `notebooks/{RUN_TIMES}`).")
+
+
+def set_run_time(nb, seconds: int) -> bool:
+    """Rewrite the run-time line of the first markdown cell that has one; False if the notebook has none."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and RUN_TIME_LINE.search(cell.source):
+            cell.source = RUN_TIME_LINE.sub(run_time_line(seconds), cell.source, count=1)
+            return True
+    return False
+
+
+def record_run_time(folder: Path, name: str, seconds: int) -> None:
+    """Store ``{name: seconds}`` in ``folder/run_times.json`` (sorted, other entries kept), atomically."""
+    path = folder / RUN_TIMES
+    times = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    times[name] = int(seconds)
+    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_TIMES}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dict(sorted(times.items())), f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class CurrentEnvKernelSpecManager(KernelSpecManager):
@@ -148,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {problem}")
             failures.append(path)
             continue
+        set_run_time(nb, round(seconds))
         write_atomically(nb, path)
+        record_run_time(path.parent, path.name, round(seconds))
         if seconds > args.budget:
             print(f"{path.name}: {seconds:.1f} s, OVER the {args.budget:g} s budget (written; make it cheaper)",
                   flush=True)
