@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fixed p of lp, brecq and qdrop (default 2.0); an error with detptq*, which choose p themselves")
     q.add_argument("--iters", type=_positive_int, default=None,
                    help="reconstruction steps per unit for brecq | qdrop | detptq-qdrop (default 2000)")
+    q.add_argument("--lr-v", type=float, default=None,
+                   help="reconstruction: Adam learning rate of AdaRound's rounding variables (default 1e-3)")
+    q.add_argument("--lr-act", type=float, default=None,
+                   help="reconstruction: Adam learning rate of the activation step sizes (default 4e-5)")
     q.add_argument("--quant-prob", type=float, default=None,
                    help="qdrop | detptq-qdrop: probability that an activation element is quantized during "
                         "reconstruction (default 0.5)")
@@ -176,7 +180,7 @@ def _cmd_quantize(args) -> dict:
     model = load_pretrained(device)
     calib = ShapesDataset("calib", args.calib, seed=args.seed)
     options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred}
-    for name in ("p", "iters", "quant_prob", "batch_size"):
+    for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     res = run_ptq(model, calib, args.method, args.w_bits, args.a_bits, device=device, progress=args.progress, **options)

@@ -169,7 +169,7 @@ class PTQConfig:
         given = [name for name in _RECON_OPTIONS if getattr(self, name) is not None]
         if self.method not in RECON_METHODS:
             if given:
-                raise ValueError(f"{', '.join(given)} only apply to the reconstruction methods "
+                raise ValueError(f"option(s) {', '.join(given)} only apply to the reconstruction methods "
                                  f"{', '.join(RECON_METHODS)}, not method={self.method!r}")
             return
         if self.method == "brecq" and self.quant_prob not in (None, 1, 1.0):

