@@ -26,13 +26,14 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .lp import P_DEFAULT
 from .utils import atomic_write_json, atomic_write_text
 
-__all__ = ["Cell", "SUITES", "SuiteRun", "cell_args", "run_cell", "run_suite", "select_cells", "load_results",
-           "machine_info", "summarize", "to_markdown"]
+__all__ = ["Cell", "SUITES", "RECON_ITERS", "FULL_BITS", "SEEDS", "METHOD_NAMES", "SuiteRun", "cell_args",
+           "run_cell", "run_suite", "select_cells", "load_results", "machine_info", "summarize", "to_markdown"]
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,98 @@ def _simple_suite() -> list[Cell]:
     return [Cell(method, w, a, seed, p=p) for w, a in ((4, 4), (4, 8)) for method, p in variants for seed in (0, 1, 2)]
 
 
-#: The named suites. ``simple``: min-max, Lp with every fixed p in ``P_DEFAULT`` and DetPTQ, at W4A4 and W4A8, with
-#: calibration seeds 0, 1, 2 (60 cells, about 30 minutes on 2 cores). ``quick``: a two-cell smoke slice (minutes).
+#: Bit widths of the ``full`` comparison, in table order.
+FULL_BITS: tuple[tuple[int, int], ...] = ((8, 8), (4, 8), (4, 4), (3, 3))
+#: Calibration seeds of ``full`` and ``ablations``.
+SEEDS: tuple[int, ...] = (0, 1, 2)
+#: Calibration images of every cell of ``full`` and ``ablations`` (the Reconstruction issue's setting, used for every
+#: method so that the rows compare on the same data), and val images of the mAP.
+FULL_CALIB = 256
+FULL_VAL = 500
+#: The reconstruction budget (``--iters``, steps per unit) of each bits column: one budget for BRECQ, QDrop and
+#: DetPTQ+QDrop alike. The bits named here are the ones that get reconstruction cells (W8A8 needs none).
+RECON_ITERS: dict[str, int] = {"W4A8": 2000, "W4A4": 2000, "W3A3": 2000}
+#: The reconstruction methods, in table order.
+RECON_METHODS: tuple[str, ...] = ("brecq", "qdrop", "detptq-qdrop")
+#: The fixed p of range search common in the literature; a cell of its own (it is not in ``P_DEFAULT``).
+LP_EXTRA_P = 2.4
+#: The ODOL combinations (classification, localization) of the selection ablation; the first is the default.
+ODOL_COMBOS: tuple[tuple[str, str], ...] = (("kl", "l1"), ("kl", "iou"), ("l2", "l1"), ("l2", "iou"))
+#: The 8-bit conventions turned off in the ablation: stem alone, prediction convs alone, both.
+EIGHT_BIT_OFF: tuple[tuple[str, ...], ...] = (("--no-8bit-stem",), ("--no-8bit-pred",),
+                                              ("--no-8bit-stem", "--no-8bit-pred"))
+
+
+def _bits_pair(bits: str) -> tuple[int, int]:
+    w, a = bits[1:].split("A")
+    return int(w), int(a)
+
+
+def _full_suite() -> list[Cell]:
+    """The full comparison, cheap cells first so that a partial run is already a table.
+
+    Order: every simple cell (min-max, Lp with each p in ``P_DEFAULT`` and with p = 2.4, DetPTQ simple) for every
+    bits of :data:`FULL_BITS` and seed; then the reconstruction cells (BRECQ, QDrop, DetPTQ+QDrop at the bits of
+    :data:`RECON_ITERS`, each at its budget) of seed 0, then of seed 1, then of seed 2.
+    """
+    opts = {"calib": FULL_CALIB, "val": FULL_VAL}
+    simple = [("minmax", None), *(("lp", p) for p in P_DEFAULT), ("lp", LP_EXTRA_P), ("detptq", None)]
+    cells = [Cell(m, w, a, s, p=p, **opts) for w, a in FULL_BITS for m, p in simple for s in SEEDS]
+    cells += [Cell(m, *_bits_pair(bits), s, iters=iters, **opts)
+              for s in SEEDS for bits, iters in RECON_ITERS.items() for m in RECON_METHODS]
+    return cells
+
+
+def _ablation_suite() -> list[Cell]:
+    """The ablations, cheap cells first, then the reconstruction cells seed by seed.
+
+    * ODOL combination of DetPTQ's selection at W4A4 and W4A8: KL+L1 (the default: the plain ``detptq`` cell, the
+      same as in ``full``), KL+IoU, L2+L1, L2+IoU (``--odol-cls``, ``--odol-loc``).
+    * 8-bit conventions at W4A4: DetPTQ simple with the stem, the prediction convs, or both at the target bits
+      (on: the plain cell above); DetPTQ+QDrop with both off, against the plain cell (on).
+    * QDrop probability at W4A4: QDrop (0.5) against BRECQ (1.0), same scales, budget and loss.
+
+    Every setting but the ablated one is that of ``full`` (calibration images, val images, budget), so the cells
+    equal to a ``full`` cell have its key and can be copied from its result file (``--reuse``).
+    """
+    opts = {"calib": FULL_CALIB, "val": FULL_VAL}
+    odol = [() if (c, l) == ODOL_COMBOS[0] else ("--odol-cls", c, "--odol-loc", l) for c, l in ODOL_COMBOS]
+    cells = [Cell("detptq", w, a, s, extra=e, **opts) for w, a in ((4, 4), (4, 8)) for e in odol for s in SEEDS]
+    cells += [Cell("detptq", 4, 4, s, extra=e, **opts) for e in EIGHT_BIT_OFF for s in SEEDS]
+    iters = RECON_ITERS["W4A4"]
+    for s in SEEDS:
+        cells += [Cell("brecq", 4, 4, s, iters=iters, **opts), Cell("qdrop", 4, 4, s, iters=iters, **opts),
+                  Cell("detptq-qdrop", 4, 4, s, iters=iters, **opts),
+                  Cell("detptq-qdrop", 4, 4, s, iters=iters, extra=EIGHT_BIT_OFF[-1], **opts)]
+    return cells
+
+
+def _quick_suite() -> list[Cell]:
+    """Every method kind once on a tiny slice (8 calibration images, 50 val images, 5 reconstruction steps)."""
+    opts = {"calib": 8, "val": 50}
+    return [Cell("minmax", 4, 8, 0, **opts), Cell("lp", 4, 8, 0, p=2.0, **opts),
+            Cell("detptq", 4, 8, 0, extra=("--odol-cls", "l2", "--odol-loc", "iou"), **opts),
+            Cell("brecq", 4, 4, 0, iters=5, **opts), Cell("qdrop", 4, 4, 0, iters=5, **opts),
+            Cell("detptq-qdrop", 4, 4, 0, iters=5, extra=EIGHT_BIT_OFF[-1], **opts)]
+
+
+#: The named suites (``benchmarks/README.md`` has their cell counts and costs).
+#:
+#: * ``full`` (159 cells): min-max, Lp with every p in ``P_DEFAULT`` = {1, ..., 4.5} and with p = 2.4, DetPTQ simple,
+#:   BRECQ, QDrop and DetPTQ+QDrop at W8A8, W4A8, W4A4, W3A3 with calibration seeds 0, 1, 2; 256 calibration
+#:   images for every method, mAP on the 500 val images. Reconstruction only below 8 bits, at the budget of
+#:   :data:`RECON_ITERS` for its bits. "Best fixed p" is not a cell: :func:`summarize` picks, per bits, the p of
+#:   ``P_DEFAULT`` with the best mean mAP over seeds (an oracle choice made on the val set).
+#: * ``ablations`` (45 cells): see :func:`_ablation_suite`; the p-with-and-without-V ablation is the script
+#:   ``benchmarks/rounding_ablation.py``.
+#: * ``simple`` (60 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
+#:   calibration images (the chapter 6 table).
+#: * ``quick`` (6 cells): every method once on a tiny slice, a smoke test of the harness (about a minute).
 SUITES: dict[str, list[Cell]] = {
     "simple": _simple_suite(),
-    "quick": [Cell("minmax", 4, 8, 0, calib=8, val=50), Cell("lp", 4, 8, 0, p=2.0, calib=8, val=50)],
+    "full": _full_suite(),
+    "ablations": _ablation_suite(),
+    "quick": _quick_suite(),
 }
 
 
@@ -171,37 +259,60 @@ def run_cell(cell: Cell, device: str = "cpu") -> dict:
     return rec
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def machine_info() -> dict:
-    """Where the numbers were measured: platform, CPU count, Python, torch version and threads."""
+    """Where the numbers were measured: platform, CPU model and count, memory, Python, torch version and threads."""
     import torch
 
-    return {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_model(),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(), "memory_gb": _memory_gb(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
-def load_results(path: str | os.PathLike) -> dict | None:
-    """The result file at ``path`` (None if missing), checked for the ``{"suite", "machine", "cells"}`` layout."""
+def load_results(path: str | os.PathLike, argument: str = "out") -> dict | None:
+    """The result file at ``path`` (None if missing), checked for the ``{"suite", "machine", "cells"}`` layout.
+
+    ``argument`` names the path in errors (``out``, ``reuse``).
+    """
     path = Path(path)
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"out={str(path)!r} is not a JSON file ({e}); move it away or choose another --out") from None
+        raise ValueError(f"{argument}={str(path)!r} is not a JSON file ({e}); move it away or choose another "
+                         "file") from None
     if not isinstance(data, dict) or not isinstance(data.get("cells"), dict) or "suite" not in data:
-        raise ValueError(f"out={str(path)!r} is not a benchmark result file (no 'suite' and 'cells')")
+        raise ValueError(f"{argument}={str(path)!r} is not a benchmark result file (no 'suite' and 'cells')")
     return data
 
 
 @dataclass
 class SuiteRun:
-    """What :func:`run_suite` did: the results as written, and which cells ran, were skipped, failed."""
+    """What :func:`run_suite` did: the results as written, and which cells ran, were reused, skipped, failed."""
 
     results: dict
     out_path: Path
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -209,8 +320,9 @@ class SuiteRun:
         return not self.failed
 
     def summary(self) -> str:
-        """One line: cells run, skipped, failed."""
-        return (f"benchmark {self.results['suite']}: {len(self.ran)} run, {len(self.skipped)} skipped, "
+        """One line: cells run, reused (when any), skipped, failed."""
+        reused = f"{len(self.reused)} reused, " if self.reused else ""
+        return (f"benchmark {self.results['suite']}: {len(self.ran)} run, {reused}{len(self.skipped)} skipped, "
                 f"{len(self.failed)} failed in {self.seconds:.4g} s -> {self.out_path}")
 
 
@@ -242,8 +354,25 @@ def select_cells(name_or_cells, only: str | None = None) -> tuple[str, list[Cell
     return name, cells
 
 
+def _reusable(reuse) -> dict[str, dict]:
+    """key -> a copy of its successful record in the first of the ``reuse`` files that holds it."""
+    paths = [reuse] if isinstance(reuse, (str, os.PathLike)) else list(reuse or ())
+    found: dict[str, dict] = {}
+    for path in paths:
+        data = load_results(path, "reuse")
+        if data is None:
+            raise ValueError(f"reuse={str(path)!r} does not exist; it must be a result file of another run")
+        for key, rec in data["cells"].items():
+            if _is_done(rec) and key not in found:
+                rec = dict(rec)
+                rec.setdefault("machine", data.get("machine"))  # the record says where it was measured
+                rec["reused_from"] = str(path)
+                found[key] = rec
+    return found
+
+
 def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False, only: str | None = None,
-              device: str = "cpu") -> SuiteRun:
+              device: str = "cpu", reuse=(), command: str | None = None) -> SuiteRun:
     """Run every cell of a suite not already done in ``out_path``, one subprocess each; resumable.
 
     Args:
@@ -253,40 +382,62 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
         progress: show a tqdm progress bar (on stderr).
         only: run only the cells whose key contains this substring.
         device: passed to each cell's ``--device``.
+        reuse: result files (a path or a list of paths) of other runs: a cell to do whose key is there with
+            ``"status": "ok"`` is copied from there instead of run (the key fixes every option of the command, so
+            it is the same measurement); the copy keeps its measurements and ``machine`` and says
+            ``"reused_from"``. E.g. the ``ablations`` cells that equal ``full`` cells.
+        command: how this run was started, logged in the file's ``runs`` (the command line passes its own;
+            default: a description of this call).
 
     Returns:
         a :class:`SuiteRun` (``.failed`` non-empty if any cell failed; those cells are retried by the next run).
+
+    Every run that does at least one cell appends ``{"command", "started", "seconds", "ran", "reused", "failed"}``
+    to the file's ``runs`` (updated after every cell), so a file made over several sessions says how.
     """
     t0 = time.perf_counter()
     name, cells = select_cells(name_or_cells, only)
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise ValueError(f"out_path={str(out_path)!r}: directory {str(out_path.parent)!r} does not exist")
+    reusable = _reusable(reuse)
     machine = machine_info()
     data = load_results(out_path)
     if data is None:
-        data = {"suite": name, "machine": machine, "cells": {}}
+        data = {"suite": name, "machine": machine, "runs": [], "cells": {}}
     elif data["suite"] != name:
         raise ValueError(f"out_path={str(out_path)!r} holds suite {data['suite']!r}, not {name!r}; choose another out")
     all_keys = [c.key for c in _suite_cells(name_or_cells)[1]]
     done = [c for c in cells if _is_done(data["cells"].get(c.key))]
     todo = [c for c in cells if not _is_done(data["cells"].get(c.key))]
     run = SuiteRun(results=data, out_path=out_path, skipped=[c.key for c in done])
+    if command is None:
+        command = f"python: run_suite({name!r}" + (f", only={only!r}" if only is not None else "") + ")"
+    entry = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "seconds": 0.0, "ran": 0, "reused": 0, "failed": 0}
+    runs = list(data.get("runs") or [])
 
     from tqdm.auto import tqdm
 
     bar = tqdm(todo, desc=f"benchmark {name}", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(cell.key)
-        rec = run_cell(cell, device=device)
-        if data.get("machine") != machine:
-            rec["machine"] = machine  # resumed on another machine: say so on the cells measured here
+        if cell.key in reusable:
+            rec = reusable[cell.key]
+            run.reused.append(cell.key)
+        else:
+            rec = run_cell(cell, device=device)
+            if data.get("machine") != machine:
+                rec["machine"] = machine  # resumed on another machine: say so on the cells measured here
+            (run.ran if rec["status"] == "ok" else run.failed).append(cell.key)
         cells_now = dict(data["cells"])
         cells_now[cell.key] = rec
-        data = {"suite": name, "machine": data.get("machine", machine), "cells": _ordered(cells_now, all_keys)}
+        entry.update(seconds=round(time.perf_counter() - t0, 1), ran=len(run.ran), reused=len(run.reused),
+                     failed=len(run.failed))
+        data = {"suite": name, "machine": data.get("machine", machine), "runs": [*runs, dict(entry)],
+                "cells": _ordered(cells_now, all_keys)}
         atomic_write_json(out_path, data)
         run.results = data
-        (run.ran if rec["status"] == "ok" else run.failed).append(cell.key)
     bar.close()
     if out_path.exists():
         atomic_write_text(out_path.with_suffix(".md"), to_markdown(data))
@@ -300,78 +451,303 @@ def _ordered(cells: dict, order: list[str]) -> dict:
     return {k: cells[k] for k in sorted(cells, key=lambda k: (0, pos[k], "") if k in pos else (1, 0, k))}
 
 
+# ---------------------------------------------------------------------------------------------------- summaries
+#: Display names of the methods, in table order (unknown methods follow, in order of appearance).
+METHOD_NAMES: dict[str, str] = {"minmax": "min-max", "lp": "Lp", "detptq": "DetPTQ simple", "brecq": "BRECQ",
+                                "qdrop": "QDrop", "detptq-qdrop": "DetPTQ+QDrop"}
 _GROUP_FIELDS = ("method", "p", "w_bits", "a_bits", "calib", "val", "iters", "extra")
+_ODOL_NAMES = {"kl": "KL", "l2": "L2", "l1": "L1", "iou": "IoU"}
 
 
 def _cells_of(results: dict) -> dict:
     return results["cells"] if isinstance(results.get("cells"), dict) else results
 
 
-def summarize(results: dict) -> list[dict]:
-    """Group the successful cells over calibration seeds: one row per (method, p, bits, other options).
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
 
-    Args:
-        results: a result file's content (``{"cells": {...}}``) or its ``cells`` mapping.
 
-    Returns:
-        rows in order of first appearance, each with the group's fields, ``seeds`` (sorted), ``n``, ``map_mean``,
-        ``map_std`` (sample standard deviation over seeds; None for one seed), ``map50_mean``,
-        ``ratio_to_fp_mean`` and ``wall_seconds_mean``.
-    """
+def _std(values):
+    values = [v for v in values if v is not None]
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _seed_groups(cells: dict) -> list[dict]:
+    """The successful records grouped over seeds: one per (method, p, bits, calib, val, iters, extra)."""
     groups: dict[tuple, list[dict]] = {}
-    for rec in _cells_of(results).values():
+    for rec in cells.values():
         if not _is_done(rec):
             continue
         cell = rec["cell"]
         gk = tuple(tuple(v) if isinstance(v, list) else v for v in (cell.get(f) for f in _GROUP_FIELDS))
         groups.setdefault(gk, []).append(rec)
-    rows = []
+    out = []
     for gk, recs in groups.items():
-        maps = [r["map"] for r in recs]
-        row = dict(zip(_GROUP_FIELDS, gk))
-        row["extra"] = tuple(row["extra"] or ())
-        row.update(seeds=sorted(r["cell"]["seed"] for r in recs), n=len(recs), map_mean=statistics.fmean(maps),
-                   map_std=statistics.stdev(maps) if len(maps) > 1 else None,
-                   map50_mean=statistics.fmean(r["map50"] for r in recs),
-                   ratio_to_fp_mean=statistics.fmean(r["ratio_to_fp"] for r in recs),
-                   wall_seconds_mean=statistics.fmean(r["wall_seconds"] for r in recs))
-        rows.append(row)
-    return rows
+        recs = sorted(recs, key=lambda r: r["cell"]["seed"])
+        g = dict(zip(_GROUP_FIELDS, gk))
+        g["extra"] = list(g["extra"] or ())
+        g["bits"] = f"W{g['w_bits']}A{g['a_bits']}"
+        maps, maps50 = [r["map"] for r in recs], [r["map50"] for r in recs]
+        peaks = [r.get("peak_rss_mb") for r in recs if r.get("peak_rss_mb") is not None]
+        g["stats"] = {
+            "n": len(recs), "seeds": [r["cell"]["seed"] for r in recs], "keys": [r["key"] for r in recs],
+            "map_mean": statistics.fmean(maps), "map_std": _std(maps),
+            "map50_mean": statistics.fmean(maps50), "map50_std": _std(maps50),
+            "ratio_to_fp_mean": statistics.fmean(r["ratio_to_fp"] for r in recs),
+            "wall_seconds_mean": statistics.fmean(r["wall_seconds"] for r in recs),
+            "cpu_seconds_mean": _mean(r.get("cpu_seconds") for r in recs),
+            "peak_rss_mb_max": max(peaks) if peaks else None,
+            "calib": g["calib"], "val": g["val"], "iters": g["iters"],
+        }
+        out.append(g)
+    return out
 
 
-def _method_label(row: dict) -> str:
-    opts = []
-    if row["p"] is not None:
-        opts.append(f"p={row['p']:g}")
-    if row["calib"] != 64:
+def _options(extra) -> list[tuple[str, str | None]]:
+    """``["--odol-cls", "l2", "--no-8bit-stem"]`` -> ``[("--odol-cls", "l2"), ("--no-8bit-stem", None)]``."""
+    out, i = [], 0
+    while i < len(extra):
+        if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out.append((extra[i], extra[i + 1]))
+            i += 2
+        else:
+            out.append((extra[i], None))
+            i += 1
+    return out
+
+
+def _extra_label(extra) -> list[str]:
+    """Readable names of a cell's extra ``quantize`` arguments (ODOL combination, 8-bit conventions off, ...)."""
+    opts = dict(_options(extra))
+    labels = []
+    if "--odol-cls" in opts or "--odol-loc" in opts:
+        cls, loc = opts.pop("--odol-cls", "kl"), opts.pop("--odol-loc", "l1")
+        labels.append(f"ODOL {_ODOL_NAMES.get(cls, cls)}+{_ODOL_NAMES.get(loc, loc)}")
+    stem, pred = "--no-8bit-stem" in opts, "--no-8bit-pred" in opts
+    opts.pop("--no-8bit-stem", None), opts.pop("--no-8bit-pred", None)
+    if stem or pred:
+        labels.append("8-bit " + "/".join(n for n, off in (("stem", stem), ("pred", pred)) if off) + " off")
+    labels += [flag.lstrip("-").replace("-", " ") + ("" if v is None else f" {v}") for flag, v in opts.items()]
+    return labels
+
+
+def _bits_order(bits: str) -> tuple[int, int]:
+    w, a = _bits_pair(bits)
+    return -w, -a  # W8A8, W4A8, W4A4, W3A3
+
+
+def summarize(results: dict) -> dict:
+    """The tables of a result file as one JSON-ready dict: rows are methods (with options), columns are bits.
+
+    Args:
+        results: a result file's content (``{"suite", "machine", "runs", "cells"}``) or its ``cells`` mapping.
+
+    Returns:
+        ``{"suite", "machine", "commands", "progress", "fp", "bits", "rows", "failed", "excluded"}``:
+
+        * ``bits``: the bits columns (``"W8A8"``, ``"W4A8"``, ...), widest first;
+        * ``rows``: one per method and options, in table order (min-max, Lp by p, best fixed p, DetPTQ simple,
+          BRECQ, QDrop, DetPTQ+QDrop; rows with extra options after the plain one), each ``{"label", "method",
+          "p", "calib", "val", "extra", "best_fixed_p", "cells"}`` where ``cells`` maps a bits column to ``{"n",
+          "seeds", "keys", "map_mean", "map_std", "map50_mean", "map50_std", "ratio_to_fp_mean",
+          "wall_seconds_mean", "cpu_seconds_mean", "peak_rss_mb_max", "calib", "val", "iters"}`` over the
+          successful cells (stds are sample standard deviations over seeds, None for one seed). Calibration
+          and val images are in the label only when they differ between rows; rows differing only in ``iters``
+          at the same bits are split, with the budget in the label.
+        * the ``best_fixed_p`` row (after the Lp rows, when at least two p of ``P_DEFAULT`` have results at a
+          bits): per bits, the Lp row with p in ``P_DEFAULT`` whose mean mAP50:95 over seeds is highest, with
+          its ``p`` and every candidate's mean in ``candidates``. This is an oracle choice made on the val set
+          that also measures it: an optimistic bound on any fixed p.
+        * ``fp``: the FP reference ``{"val", "map", "map50"}`` per val-set size; ``progress``: ``{"cells", "ok",
+          "failed", "todo"}`` against the suite's current definition (or the file alone for ``"custom"``);
+          ``excluded``: keys of records in the file that are not in the suite's current definition (e.g. an
+          earlier iteration budget), left out of the rows; ``failed``: ``[{"key", "error"}]``; ``commands``:
+          the distinct commands of the file's ``runs`` with how often each ran.
+    """
+    cells = _cells_of(results)
+    suite = results.get("suite") if "cells" in results else None
+    expected = [c.key for c in SUITES[suite]] if suite in SUITES else None
+    if expected is not None:
+        excluded = [k for k in cells if k not in set(expected)]
+        used = {k: rec for k, rec in cells.items() if k in set(expected)}
+        n_ok = sum(_is_done(cells.get(k)) for k in expected)
+        n_failed = sum(k in cells and not _is_done(cells[k]) for k in expected)
+        progress = {"cells": len(expected), "ok": n_ok, "failed": n_failed, "todo": len(expected) - n_ok - n_failed}
+    else:
+        excluded, used = [], dict(cells)
+        n_ok = sum(_is_done(r) for r in cells.values())
+        progress = {"cells": len(cells), "ok": n_ok, "failed": len(cells) - n_ok, "todo": 0}
+    groups = _seed_groups(used)
+
+    # rows: (method, p, calib, val, extra), split by iters where one bits column would get two budgets
+    def rid(g):
+        return g["method"], g["p"], g["calib"], g["val"], tuple(g["extra"])
+
+    per_cell: dict[tuple, set] = {}
+    for g in groups:
+        per_cell.setdefault((rid(g), g["bits"]), set()).add(g["iters"])
+    split = {r for (r, _), iters in per_cell.items() if len(iters) > 1}
+    rows: dict[tuple, dict] = {}
+    for g in groups:
+        r = rid(g) + ((g["iters"],) if rid(g) in split else ())
+        row = rows.setdefault(r, {"method": g["method"], "p": g["p"], "calib": g["calib"], "val": g["val"],
+                                  "extra": g["extra"], "iters": g["iters"] if rid(g) in split else None,
+                                  "best_fixed_p": False, "cells": {}})
+        row["cells"][g["bits"]] = g["stats"]
+    rows_list = list(rows.values())
+
+    # best fixed p: per family (calib, val, extra) of Lp rows and per bits, the p of P_DEFAULT with the best mean
+    families: dict[tuple, list[dict]] = {}
+    for row in rows_list:
+        if row["method"] == "lp" and row["p"] in P_DEFAULT and row["iters"] is None:
+            families.setdefault((row["calib"], row["val"], tuple(row["extra"])), []).append(row)
+    for (calib, val, extra), lp_rows in families.items():
+        best_cells = {}
+        for bits in {b for row in lp_rows for b in row["cells"]}:
+            cand = sorted((row["p"], row["cells"][bits]) for row in lp_rows if bits in row["cells"])
+            if len(cand) < 2:
+                continue
+            p, stats = max(cand, key=lambda c: c[1]["map_mean"])  # the first (smallest p) of equal means
+            best_cells[bits] = {**stats, "p": p, "candidates": {f"{q:g}": s["map_mean"] for q, s in cand}}
+        if best_cells:
+            rows_list.append({"method": "lp", "p": None, "calib": calib, "val": val, "extra": list(extra),
+                              "iters": None, "best_fixed_p": True, "cells": best_cells})
+
+    rank = {m: i for i, m in enumerate(METHOD_NAMES)}
+    for row in rows_list:
+        rank.setdefault(row["method"], len(rank))
+    variant: dict[tuple, int] = {}
+    for row in rows_list:
+        variant.setdefault((row["method"], row["calib"], row["val"], tuple(row["extra"]), row["iters"]), len(variant))
+    rows_list.sort(key=lambda row: (rank[row["method"]], bool(row["extra"]),
+                                    variant[(row["method"], row["calib"], row["val"], tuple(row["extra"]),
+                                             row["iters"])], row["best_fixed_p"], -1 if row["p"] is None else row["p"]))
+    vary_calib = len({row["calib"] for row in rows_list}) > 1
+    vary_val = len({row["val"] for row in rows_list}) > 1
+    for row in rows_list:
+        row["label"] = _row_label(row, vary_calib, vary_val)
+    rows_out = [{"label": row.pop("label"), **row} for row in rows_list]
+
+    fp: dict[int, dict] = {}
+    for rec in used.values():
+        if _is_done(rec) and "fp_map" in rec:
+            fp.setdefault(rec["cell"]["val"], {"val": rec["cell"]["val"], "map": rec["fp_map"],
+                                               "map50": rec.get("fp_map50")})
+    commands: dict[str, int] = {}
+    for entry in (results.get("runs") or []) if "cells" in results else []:
+        commands[entry.get("command")] = commands.get(entry.get("command"), 0) + 1
+    return {
+        "suite": suite, "machine": results.get("machine") if "cells" in results else None,
+        "commands": [{"command": c, "runs": n} for c, n in commands.items()], "progress": progress,
+        "fp": [fp[v] for v in sorted(fp)],
+        "bits": sorted({b for row in rows_out for b in row["cells"]}, key=_bits_order),
+        "rows": rows_out,
+        "failed": [{"key": k, "error": rec.get("error", "") if isinstance(rec, dict) else ""}
+                   for k, rec in used.items() if not _is_done(rec)],
+        "excluded": excluded,
+    }
+
+
+def _row_label(row: dict, vary_calib: bool, vary_val: bool) -> str:
+    if row["best_fixed_p"]:
+        name = "Lp, best fixed p (oracle)"
+    elif row["method"] == "lp":
+        name = f"Lp p={row['p']:g}"
+    else:
+        name = METHOD_NAMES.get(row["method"], row["method"])
+        if row["p"] is not None:
+            name += f" p={row['p']:g}"
+    opts = _extra_label(row["extra"])
+    if vary_calib:
         opts.append(f"calib {row['calib']}")
-    if row["val"] != 500:
+    if vary_val:
         opts.append(f"val {row['val']}")
     if row["iters"] is not None:
         opts.append(f"iters {row['iters']}")
-    opts += list(row["extra"])
-    return row["method"] + (f" ({', '.join(opts)})" if opts else "")
+    return name + (f" ({', '.join(opts)})" if opts else "")
+
+
+def _pm(mean, std, n) -> str:
+    return f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}") + f" ({n})"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 100 else f"{s:.0f} s"
+
+
+def _machine_line(m: dict) -> str:
+    mem = f", {m['memory_gb']:g} GB RAM" if m.get("memory_gb") else ""
+    cpu = f", {m['processor']}" if m.get("processor") else ""
+    return (f"{m.get('platform')}{cpu}, {m.get('cpu_count')} CPUs{mem}; Python {m.get('python')}, "
+            f"torch {m.get('torch')} ({m.get('torch_threads')} threads)")
 
 
 def to_markdown(results: dict) -> str:
-    """A markdown table of :func:`summarize` (mAP to 4 decimals), with the machine and any failed cells."""
-    lines = []
-    if "suite" in results:
-        lines += [f"# Benchmark `{results['suite']}`", ""]
-    m = results.get("machine")
-    if m:
-        lines += [f"Machine: {m.get('platform')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')} "
-                  f"({m.get('torch_threads')} threads). Mean and sample std over calibration seeds; "
-                  "% of FP = mean of mAP / FP mAP.", ""]
-    lines += ["| method | bits | mAP50:95 mean ± std | mAP50 mean | % of FP | seeds | mean wall s |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in summarize(results):
-        std = "n/a" if r["map_std"] is None else f"{r['map_std']:.4f}"
-        lines.append(f"| {_method_label(r)} | W{r['w_bits']}A{r['a_bits']} | {r['map_mean']:.4f} ± {std} | "
-                     f"{r['map50_mean']:.4f} | {100 * r['ratio_to_fp_mean']:.2f} | {r['n']} | "
-                     f"{r['wall_seconds_mean']:.1f} |")
-    failed = [(k, rec.get("error", "")) for k, rec in _cells_of(results).items() if not _is_done(rec)]
-    if failed:
-        lines += ["", "Failed cells (retried by the next run):", ""]
-        lines += [f"- `{k}`: {err}" for k, err in failed]
-    return "\n".join(lines) + "\n"
+    """The markdown of :func:`summarize`: tables with a row per method and a column per bits, then notes.
+
+    Tables: mAP50:95 and mAP50 (mean ± sample std over calibration seeds, number of seeds), % of the FP mAP50:95,
+    the cost of a cell (mean wall time, largest peak memory over seeds) and the settings of each row (calibration
+    and val images, reconstruction budget per bits). Then the best-fixed-p choice, failed and excluded cells, and
+    the footer: the commands that made the file and the machine. mAP to 4 decimals.
+    """
+    s = summarize(results)
+    bits, rows = s["bits"], s["rows"]
+    lines = [f"# Benchmark `{s['suite']}`" if s["suite"] else "# Benchmark", ""]
+    pr = s["progress"]
+    lines += [f"Cells: {pr['ok']} of {pr['cells']} done" + (f", {pr['failed']} failed" if pr["failed"] else "")
+              + (f", {pr['todo']} to do" if pr["todo"] else "") + ". Every number below is over the successful "
+              "cells; a table entry is the mean (± sample standard deviation) over calibration seeds, with the "
+              "number of seeds in parentheses; — means no cell.", ""]
+    if s["fp"]:
+        lines += ["FP reference (the shipped model): " + "; ".join(
+            f"mAP50:95 {f['map']:.4f}, mAP50 {f['map50']:.4f} on {f['val']} val images" if f["map50"] is not None
+            else f"mAP50:95 {f['map']:.4f} on {f['val']} val images" for f in s["fp"]) + ".", ""]
+
+    def table(title, fmt):
+        out = [f"## {title}", "", "| method | " + " | ".join(bits) + " |", "| --- |" + " --- |" * len(bits)]
+        for row in rows:
+            out.append(f"| {row['label']} | " + " | ".join(fmt(row, row["cells"][b]) if b in row["cells"] else "—"
+                                                          for b in bits) + " |")
+        return out + [""]
+
+    def best(row, c):
+        return f", p={c['p']:g}" if row["best_fixed_p"] else ""
+
+    if rows:
+        lines += table("mAP50:95", lambda row, c: _pm(c["map_mean"], c["map_std"], c["n"]) + best(row, c))
+        lines += table("mAP50", lambda row, c: _pm(c["map50_mean"], c["map50_std"], c["n"]))
+        lines += table("% of FP mAP50:95 (mean over seeds of mAP / FP mAP)",
+                       lambda row, c: f"{100 * c['ratio_to_fp_mean']:.2f}" + best(row, c))
+        lines += table("Cost per cell (mean wall time of the whole subprocess; peak memory, the largest over seeds)",
+                       lambda row, c: "the Lp rows" if row["best_fixed_p"] else _seconds(c["wall_seconds_mean"]) + (
+                           "" if c["peak_rss_mb_max"] is None else f", {c['peak_rss_mb_max']:.0f} MB"))
+        lines += ["## Settings", "", "| method | calibration images | val images | reconstruction steps per unit |",
+                  "| --- | --- | --- | --- |"]
+        for row in rows:
+            iters = {b: c["iters"] for b, c in row["cells"].items() if c["iters"] is not None}
+            its = ("—" if not iters else str(next(iter(iters.values()))) if len(set(iters.values())) == 1
+                   else ", ".join(f"{b}: {iters[b]}" for b in bits if b in iters))
+            lines.append(f"| {row['label']} | {row['calib']} | {row['val']} | {its} |")
+        lines.append("")
+    if any(row["best_fixed_p"] for row in rows):
+        lines += [f"Best fixed p: per bits, the Lp row with p in P = {{{', '.join(f'{p:g}' for p in P_DEFAULT)}}} "
+                  "with the highest mean mAP50:95 over seeds. This is an oracle choice made on the val set that also "
+                  "measures it, so it is an optimistic bound for any one fixed p.", ""]
+    if s["failed"]:
+        lines += ["Failed cells (retried by the next run):", ""]
+        lines += [f"- `{f['key']}`: {f['error']}" for f in s["failed"]] + [""]
+    if s["excluded"]:
+        lines += [f"{len(s['excluded'])} cells in the file are not in the suite's current definition (e.g. an "
+                  "earlier budget) and are left out: " + ", ".join(f"`{k}`" for k in s["excluded"]) + ".", ""]
+    if s["commands"]:
+        lines.append("Made by: " + "; ".join(f"`{c['command']}`" + (f" ({c['runs']} runs)" if c["runs"] > 1 else "")
+                                             for c in s["commands"]) + " (each run and its duration: `runs` in the JSON).")
+    if s["machine"]:
+        lines.append(f"Machine: {_machine_line(s['machine'])}.")
+        others = sum(1 for rec in _cells_of(results).values()
+                     if isinstance(rec, dict) and rec.get("machine") not in (None, s["machine"]))
+        if others:
+            lines.append(f"{others} cells were measured elsewhere (reused or resumed on another machine: their "
+                         "`machine` in the JSON).")
+    return "\n".join(lines).rstrip("\n") + "\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -20,6 +21,11 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's own convention, without the usage dump)
         raise UsageError(message)
+
+
+# ODOL's terms (``detptq_mini.odol.ClsMode`` / ``LocMode``; spelled out so that parsing does not import torch)
+_ODOL_CLS = ("kl", "l2")
+_ODOL_LOC = ("l1", "iou")
 
 
 def _positive_int(text: str) -> int:
@@ -83,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant-prob", type=float, default=None,
                    help="qdrop | detptq-qdrop: probability that an activation element is quantized during "
                         "reconstruction (default 0.5)")
+    q.add_argument("--odol-cls", choices=_ODOL_CLS, default=None,
+                   help="detptq | detptq-qdrop: the classification term of ODOL (default kl)")
+    q.add_argument("--odol-loc", choices=_ODOL_LOC, default=None,
+                   help="detptq | detptq-qdrop: the localization term of ODOL (default l1)")
     q.add_argument("--calib", type=_positive_int, default=64, help="number of calibration images (default 64)")
     q.add_argument("--seed", type=int, default=0, help="calibration seed (the seed of the calib split)")
     q.add_argument("--val", type=_positive_int, default=500, help="number of val images for the mAP")
@@ -96,10 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu")
 
     b = sub.add_parser("benchmark", help="run a benchmark suite, one subprocess per cell, resumable")
-    b.add_argument("--suite", default="simple", help="simple | quick (see `detptq_mini.benchmark.SUITES`)")
+    b.add_argument("--suite", default=None,
+                   help="simple (default) | full | ablations | quick (see `detptq_mini.benchmark.SUITES`)")
+    b.add_argument("--quick", action="store_true", help="the same as --suite quick: every method on a tiny slice")
     b.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<suite>.json)")
     b.add_argument("--only", default=None, metavar="SUBSTRING", help="run only the cells whose key contains this")
-    b.add_argument("--list", action="store_true", help="list the cells and their status, run nothing")
+    b.add_argument("--reuse", action="append", default=None, metavar="RESULTS_JSON",
+                   help="copy a cell from this result file of another suite when it holds the same cell done "
+                        "(e.g. --suite ablations --reuse benchmarks/results/full.json); repeatable")
+    b.add_argument("--list", action="store_true", help="list the cells and their status, and count them; run nothing")
     b.add_argument("--progress", action="store_true")
     b.add_argument("--device", default="cpu")
 
@@ -171,6 +186,10 @@ def _cmd_quantize(args) -> dict:
         raise UsageError(f"--seed {args.seed} must be >= 0")
     if args.p is not None and args.method.startswith("detptq"):
         raise UsageError(f"--p is not allowed with --method {args.method}: it chooses p per layer itself")
+    for flag in ("odol_cls", "odol_loc"):
+        if getattr(args, flag) is not None and not args.method.startswith("detptq"):
+            raise UsageError(f"--{flag.replace('_', '-')} is only for --method detptq | detptq-qdrop (the methods that "
+                             f"select p by ODOL), not {args.method}")
     if args.out is not None:
         _check_out_dir(args.out, "--out")
     if args.batch_size is not None and args.batch_size > args.calib:
@@ -180,7 +199,7 @@ def _cmd_quantize(args) -> dict:
     model = load_pretrained(device)
     calib = ShapesDataset("calib", args.calib, seed=args.seed)
     options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred}
-    for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act"):
+    for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act", "odol_cls", "odol_loc"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     res = run_ptq(model, calib, args.method, args.w_bits, args.a_bits, device=device, progress=args.progress, **options)
@@ -207,22 +226,44 @@ def _cmd_benchmark(args) -> int:
     from .benchmark import SUITES, load_results, run_suite
     from .utils import resolve_device
 
-    if args.suite not in SUITES:
-        raise UsageError(f"--suite {args.suite!r} is not a suite; allowed: {', '.join(SUITES)}")
-    cells = [c for c in SUITES[args.suite] if args.only is None or args.only in c.key]
+    if args.quick and args.suite not in (None, "quick"):
+        raise UsageError(f"--quick is --suite quick; it cannot be combined with --suite {args.suite}")
+    suite = "quick" if args.quick else args.suite or "simple"
+    if suite not in SUITES:
+        raise UsageError(f"--suite {suite!r} is not a suite; allowed: {', '.join(SUITES)}")
+    cells = [c for c in SUITES[suite] if args.only is None or args.only in c.key]
     if not cells:
-        raise UsageError(f"--only {args.only!r} matches no cell of suite {args.suite!r} (see --list)")
+        raise UsageError(f"--only {args.only!r} matches no cell of suite {suite!r} (see --list)")
     resolve_device(args.device)
-    out = Path(args.out) if args.out is not None else Path("benchmarks") / "results" / f"{args.suite}.json"
+    out = Path(args.out) if args.out is not None else Path("benchmarks") / "results" / f"{suite}.json"
     if args.out is not None and not out.parent.is_dir():
         raise UsageError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
+    for path in args.reuse or []:
+        if not Path(path).is_file():
+            raise UsageError(f"--reuse {path!r} does not exist; it must be the result JSON of another run")
+        if Path(path).resolve() == out.resolve():
+            raise UsageError(f"--reuse {path!r} is the --out file itself")
+        load_results(path, "--reuse")
     if args.list:
         done = (load_results(out) or {"cells": {}})["cells"]
-        for c in cells:
-            print(f"{c.key}\t{done[c.key]['status'] if c.key in done else 'todo'}")
+        status = [done[c.key]["status"] if c.key in done else "todo" for c in cells]
+        for c, st in zip(cells, status):
+            print(f"{c.key}\t{st}")
+        what = f"{len(cells)} of {len(SUITES[suite])} cells" if args.only is not None else f"{len(cells)} cells"
+        print(f"suite {suite}: {what}, {status.count('ok')} ok, {status.count('failed')} failed, "
+              f"{status.count('todo')} todo")
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)  # only reached for the default out (a custom one must exist)
-    run = run_suite(args.suite, out, progress=args.progress, only=args.only, device=args.device)
+    command = ["detptq-mini", "benchmark", "--suite", suite]
+    for flag, value in (("--out", args.out), ("--only", args.only)):
+        if value is not None:
+            command += [flag, value]
+    for path in args.reuse or []:
+        command += ["--reuse", path]
+    if args.device != "cpu":
+        command += ["--device", args.device]
+    run = run_suite(suite, out, progress=args.progress, only=args.only, device=args.device, reuse=args.reuse or (),
+                    command=shlex.join(command))
     for key in run.failed:
         print(f"detptq-mini: cell {key} failed: {run.results['cells'][key].get('error', '')}", file=sys.stderr)
     print(run.summary())
