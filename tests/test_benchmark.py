@@ -7,9 +7,11 @@ import time
 import pytest
 
 from detptq_mini import benchmark
-from detptq_mini.benchmark import SUITES, Cell, cell_args, load_results, run_suite, summarize, to_markdown
+from detptq_mini.benchmark import (RECON_ITERS, SUITES, Cell, cell_args, load_results, machine_info, run_suite,
+                                   summarize, to_markdown)
 from detptq_mini.cli import main
 from detptq_mini.lp import P_DEFAULT
+from detptq_mini.pipeline import METHODS
 
 
 def _bench(*args, cwd=None):
@@ -44,51 +46,180 @@ def test_suites():
     assert {(c.w_bits, c.a_bits) for c in simple} == {(4, 4), (4, 8)}
     assert {c.seed for c in simple} == {0, 1, 2}
     assert all(c.calib == 64 and c.val == 500 for c in simple)
+    for name, cells in SUITES.items():
+        assert len({c.key for c in cells}) == len(cells), name  # keys unique in every suite
+
+
+def test_full_suite_has_exactly_the_issues_cells():
+    full = SUITES["full"]
+    bits = [(8, 8), (4, 8), (4, 4), (3, 3)]
+    simple = [("minmax", None), *(("lp", p) for p in P_DEFAULT), ("lp", 2.4), ("detptq", None)]  # best fixed p: the Lp rows
+    expected = {(m, p, w, a, s, None) for m, p in simple for w, a in bits for s in (0, 1, 2)}
+    expected |= {(m, None, w, a, s, RECON_ITERS[f"W{w}A{a}"]) for m in ("brecq", "qdrop", "detptq-qdrop")
+                 for w, a in bits if (w, a) != (8, 8) for s in (0, 1, 2)}  # reconstruction only below 8 bits
+    got = [(c.method, c.p, c.w_bits, c.a_bits, c.seed, c.iters) for c in full]
+    assert len(got) == len(expected) == 4 * 11 * 3 + 3 * 3 * 3 == 159 and set(got) == expected
+    assert len({c.key for c in full}) == 159
+    assert all(c.calib == 256 and c.val == 500 and c.extra == () for c in full)  # one calibration count for all
+    assert set(RECON_ITERS) == {"W4A8", "W4A4", "W3A3"}
+    # a partial run is useful: every simple cell first, then the reconstruction cells seed by seed
+    recon = [i for i, c in enumerate(full) if c.iters is not None]
+    assert recon == list(range(len(full) - 27, len(full)))
+    assert [full[i].seed for i in recon] == sorted(full[i].seed for i in recon)
+
+
+def test_ablation_suite():
+    abl, full_keys = SUITES["ablations"], {c.key for c in SUITES["full"]}
+    assert all(c.calib == 256 and c.val == 500 and c.seed in (0, 1, 2) for c in abl)
+    variants = {(c.method, c.bits, c.extra, c.iters) for c in abl}
+    odol = {(c.bits, c.extra) for c in abl if c.method == "detptq" and "--odol-cls" in c.extra}
+    assert odol == {(b, ("--odol-cls", cls, "--odol-loc", loc)) for b in ("W4A4", "W4A8")
+                    for cls, loc in (("kl", "iou"), ("l2", "l1"), ("l2", "iou"))}  # KL+L1 is the plain cell
+    off = ("--no-8bit-stem", "--no-8bit-pred")
+    it = RECON_ITERS["W4A4"]
+    assert {("detptq", "W4A4", (), None), ("detptq", "W4A8", (), None), ("detptq", "W4A4", off, None),
+            ("detptq", "W4A4", off[:1], None), ("detptq", "W4A4", off[1:], None), ("brecq", "W4A4", (), it),
+            ("qdrop", "W4A4", (), it), ("detptq-qdrop", "W4A4", (), it), ("detptq-qdrop", "W4A4", off, it)} <= variants
+    assert len(variants) == 15 and len(abl) == 45 and all(
+        sum((c.method, c.bits, c.extra, c.iters) == v for c in abl) == 3 for v in variants)  # 3 seeds each
+    shared = {c.key for c in abl} & full_keys  # the cells --reuse can copy from the full suite's file
+    assert shared == {c.key for c in abl if not c.extra}
+    assert len(shared) == 4 * 3 + 3  # detptq W4A4, W4A8; brecq, qdrop, detptq-qdrop at W4A4
+
+
+def test_quick_suite_exercises_every_method_on_a_tiny_slice():
     quick = SUITES["quick"]
-    assert 1 <= len(quick) <= 3 and all(c.val <= 50 and c.calib <= 8 for c in quick)
+    assert {c.method for c in quick} == set(METHODS)
+    assert all(c.val <= 50 and c.calib <= 8 for c in quick)
+    assert all(c.iters is not None and c.iters <= 5 for c in quick if c.method in ("brecq", "qdrop", "detptq-qdrop"))
+    assert any("--odol-cls" in c.extra for c in quick) and any("--no-8bit-stem" in c.extra for c in quick)
+
+
+def test_quantize_odol_options_match_the_library_and_are_validated(capsys):
+    from typing import get_args
+
+    from detptq_mini import cli
+    from detptq_mini.odol import ClsMode, LocMode
+
+    assert cli._ODOL_CLS == get_args(ClsMode) and cli._ODOL_LOC == get_args(LocMode)
+    for args, word in [(["--method", "minmax", "--odol-cls", "l2"], "--odol-cls is only for --method detptq"),
+                       (["--method", "lp", "--odol-loc", "iou"], "--odol-loc is only for --method detptq"),
+                       (["--method", "detptq", "--odol-cls", "kl2"], "--odol-cls: invalid choice: 'kl2'")]:
+        assert main(["quantize", "--w-bits", "4", "--a-bits", "4", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0], err
+
+
+def test_machine_info_describes_the_machine():
+    m = machine_info()
+    assert {"platform", "processor", "cpu_count", "memory_gb", "python", "torch", "torch_threads"} <= set(m)
+    assert m["cpu_count"] >= 1 and m["torch_threads"] >= 1 and m["processor"]
 
 
 # --- summaries on hand-made results ----------------------------------------------------------------------------
 
-def _rec(method, seed, m, p=None, calib=64, status="ok", wall=10.0):
-    cell = Cell(method, 4, 4, seed, p=p, calib=calib)
-    rec = {"key": cell.key, "cell": {**cell.__dict__, "extra": []}, "status": status, "wall_seconds": wall}
+def _rec(method, seed, m, p=None, calib=64, status="ok", wall=10.0, bits=(4, 4), iters=None, extra=(), peak=1000.0):
+    cell = Cell(method, *bits, seed, p=p, calib=calib, iters=iters, extra=extra)
+    rec = {"key": cell.key, "cell": {**cell.__dict__, "extra": list(extra)}, "status": status, "wall_seconds": wall,
+           "cpu_seconds": 2 * wall, "peak_rss_mb": peak}
     if status == "ok":
-        rec.update(map=m, map50=m + 0.1, ratio_to_fp=m / 0.9)
+        rec.update(map=m, map50=m + 0.1, fp_map=0.9, fp_map50=0.99, ratio_to_fp=m / 0.9)
     else:
         rec["error"] = "detptq-mini: error: boom"
     return rec
 
 
+MACHINE = {"platform": "x", "processor": "cpu9", "cpu_count": 2, "memory_gb": 8.0, "python": "3.11", "torch": "t",
+           "torch_threads": 1}
+
+
 def test_summarize_and_markdown():
-    recs = [_rec("lp", 0, 0.5, p=2.0, wall=10), _rec("lp", 1, 0.6, p=2.0, wall=20), _rec("lp", 2, 0.7, p=2.0, wall=30),
-            _rec("lp", 3, 0.0, p=2.0, status="failed"),
-            _rec("minmax", 0, 0.4), _rec("minmax", 0, 0.3, calib=8)]
-    results = {"suite": "custom", "machine": {"platform": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2},
-               "cells": {r["key"]: r for r in recs}}
-    rows = summarize(results)
-    assert rows == summarize(results["cells"])  # the file or its cells
-    assert [(r["method"], r["p"], r["calib"]) for r in rows] == [("lp", 2.0, 64), ("minmax", None, 64),
-                                                                  ("minmax", None, 8)]
-    lp = rows[0]
+    recs = [_rec("minmax", 0, 0.4),
+            _rec("lp", 0, 0.5, p=2.0, wall=10, peak=900), _rec("lp", 1, 0.6, p=2.0, wall=20, peak=1100),
+            _rec("lp", 2, 0.7, p=2.0, wall=30, peak=1000), _rec("lp", 3, 0.0, p=2.0, status="failed"),
+            _rec("lp", 0, 0.65, p=3.0), _rec("lp", 1, 0.75, p=3.0),
+            _rec("lp", 0, 0.8, p=2.0, bits=(4, 8)), _rec("lp", 0, 0.8, p=3.0, bits=(4, 8)),  # a tie: the smaller p
+            _rec("lp", 0, 0.9, p=2.4), _rec("lp", 1, 0.9, p=2.4),  # not in P_DEFAULT: never the best fixed p
+            _rec("minmax", 0, 0.3, calib=8),
+            _rec("brecq", 0, 0.55, iters=100), _rec("brecq", 0, 0.6, iters=200), _rec("brecq", 0, 0.85, iters=100,
+                                                                                       bits=(4, 8)),
+            _rec("detptq", 0, 0.62), _rec("detptq", 0, 0.61, extra=("--odol-cls", "l2", "--odol-loc", "iou")),
+            _rec("detptq", 0, 0.5, extra=("--no-8bit-stem", "--no-8bit-pred"))]
+    runs = [{"command": "detptq-mini benchmark --suite x"}] * 2 + [{"command": "detptq-mini benchmark --suite x --only s1"}]
+    results = {"suite": "custom", "machine": MACHINE, "runs": runs, "cells": {r["key"]: r for r in recs}}
+    s = summarize(results)
+    assert json.loads(json.dumps(s)) == s  # JSON-ready
+    assert summarize(results["cells"])["rows"] == s["rows"]  # the file or its cells
+    assert s["bits"] == ["W4A8", "W4A4"] and s["fp"] == [{"val": 500, "map": 0.9, "map50": 0.99}]
+    assert s["progress"] == {"cells": len(recs), "ok": len(recs) - 1, "failed": 1, "todo": 0}
+    assert s["failed"] == [{"key": "lp-p2-W4A4-s3-c64-v500", "error": "detptq-mini: error: boom"}]
+    assert s["commands"] == [{"command": "detptq-mini benchmark --suite x", "runs": 2},
+                             {"command": "detptq-mini benchmark --suite x --only s1", "runs": 1}]
+    labels = [r["label"] for r in s["rows"]]  # calib varies between rows: every label says it
+    assert labels == ["min-max (calib 64)", "min-max (calib 8)", "Lp p=2 (calib 64)", "Lp p=2.4 (calib 64)",
+                      "Lp p=3 (calib 64)", "Lp, best fixed p (oracle) (calib 64)", "DetPTQ simple (calib 64)",
+                      "DetPTQ simple (ODOL L2+IoU, calib 64)", "DetPTQ simple (8-bit stem/pred off, calib 64)",
+                      "BRECQ (calib 64, iters 100)", "BRECQ (calib 64, iters 200)"]
+    rows = dict(zip(labels, s["rows"]))
+    lp = rows["Lp p=2 (calib 64)"]["cells"]["W4A4"]
     assert lp["seeds"] == [0, 1, 2] and lp["n"] == 3  # the failed seed 3 is left out
     assert math.isclose(lp["map_mean"], 0.6) and math.isclose(lp["map_std"], 0.1)  # sample std (n - 1)
-    assert math.isclose(lp["map50_mean"], 0.7) and math.isclose(lp["ratio_to_fp_mean"], 0.6 / 0.9)
-    assert math.isclose(lp["wall_seconds_mean"], 20.0)
-    assert rows[1]["map_std"] is None and rows[1]["n"] == 1
+    assert math.isclose(lp["map50_mean"], 0.7) and math.isclose(lp["map50_std"], 0.1)
+    assert math.isclose(lp["ratio_to_fp_mean"], 0.6 / 0.9) and math.isclose(lp["wall_seconds_mean"], 20.0)
+    assert math.isclose(lp["cpu_seconds_mean"], 40.0) and lp["peak_rss_mb_max"] == 1100
+    assert lp["calib"] == 64 and lp["val"] == 500 and lp["iters"] is None
+    best = rows["Lp, best fixed p (oracle) (calib 64)"]
+    assert best["best_fixed_p"] and best["method"] == "lp" and set(best["cells"]) == {"W4A8", "W4A4"}
+    assert best["cells"]["W4A4"]["p"] == 3.0 and math.isclose(best["cells"]["W4A4"]["map_mean"], 0.7)
+    assert best["cells"]["W4A4"]["candidates"] == pytest.approx({"2": 0.6, "3": 0.7})
+    assert best["cells"]["W4A8"]["p"] == 2.0  # equal means: the smaller p
+    assert set(rows["BRECQ (calib 64, iters 100)"]["cells"]) == {"W4A8", "W4A4"}
+    assert set(rows["BRECQ (calib 64, iters 200)"]["cells"]) == {"W4A4"}
+    assert rows["min-max (calib 64)"]["cells"]["W4A4"]["map_std"] is None
+
+    lines = to_markdown(results).splitlines()
+    assert lines[0] == "# Benchmark `custom`"
+    assert lines.count("| method | W4A8 | W4A4 |") == 4  # mAP50:95, mAP50, % of FP, cost
+    for line in ["| Lp p=2 (calib 64) | 0.8000 (1) | 0.6000 ± 0.1000 (3) |",  # mAP50:95
+                 "| Lp, best fixed p (oracle) (calib 64) | 0.8000 (1), p=2 | 0.7000 ± 0.0707 (2), p=3 |",
+                 "| BRECQ (calib 64, iters 200) | — | 0.6000 (1) |",
+                 "| Lp p=2 (calib 64) | 0.9000 (1) | 0.7000 ± 0.1000 (3) |",  # mAP50
+                 "| Lp p=2 (calib 64) | 88.89 | 66.67 |",  # % of FP
+                 "| Lp, best fixed p (oracle) (calib 64) | 88.89, p=2 | 77.78, p=3 |",
+                 "| Lp p=2 (calib 64) | 10.0 s, 1000 MB | 20.0 s, 1100 MB |",  # cost
+                 "| Lp, best fixed p (oracle) (calib 64) | the Lp rows | the Lp rows |",
+                 "| min-max (calib 8) | 8 | 500 | — |",  # settings
+                 "| BRECQ (calib 64, iters 100) | 64 | 500 | 100 |",
+                 "- `lp-p2-W4A4-s3-c64-v500`: detptq-mini: error: boom",
+                 "FP reference (the shipped model): mAP50:95 0.9000, mAP50 0.9900 on 500 val images.",
+                 "Machine: x, cpu9, 2 CPUs, 8 GB RAM; Python 3.11, torch t (1 threads)."]:
+        assert line in lines, line
+    assert any(ln.startswith("Best fixed p:") and "oracle" in ln for ln in lines)
+    assert any(ln.startswith("Made by: `detptq-mini benchmark --suite x` (2 runs); `detptq-mini benchmark --suite x "
+                             "--only s1`") for ln in lines)
+    assert lines[2].startswith(f"Cells: {len(recs) - 1} of {len(recs)} done, 1 failed.")
+
+
+def test_summary_of_a_named_suite_counts_its_cells_and_leaves_out_others():
+    quick = SUITES["quick"]
+    first = _rec("minmax", 0, 0.4, calib=8, bits=(4, 8))
+    first["key"] = quick[0].key
+    first["cell"]["val"] = 50
+    stale = _rec("brecq", 0, 0.5, iters=3)  # e.g. a cell of an earlier budget, kept in the file
+    results = {"suite": "quick", "machine": MACHINE, "cells": {first["key"]: first, stale["key"]: stale}}
+    s = summarize(results)
+    assert s["progress"] == {"cells": len(quick), "ok": 1, "failed": 0, "todo": len(quick) - 1}
+    assert s["excluded"] == [stale["key"]] and [r["label"] for r in s["rows"]] == ["min-max"]
     md = to_markdown(results)
-    lines = md.splitlines()
-    assert "| method | bits | mAP50:95 mean ± std | mAP50 mean | % of FP | seeds | mean wall s |" in lines
-    assert "| lp (p=2) | W4A4 | 0.6000 ± 0.1000 | 0.7000 | 66.67 | 3 | 20.0 |" in lines
-    assert "| minmax | W4A4 | 0.4000 ± n/a | 0.5000 | 44.44 | 1 | 10.0 |" in lines
-    assert "| minmax (calib 8) | W4A4 | 0.3000 ± n/a | 0.4000 | 33.33 | 1 | 10.0 |" in lines
-    assert "- `lp-p2-W4A4-s3-c64-v500`: detptq-mini: error: boom" in lines
+    assert f"Cells: 1 of {len(quick)} done, {len(quick) - 1} to do." in md and stale["key"] in md
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, word", [
-    (["--suite", "nosuch"], "allowed: simple, quick"),
+    (["--suite", "nosuch"], "allowed: simple, full, ablations, quick"),
+    (["--quick", "--suite", "full"], "--quick is --suite quick; it cannot be combined with --suite full"),
+    (["--suite", "ablations", "--reuse", "/nonexistent/full.json"], "--reuse '/nonexistent/full.json' does not exist"),
     (["--suite", "quick", "--only", "nosuch"], "matches no cell"),
     (["--suite", "quick", "--out", "/nonexistent/dir/q.json"], "does not exist"),
     (["--suite", "quick", "--device", "tpu9"], "device"),
@@ -110,12 +241,52 @@ def test_out_of_another_suite_or_not_json_is_refused(tmp_path):
         run_suite("quick", bad)
 
 
-def test_list_shows_cells_and_status(tmp_path, capsys):
+def test_list_shows_cells_status_and_count(tmp_path, capsys):
     out = tmp_path / "q.json"
-    assert main(["benchmark", "--suite", "quick", "--out", str(out), "--list"]) == 0
+    assert main(["benchmark", "--quick", "--out", str(out), "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"{c.key}\ttodo" for c in SUITES["quick"]]
+    n = len(SUITES["quick"])
+    assert lines == [f"{c.key}\ttodo" for c in SUITES["quick"]] + [f"suite quick: {n} cells, 0 ok, 0 failed, {n} todo"]
     assert not out.exists()
+    assert main(["benchmark", "--suite", "full", "--out", str(tmp_path / "full.json"), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:-1] == [f"{c.key}\ttodo" for c in SUITES["full"]]
+    assert lines[-1] == "suite full: 159 cells, 0 ok, 0 failed, 159 todo"
+    assert main(["benchmark", "--suite", "full", "--out", str(tmp_path / "full.json"), "--only", "W3A3", "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "suite full: 42 of 159 cells, 0 ok, 0 failed, 42 todo"
+
+
+def test_bad_reuse_file_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json"), "--reuse", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reuse=" in err[0] and "is not a benchmark result file" in err[0]
+    with pytest.raises(ValueError, match="reuse='/nonexistent/x.json' does not exist"):
+        run_suite("quick", tmp_path / "q.json", reuse="/nonexistent/x.json")
+    assert main(["benchmark", "--quick", "--out", str(bad), "--reuse", str(bad)]) == 2
+    assert "is the --out file itself" in capsys.readouterr().err
+
+
+def test_reuse_copies_done_cells_without_running_them(tmp_path, monkeypatch):
+    cells = [Cell("minmax", 4, 8, 0, calib=8, val=50), Cell("nosuch", 4, 4, calib=8, val=50)]
+    done = _rec("minmax", 0, 0.4, calib=8, bits=(4, 8))
+    done["key"], done["cell"]["val"] = cells[0].key, 50
+    other = {"suite": "full", "machine": {**MACHINE, "platform": "elsewhere"}, "cells": {cells[0].key: done}}
+    src = tmp_path / "full.json"
+    src.write_text(json.dumps(other))
+    out = tmp_path / "mine.json"
+    run = run_suite(cells, out, reuse=[src], command="my command")
+    assert run.reused == [cells[0].key] and run.ran == [] and run.failed == [cells[1].key]  # the other one ran
+    assert "0 run, 1 reused, 0 skipped, 1 failed" in run.summary()
+    data = load_results(out)
+    rec = data["cells"][cells[0].key]
+    assert rec["reused_from"] == str(src) and rec["machine"]["platform"] == "elsewhere"
+    assert {k: v for k, v in rec.items() if k not in ("reused_from", "machine")} == done  # the measurement itself
+    assert [(r["command"], r["ran"], r["reused"], r["failed"]) for r in data["runs"]] == [("my command", 0, 1, 1)]
+    assert "1 cells were measured elsewhere" in (tmp_path / "mine.md").read_text()
+    run = run_suite(cells, out, reuse=[src])  # the copy is done now: skipped, not copied again
+    assert run.skipped == [cells[0].key] and run.reused == [] and len(load_results(out)["runs"]) == 2
 
 
 # --- failed cells (fast: the child stops on its bad option) -------------------------------------------------------
@@ -153,32 +324,50 @@ def test_cli_exit_status_is_nonzero_on_failure_and_failed_cells_rerun(tmp_path, 
 
 def test_quick_suite_end_to_end_then_resume(tmp_path):
     out = tmp_path / "quick.json"
-    r, first = _bench("--suite", "quick", "--out", str(out))
+    r, first = _bench("--quick", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert first < 180, f"the quick suite took {first:.0f} s"
-    n = len(SUITES["quick"])
+    quick = SUITES["quick"]
+    n = len(quick)
     assert r.stdout.strip().splitlines()[-1].startswith(f"benchmark quick: {n} run, 0 skipped, 0 failed")
     assert r.stderr == ""  # no progress bar unless asked
     data = json.loads(out.read_text())
-    assert data["suite"] == "quick"
-    assert {"platform", "cpu_count", "torch", "torch_threads"} <= set(data["machine"])
-    assert list(data["cells"]) == [c.key for c in SUITES["quick"]]
-    for cell in SUITES["quick"]:
+    assert data["suite"] == "quick" and list(data) == ["suite", "machine", "runs", "cells"]
+    assert {"platform", "processor", "cpu_count", "memory_gb", "torch", "torch_threads"} <= set(data["machine"])
+    assert [(r["command"], r["ran"], r["reused"], r["failed"]) for r in data["runs"]] == [
+        (f"detptq-mini benchmark --suite quick --out {out}", n, 0, 0)]
+    assert list(data["cells"]) == [c.key for c in quick]
+    for cell in quick:
         rec = data["cells"][cell.key]
         assert rec["status"] == "ok" and rec["returncode"] == 0 and rec["key"] == cell.key
         assert Cell(**{**rec["cell"], "extra": tuple(rec["cell"]["extra"])}) == cell
         assert 0.0 <= rec["map"] <= 1.0 and 0.0 <= rec["map50"] <= 1.0 and rec["fp_map"] > 0
         assert rec["wall_seconds"] > 0 and rec["peak_rss_mb"] > 50
-        assert rec["method"] == cell.method and rec["calib_images"] == cell.calib and "config" in rec
+        assert rec["method"] == cell.method and rec["calib_images"] == cell.calib and rec["val_images"] == cell.val
+        assert (rec["w_bits"], rec["a_bits"], rec["calib_seed"]) == (cell.w_bits, cell.a_bits, cell.seed)
+        cfg, qc = rec["config"], rec["quant_config"]  # the cell's options reached run_ptq
+        assert cfg["iters"] == cell.iters and cfg["p"] == (2.0 if cell.method in ("lp", "brecq", "qdrop") else None)
+        assert cfg["quant_prob"] == {"brecq": 1.0, "qdrop": 0.5, "detptq-qdrop": 0.5}.get(cell.method)
+        assert (cfg["odol_cls"], cfg["odol_loc"]) == (("l2", "iou") if "--odol-cls" in cell.extra else ("kl", "l1"))
+        assert qc["stem_8bit"] == ("--no-8bit-stem" not in cell.extra) == cfg["stem_8bit"]
+        assert qc["pred_8bit"] == ("--no-8bit-pred" not in cell.extra)
+        assert bool(rec["chosen_p"]) == (cell.method != "minmax")  # every method but min-max reports its p
+    s = summarize(data)
+    assert s["progress"] == {"cells": n, "ok": n, "failed": 0, "todo": 0} and not s["failed"] and not s["excluded"]
+    assert s["bits"] == ["W4A8", "W4A4"] and {row["method"] for row in s["rows"]} == set(METHODS)
+    assert sum(len(row["cells"]) for row in s["rows"]) == n  # one seed each: one row cell per cell
     md = (tmp_path / "quick.md").read_text()
-    assert md.count("| W4A8 |") == len(SUITES["quick"])
+    assert md == to_markdown(data) and md.count("| method | W4A8 | W4A4 |") == 4
+    for row in s["rows"]:
+        assert md.count(f"| {row['label']} |") == 5  # mAP50:95, mAP50, % of FP, cost, settings
+    assert "Made by: `detptq-mini benchmark --suite quick --out" in md and "Machine: " in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quick.json", "quick.md"]  # no temp files left
 
     before = out.read_bytes()
     r, second = _bench("--suite", "quick", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert f"0 run, {len(SUITES['quick'])} skipped, 0 failed" in r.stdout
+    assert f"0 run, {n} skipped, 0 failed" in r.stdout
     assert second < 30 and out.read_bytes() == before and (tmp_path / "quick.md").read_text() == md
-    r, _ = _bench("--suite", "quick", "--out", str(out), "--list")
-    assert r.stdout.splitlines() == [f"{c.key}\tok" for c in SUITES["quick"]]
+    r, _ = _bench("--quick", "--out", str(out), "--list")
+    assert r.stdout.splitlines() == [f"{c.key}\tok" for c in quick] + [f"suite quick: {n} cells, {n} ok, 0 failed, 0 todo"]
     print(f"quick suite: {first:.1f} s, resumed: {second:.1f} s")
