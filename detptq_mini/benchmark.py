@@ -4,14 +4,29 @@ A :class:`Cell` is one ``detptq-mini quantize ... --json`` run. :func:`run_suite
 cells) one cell per subprocess, so that each cell's wall time and peak memory (its own ``ru_maxrss``, read with
 ``os.wait4``) are its own, and after every finished cell rewrites the result file atomically::
 
-    {"suite": "simple", "machine": {...}, "cells": {"lp-p2.5-W4A4-s0-c64-v500": {record}, ...}}
+    {"suite": "full", "machine": {...}, "runs": [{"command": ..., ...}],
+     "cells": {"lp-p2.5-W4A4-s0-c256-v500": {record}, ...}}
 
 Cells already in the file with ``"status": "ok"`` are skipped, so an interrupted run resumes where it stopped (in the
 same session or a later one). A failed cell (nonzero exit) is recorded with the last line of its stderr, is not counted
-as done (the next run retries it), and the run goes on with the next cell. A markdown table
-(:func:`to_markdown`) is written next to the JSON.
+as done (the next run retries it), and the run goes on with the next cell. Cells equal to a done cell of another
+result file can be copied from it (``reuse``). Markdown tables (:func:`to_markdown`: a row per method, a column per
+bits, mean ± std over seeds, % of FP, cost, settings, the commands and the machine) are written next to the JSON;
+:func:`summarize` gives the same numbers as one JSON-ready dict for the book.
 
-Command line: ``detptq-mini benchmark --suite quick`` (see ``benchmarks/README.md``).
+The suites (:data:`SUITES`): ``full`` (the issue's comparison: every method x W8A8/W4A8/W4A4/W3A3 x 3 seeds),
+``ablations`` (ODOL combination, 8-bit conventions, QDrop probability), ``simple`` (chapter 6's table) and
+``quick`` (every method on a tiny slice, about a minute). Decisions of ``full``, stated in the book too:
+
+* "best fixed p" is no cell of its own: the Lp cells cover every p of ``P_DEFAULT`` at every bits, and
+  :func:`summarize` picks per bits the p with the best mean over seeds, an oracle choice made on the val set;
+  Lp with p = 2.4 (not in ``P_DEFAULT``) is a cell of its own.
+* every method calibrates on the same 256 images (the Reconstruction issue's setting); mAP on the 500 val images.
+* BRECQ, QDrop and DetPTQ+QDrop run at W4A8, W4A4 and W3A3 (W8A8 needs no reconstruction) with one budget per bits,
+  :data:`RECON_ITERS`.
+* cheap cells come first, then the reconstruction cells of seed 0, then of seeds 1 and 2: a partial run is a table.
+
+Command line: ``detptq-mini benchmark --suite full`` (see ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -33,7 +48,8 @@ from .lp import P_DEFAULT
 from .utils import atomic_write_json, atomic_write_text
 
 __all__ = ["Cell", "SUITES", "RECON_ITERS", "FULL_BITS", "SEEDS", "METHOD_NAMES", "SuiteRun", "cell_args",
-           "run_cell", "run_suite", "select_cells", "load_results", "machine_info", "summarize", "to_markdown"]
+           "run_cell", "run_suite", "select_cells", "load_results", "machine_info", "code_version", "summarize",
+           "to_markdown"]
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,23 @@ def _memory_gb() -> float | None:
         return None
 
 
+def code_version() -> str | None:
+    """The git commit of the library's checkout, with ``"+dirty"`` if it has uncommitted changes (None outside git).
+
+    Logged with every run of a suite: a file made over several sessions says which code made which cells.
+    """
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict:
     """Where the numbers were measured: platform, CPU model and count, memory, Python, torch version and threads."""
     import torch
@@ -392,8 +425,9 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     Returns:
         a :class:`SuiteRun` (``.failed`` non-empty if any cell failed; those cells are retried by the next run).
 
-    Every run that does at least one cell appends ``{"command", "started", "seconds", "ran", "reused", "failed"}``
-    to the file's ``runs`` (updated after every cell), so a file made over several sessions says how.
+    Every run that does at least one cell appends ``{"command", "started", "code", "seconds", "ran", "reused",
+    "failed"}`` to the file's ``runs`` (updated after every cell; ``code`` is :func:`code_version`), so a file made
+    over several sessions says how, and with which code.
     """
     t0 = time.perf_counter()
     name, cells = select_cells(name_or_cells, only)
@@ -414,7 +448,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     if command is None:
         command = f"python: run_suite({name!r}" + (f", only={only!r}" if only is not None else "") + ")"
     entry = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "seconds": 0.0, "ran": 0, "reused": 0, "failed": 0}
+             "code": code_version(), "seconds": 0.0, "ran": 0, "reused": 0, "failed": 0}
     runs = list(data.get("runs") or [])
 
     from tqdm.auto import tqdm
@@ -741,8 +775,10 @@ def to_markdown(results: dict) -> str:
         lines += [f"{len(s['excluded'])} cells in the file are not in the suite's current definition (e.g. an "
                   "earlier budget) and are left out: " + ", ".join(f"`{k}`" for k in s["excluded"]) + ".", ""]
     if s["commands"]:
-        lines.append("Made by: " + "; ".join(f"`{c['command']}`" + (f" ({c['runs']} runs)" if c["runs"] > 1 else "")
-                                             for c in s["commands"]) + " (each run and its duration: `runs` in the JSON).")
+        made = "; ".join(f"`{c['command']}`" + (f" ({c['runs']} runs)" if c["runs"] > 1 else "") for c in s["commands"])
+        lines.append(f"Made by: {made} (each run and its duration: `runs` in the JSON).")
+    if s["commands"]:
+        lines.append("")
     if s["machine"]:
         lines.append(f"Machine: {_machine_line(s['machine'])}.")
         others = sum(1 for rec in _cells_of(results).values()

@@ -53,7 +53,8 @@ def test_suites():
 def test_full_suite_has_exactly_the_issues_cells():
     full = SUITES["full"]
     bits = [(8, 8), (4, 8), (4, 4), (3, 3)]
-    simple = [("minmax", None), *(("lp", p) for p in P_DEFAULT), ("lp", 2.4), ("detptq", None)]  # best fixed p: the Lp rows
+    # best fixed p is no cell: the Lp rows of every p in P_DEFAULT; p = 2.4 is a cell of its own
+    simple = [("minmax", None), *(("lp", p) for p in P_DEFAULT), ("lp", 2.4), ("detptq", None)]
     expected = {(m, p, w, a, s, None) for m, p in simple for w, a in bits for s in (0, 1, 2)}
     expected |= {(m, None, w, a, s, RECON_ITERS[f"W{w}A{a}"]) for m in ("brecq", "qdrop", "detptq-qdrop")
                  for w, a in bits if (w, a) != (8, 8) for s in (0, 1, 2)}  # reconstruction only below 8 bits
@@ -110,6 +111,17 @@ def test_quantize_odol_options_match_the_library_and_are_validated(capsys):
         assert len(err) == 1 and word in err[0], err
 
 
+def test_code_version_is_the_checkouts_commit():
+    import pathlib
+
+    root = pathlib.Path(benchmark.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    v = benchmark.code_version()
+    assert v.split("+")[0] == head.stdout.strip() and v in (head.stdout.strip(), head.stdout.strip() + "+dirty")
+
+
 def test_machine_info_describes_the_machine():
     m = machine_info()
     assert {"platform", "processor", "cpu_count", "memory_gb", "python", "torch", "torch_threads"} <= set(m)
@@ -145,7 +157,8 @@ def test_summarize_and_markdown():
                                                                                        bits=(4, 8)),
             _rec("detptq", 0, 0.62), _rec("detptq", 0, 0.61, extra=("--odol-cls", "l2", "--odol-loc", "iou")),
             _rec("detptq", 0, 0.5, extra=("--no-8bit-stem", "--no-8bit-pred"))]
-    runs = [{"command": "detptq-mini benchmark --suite x"}] * 2 + [{"command": "detptq-mini benchmark --suite x --only s1"}]
+    runs = [{"command": "detptq-mini benchmark --suite x"}] * 2 + [
+        {"command": "detptq-mini benchmark --suite x --only s1"}]
     results = {"suite": "custom", "machine": MACHINE, "runs": runs, "cells": {r["key"]: r for r in recs}}
     s = summarize(results)
     assert json.loads(json.dumps(s)) == s  # JSON-ready
@@ -284,6 +297,7 @@ def test_reuse_copies_done_cells_without_running_them(tmp_path, monkeypatch):
     assert rec["reused_from"] == str(src) and rec["machine"]["platform"] == "elsewhere"
     assert {k: v for k, v in rec.items() if k not in ("reused_from", "machine")} == done  # the measurement itself
     assert [(r["command"], r["ran"], r["reused"], r["failed"]) for r in data["runs"]] == [("my command", 0, 1, 1)]
+    assert data["runs"][0]["code"] == benchmark.code_version()  # the checkout's commit (None outside git)
     assert "1 cells were measured elsewhere" in (tmp_path / "mine.md").read_text()
     run = run_suite(cells, out, reuse=[src])  # the copy is done now: skipped, not copied again
     assert run.skipped == [cells[0].key] and run.reused == [] and len(load_results(out)["runs"]) == 2
@@ -369,5 +383,6 @@ def test_quick_suite_end_to_end_then_resume(tmp_path):
     assert f"0 run, {n} skipped, 0 failed" in r.stdout
     assert second < 30 and out.read_bytes() == before and (tmp_path / "quick.md").read_text() == md
     r, _ = _bench("--quick", "--out", str(out), "--list")
-    assert r.stdout.splitlines() == [f"{c.key}\tok" for c in quick] + [f"suite quick: {n} cells, {n} ok, 0 failed, 0 todo"]
+    assert r.stdout.splitlines() == [f"{c.key}\tok" for c in quick] + [
+        f"suite quick: {n} cells, {n} ok, 0 failed, 0 todo"]
     print(f"quick suite: {first:.1f} s, resumed: {second:.1f} s")
