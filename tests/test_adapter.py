@@ -233,3 +233,20 @@ def test_collect_activations_pools_the_calls_of_a_shared_conv():
     assert torch.equal(got, want)
     small = collect_activations(model, x, ["conv"], max_elements=50, batch_size=2)["conv"]
     assert small.numel() == 50 and small[0] == x.min() and small[1] == x.max()
+
+
+def test_reconstruction_runs_on_the_adapter_units(adapter, images):
+    """The adapter's units serve block reconstruction too: a few QDrop steps on two units, hard weights after."""
+    from detptq_mini.quant import calibrate_minmax
+    from detptq_mini.reconstruction import ReconConfig, reconstruct
+
+    q = calibrate_minmax(quantize_model(adapter, QuantConfig(w_bits=4, a_bits=8)), images)
+    units = [adapter.units[1].name, "head.box"]
+    hist = reconstruct(q, fold_bn(adapter), images, ReconConfig(iters=2, batch_size=2), units=units)
+    assert list(hist.units) == units
+    assert all(h.before > 0 and h.after > 0 and len(h.loss) == 2 for h in hist.units.values())
+    layer = quant_layers(q)["head.box.pred"]
+    wq, w = layer.weight_quantizer, layer.conv.weight.detach()
+    from detptq_mini.quant import fake_quantize
+
+    assert torch.equal(fake_quantize(w, wq.scale, wq.zero_point, wq.qmin, wq.qmax, wq.axis), w)
