@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from numbers import Real
 from typing import Iterable, Sequence
 
@@ -178,7 +178,7 @@ def lp_loss(out: Tensor, target: Tensor, p: float) -> Tensor:
 
 class _MixedFakeQuantize(torch.autograd.Function):
     """Fake quantization with an element-wise keep mask, in float arithmetic (no ``where``, no bool masks,
-    which are several times slower than float ops on CPU): ``out = x + keep * (x_hat - x)``.
+    which are several times slower than float ops on CPU): ``out = x_hat * keep + x * (1 - keep)``.
 
     The forward is :func:`detptq_mini.quant.fake_quantize_forward`'s sequence of operations, so kept elements
     equal :func:`~detptq_mini.quant.fake_quantize` bit for bit. Backward: the clipped STE on kept elements
@@ -553,7 +553,7 @@ def rounding_ablation(qmodel: nn.Module, images, scales: dict[str, LayerScales],
         if n not in scales or any(p not in scales[n].weight or p not in scales[n].act for p in ps):
             raise ValueError(f"scales lacks layer {n!r} or one of ps={list(ps)}: search them first")
     base = ReconConfig() if config is None else config
-    cfg = ReconConfig(**{**base.to_dict(), "iters": _integer("iters", iters, 1), "quant_prob": 1.0, "lr_act": 0.0})
+    cfg = replace(base, iters=_integer("iters", iters, 1), quant_prob=1.0, lr_act=0.0)
     images = _check_images(images).to(next(qmodel.parameters()).device)
     saved = {k: v.clone() for k, v in qmodel.state_dict().items()}
     states = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in all_layers.items()}
