@@ -7,7 +7,7 @@ import time
 import pytest
 
 from detptq_mini import benchmark
-from detptq_mini.benchmark import (RECON_ITERS, SUITES, Cell, cell_args, load_results, machine_info, run_suite,
+from detptq_mini.benchmark import (RECON_ITERS, RECON_LR, SUITES, Cell, cell_args, load_results, machine_info, run_suite,
                                    summarize, to_markdown)
 from detptq_mini.cli import main
 from detptq_mini.lp import P_DEFAULT
@@ -32,6 +32,13 @@ def test_cell_key_and_args():
     assert cell_args(c) == ["quantize", "--method", "lp", "--w-bits", "4", "--a-bits", "4", "--seed", "0",
                             "--calib", "64", "--val", "500", "--p", "2.5", "--device", "cpu", "--json"]
     assert "--iters" not in cell_args(Cell("minmax", 4, 4))
+    r = Cell("qdrop", 4, 4, 1, iters=1000, lr_v=0.01, lr_act=1e-3)
+    assert r.key == "qdrop-W4A4-s1-c64-v500-i1000-lrv0.01-lra0.001"
+    assert cell_args(r)[-9:] == ["--iters", "1000", "--lr-v", "0.01", "--lr-act", "0.001", "--device", "cpu", "--json"]
+    assert r.lr_v == 0.01 and isinstance(Cell("qdrop", 4, 4, lr_v=1).lr_v, float)
+    for bad in (float("nan"), "0.01", True):
+        with pytest.raises(ValueError, match="lr_act"):
+            Cell("qdrop", 4, 4, lr_act=bad)
     with pytest.raises(ValueError, match="w_bits"):
         Cell("lp", "4", 4)
     with pytest.raises(ValueError, match="method"):
@@ -59,6 +66,9 @@ def test_full_suite_has_exactly_the_issues_cells():
     expected |= {(m, None, w, a, s, RECON_ITERS[f"W{w}A{a}"]) for m in ("brecq", "qdrop", "detptq-qdrop")
                  for w, a in bits if (w, a) != (8, 8) for s in (0, 1, 2)}  # reconstruction only below 8 bits
     got = [(c.method, c.p, c.w_bits, c.a_bits, c.seed, c.iters) for c in full]
+    # one budget for every reconstruction cell: the same steps and learning rates in a row
+    assert {(c.lr_v, c.lr_act) for c in full if c.iters is not None} == {RECON_LR}
+    assert all(c.lr_v is None and c.lr_act is None for c in full if c.iters is None)
     assert len(got) == len(expected) == 4 * 11 * 3 + 3 * 3 * 3 == 159 and set(got) == expected
     assert len({c.key for c in full}) == 159
     assert all(c.calib == 256 and c.val == 500 and c.extra == () for c in full)  # one calibration count for all
@@ -130,8 +140,9 @@ def test_machine_info_describes_the_machine():
 
 # --- summaries on hand-made results ----------------------------------------------------------------------------
 
-def _rec(method, seed, m, p=None, calib=64, status="ok", wall=10.0, bits=(4, 4), iters=None, extra=(), peak=1000.0):
-    cell = Cell(method, *bits, seed, p=p, calib=calib, iters=iters, extra=extra)
+def _rec(method, seed, m, p=None, calib=64, status="ok", wall=10.0, bits=(4, 4), iters=None, extra=(), peak=1000.0,
+         lr=(None, None)):
+    cell = Cell(method, *bits, seed, p=p, calib=calib, iters=iters, lr_v=lr[0], lr_act=lr[1], extra=extra)
     rec = {"key": cell.key, "cell": {**cell.__dict__, "extra": list(extra)}, "status": status, "wall_seconds": wall,
            "cpu_seconds": 2 * wall, "peak_rss_mb": peak}
     if status == "ok":
@@ -202,7 +213,7 @@ def test_summarize_and_markdown():
                  "| Lp p=2 (calib 64) | 10.0 s, 1000 MB | 20.0 s, 1100 MB |",  # cost
                  "| Lp, best fixed p (oracle) (calib 64) | the Lp rows | the Lp rows |",
                  "| min-max (calib 8) | 8 | 500 | — |",  # settings
-                 "| BRECQ (calib 64, iters 100) | 64 | 500 | 100 |",
+                 "| BRECQ (calib 64, iters 100) | 64 | 500 | iters 100 |",
                  "- `lp-p2-W4A4-s3-c64-v500`: detptq-mini: error: boom",
                  "FP reference (the shipped model): mAP50:95 0.9000, mAP50 0.9900 on 500 val images.",
                  "Machine: x, cpu9, 2 CPUs, 8 GB RAM; Python 3.11, torch t (1 threads)."]:
@@ -211,6 +222,29 @@ def test_summarize_and_markdown():
     assert any(ln.startswith("Made by: `detptq-mini benchmark --suite x` (2 runs); `detptq-mini benchmark --suite x "
                              "--only s1`") for ln in lines)
     assert lines[2].startswith(f"Cells: {len(recs) - 1} of {len(recs)} done, 1 failed.")
+
+
+def test_summary_states_the_learning_rates_of_a_budget():
+    lr = (0.01, 0.001)
+    one = {"suite": "custom", "cells": {r["key"]: r for r in [
+        _rec("qdrop", 0, 0.5, iters=1000, lr=lr), _rec("qdrop", 1, 0.6, iters=1000, lr=lr),
+        _rec("qdrop", 0, 0.7, iters=500, lr=lr, bits=(4, 8))]}}
+    s = summarize(one)
+    assert [r["label"] for r in s["rows"]] == ["QDrop"]  # one budget per bits: the budget is in the settings
+    c = s["rows"][0]["cells"]["W4A4"]
+    assert (c["n"], c["iters"], c["lr_v"], c["lr_act"]) == (2, 1000, 0.01, 0.001)
+    assert "| QDrop | 64 | 500 | W4A8: iters 500, lr V 0.01, lr act 0.001; W4A4: iters 1000, lr V 0.01, lr act 0.001 |" \
+        in to_markdown(one).splitlines()
+    # the same steps at other rates in one bits column: two rows, each naming its rates
+    two = {"suite": "custom", "cells": {r["key"]: r for r in [
+        _rec("qdrop", 0, 0.5, iters=1000, lr=lr), _rec("qdrop", 0, 0.4, iters=1000)]}}
+    rows = {r["label"]: r for r in summarize(two)["rows"]}
+    assert set(rows) == {"QDrop (iters 1000, lr V 0.01, lr act 0.001)", "QDrop (iters 1000)"}
+    assert rows["QDrop (iters 1000)"]["cells"]["W4A4"]["map_mean"] == 0.4
+    # a record written before the learning rates were cell fields reads as the library's defaults
+    old = _rec("qdrop", 0, 0.4, iters=1000)
+    del old["cell"]["lr_v"], old["cell"]["lr_act"]
+    assert summarize({"suite": "custom", "cells": {old["key"]: old}})["rows"][0]["cells"]["W4A4"]["lr_v"] is None
 
 
 def test_summary_of_a_named_suite_counts_its_cells_and_leaves_out_others():
@@ -357,6 +391,7 @@ def test_quick_suite_end_to_end_then_resume(tmp_path):
         assert Cell(**{**rec["cell"], "extra": tuple(rec["cell"]["extra"])}) == cell
         assert 0.0 <= rec["map"] <= 1.0 and 0.0 <= rec["map50"] <= 1.0 and rec["fp_map"] > 0
         assert rec["wall_seconds"] > 0 and rec["peak_rss_mb"] > 50
+        assert len(rec["load_avg"]) == 3 and all(x >= 0 for x in rec["load_avg"])
         assert rec["method"] == cell.method and rec["calib_images"] == cell.calib and rec["val_images"] == cell.val
         assert (rec["w_bits"], rec["a_bits"], rec["calib_seed"]) == (cell.w_bits, cell.a_bits, cell.seed)
         cfg, qc = rec["config"], rec["quant_config"]  # the cell's options reached run_ptq
