@@ -185,7 +185,8 @@ def _full_suite() -> list[Cell]:
 
 
 def _ablation_suite() -> list[Cell]:
-    """The ablations, cheap cells first, then the reconstruction cells seed by seed.
+    """The ablations, cheap cells first (W4A4, the informative bits, before W4A8), then the reconstruction cells seed
+    by seed.
 
     * ODOL combination of DetPTQ's selection at W4A4 and W4A8: KL+L1 (the default: the plain ``detptq`` cell, the
       same as in ``full``), KL+IoU, L2+L1, L2+IoU (``--odol-cls``, ``--odol-loc``).
@@ -198,8 +199,9 @@ def _ablation_suite() -> list[Cell]:
     """
     opts = {"calib": FULL_CALIB, "val": FULL_VAL}
     odol = [() if (c, l) == ODOL_COMBOS[0] else ("--odol-cls", c, "--odol-loc", l) for c, l in ODOL_COMBOS]
-    cells = [Cell("detptq", w, a, s, extra=e, **opts) for w, a in ((4, 4), (4, 8)) for e in odol for s in SEEDS]
+    cells = [Cell("detptq", 4, 4, s, extra=e, **opts) for e in odol for s in SEEDS]
     cells += [Cell("detptq", 4, 4, s, extra=e, **opts) for e in EIGHT_BIT_OFF for s in SEEDS]
+    cells += [Cell("detptq", 4, 8, s, extra=e, **opts) for e in odol for s in SEEDS]
     opts.update(_recon_opts("W4A4"))
     for s in SEEDS:
         cells += [Cell("brecq", 4, 4, s, **opts), Cell("qdrop", 4, 4, s, **opts), Cell("detptq-qdrop", 4, 4, s, **opts),
@@ -409,16 +411,23 @@ def _suite_cells(name_or_cells) -> tuple[str, list[Cell]]:
     return "custom", cells
 
 
-def select_cells(name_or_cells, only: str | None = None) -> tuple[str, list[Cell]]:
-    """The suite's name and cells, keeping those whose key contains ``only`` (error if none does)."""
+def select_cells(name_or_cells, only: str | None = None, exclude: str | None = None) -> tuple[str, list[Cell]]:
+    """The suite's name and cells, keeping those whose key contains ``only`` and not ``exclude`` (error if none is
+    left), e.g. ``exclude="-i"``: every cell but the reconstruction cells."""
     name, cells = _suite_cells(name_or_cells)
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ValueError("the cells' keys are not unique: each cell must differ")
+    for arg, value in (("only", only), ("exclude", exclude)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{arg}={value!r} must be a non-empty substring of cell keys or None")
     if only is not None:
         cells = [c for c in cells if only in c.key]
-        if not cells:
-            raise ValueError(f"only={only!r} matches no cell of suite {name!r} (see `detptq-mini benchmark --list`)")
+    if exclude is not None:
+        cells = [c for c in cells if exclude not in c.key]
+    if not cells:
+        what = " and ".join(f"{a}={v!r}" for a, v in (("only", only), ("exclude", exclude)) if v is not None)
+        raise ValueError(f"{what} leaves no cell of suite {name!r} (see `detptq-mini benchmark --list`)")
     return name, cells
 
 
@@ -440,7 +449,7 @@ def _reusable(reuse) -> dict[str, dict]:
 
 
 def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False, only: str | None = None,
-              device: str = "cpu", reuse=(), command: str | None = None) -> SuiteRun:
+              device: str = "cpu", reuse=(), command: str | None = None, exclude: str | None = None) -> SuiteRun:
     """Run every cell of a suite not already done in ``out_path``, one subprocess each; resumable.
 
     Args:
@@ -449,6 +458,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
             rewritten atomically after every cell; a markdown table (:func:`to_markdown`) is written next to it.
         progress: show a tqdm progress bar (on stderr).
         only: run only the cells whose key contains this substring.
+        exclude: skip the cells whose key contains this substring (e.g. ``"-i"``: the reconstruction cells).
         device: passed to each cell's ``--device``.
         reuse: result files (a path or a list of paths) of other runs: a cell to do whose key is there with
             ``"status": "ok"`` is copied from there instead of run (the key fixes every option of the command, so
@@ -465,7 +475,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     over several sessions says how, and with which code.
     """
     t0 = time.perf_counter()
-    name, cells = select_cells(name_or_cells, only)
+    name, cells = select_cells(name_or_cells, only, exclude)
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise ValueError(f"out_path={str(out_path)!r}: directory {str(out_path.parent)!r} does not exist")
@@ -481,7 +491,8 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     todo = [c for c in cells if not _is_done(data["cells"].get(c.key))]
     run = SuiteRun(results=data, out_path=out_path, skipped=[c.key for c in done])
     if command is None:
-        command = f"python: run_suite({name!r}" + (f", only={only!r}" if only is not None else "") + ")"
+        command = f"python: run_suite({name!r}" + "".join(f", {a}={v!r}" for a, v in (("only", only), ("exclude", exclude))
+                                                           if v is not None) + ")"
     entry = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "code": code_version(), "seconds": 0.0, "ran": 0, "reused": 0, "failed": 0}
     runs = list(data.get("runs") or [])

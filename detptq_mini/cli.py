@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="the same as --suite quick: every method on a tiny slice")
     b.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<suite>.json)")
     b.add_argument("--only", default=None, metavar="SUBSTRING", help="run only the cells whose key contains this")
+    b.add_argument("--exclude", default=None, metavar="SUBSTRING",
+                   help="skip the cells whose key contains this (e.g. --exclude=-i: all but the reconstruction cells)")
     b.add_argument("--reuse", action="append", default=None, metavar="RESULTS_JSON",
                    help="copy a cell from this result file of another suite when it holds the same cell done "
                         "(e.g. --suite ablations --reuse benchmarks/results/full.json); repeatable")
@@ -223,7 +225,7 @@ def _cmd_quantize(args) -> dict:
 def _cmd_benchmark(args) -> int:
     from pathlib import Path
 
-    from .benchmark import SUITES, load_results, run_suite
+    from .benchmark import SUITES, load_results, run_suite, select_cells
     from .utils import resolve_device
 
     if args.quick and args.suite not in (None, "quick"):
@@ -231,9 +233,10 @@ def _cmd_benchmark(args) -> int:
     suite = "quick" if args.quick else args.suite or "simple"
     if suite not in SUITES:
         raise UsageError(f"--suite {suite!r} is not a suite; allowed: {', '.join(SUITES)}")
-    cells = [c for c in SUITES[suite] if args.only is None or args.only in c.key]
-    if not cells:
-        raise UsageError(f"--only {args.only!r} matches no cell of suite {suite!r} (see --list)")
+    try:
+        _, cells = select_cells(suite, args.only, args.exclude)
+    except ValueError as e:
+        raise UsageError(str(e).replace("only=", "--only ").replace("exclude=", "--exclude ")) from None
     resolve_device(args.device)
     out = Path(args.out) if args.out is not None else Path("benchmarks") / "results" / f"{suite}.json"
     if args.out is not None and not out.parent.is_dir():
@@ -249,13 +252,13 @@ def _cmd_benchmark(args) -> int:
         status = [done[c.key]["status"] if c.key in done else "todo" for c in cells]
         for c, st in zip(cells, status):
             print(f"{c.key}\t{st}")
-        what = f"{len(cells)} of {len(SUITES[suite])} cells" if args.only is not None else f"{len(cells)} cells"
+        what = f"{len(cells)} of {len(SUITES[suite])} cells" if len(cells) < len(SUITES[suite]) else f"{len(cells)} cells"
         print(f"suite {suite}: {what}, {status.count('ok')} ok, {status.count('failed')} failed, "
               f"{status.count('todo')} todo")
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)  # only reached for the default out (a custom one must exist)
     command = ["detptq-mini", "benchmark", "--suite", suite]
-    for flag, value in (("--out", args.out), ("--only", args.only)):
+    for flag, value in (("--out", args.out), ("--only", args.only), ("--exclude", args.exclude)):
         if value is not None:
             command += [flag, value]
     for path in args.reuse or []:
@@ -263,7 +266,7 @@ def _cmd_benchmark(args) -> int:
     if args.device != "cpu":
         command += ["--device", args.device]
     run = run_suite(suite, out, progress=args.progress, only=args.only, device=args.device, reuse=args.reuse or (),
-                    command=shlex.join(command))
+                    command=shlex.join(command), exclude=args.exclude)
     for key in run.failed:
         print(f"detptq-mini: cell {key} failed: {run.results['cells'][key].get('error', '')}", file=sys.stderr)
     print(run.summary())

@@ -267,7 +267,10 @@ def test_summary_of_a_named_suite_counts_its_cells_and_leaves_out_others():
     (["--suite", "nosuch"], "allowed: simple, full, ablations, quick"),
     (["--quick", "--suite", "full"], "--quick is --suite quick; it cannot be combined with --suite full"),
     (["--suite", "ablations", "--reuse", "/nonexistent/full.json"], "--reuse '/nonexistent/full.json' does not exist"),
-    (["--suite", "quick", "--only", "nosuch"], "matches no cell"),
+    (["--suite", "quick", "--only", "nosuch"], "--only 'nosuch' leaves no cell of suite 'quick'"),
+    (["--suite", "quick", "--exclude", "c8"], "--exclude 'c8' leaves no cell of suite 'quick'"),
+    (["--suite", "quick", "--only", "W4A8", "--exclude", "W4A8"], "--only 'W4A8' and --exclude 'W4A8' leaves no"),
+    (["--suite", "quick", "--exclude="], "--exclude '' must be a non-empty substring"),
     (["--suite", "quick", "--out", "/nonexistent/dir/q.json"], "does not exist"),
     (["--suite", "quick", "--device", "tpu9"], "device"),
 ])
@@ -301,6 +304,11 @@ def test_list_shows_cells_status_and_count(tmp_path, capsys):
     assert lines[-1] == "suite full: 159 cells, 0 ok, 0 failed, 159 todo"
     assert main(["benchmark", "--suite", "full", "--out", str(tmp_path / "full.json"), "--only", "W3A3", "--list"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "suite full: 42 of 159 cells, 0 ok, 0 failed, 42 todo"
+    # --exclude=-i: every cell but the reconstruction cells (their keys carry -i<iters>)
+    assert main(["benchmark", "--suite", "full", "--out", str(tmp_path / "full.json"), "--exclude=-i", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:-1] == [f"{c.key}\ttodo" for c in SUITES["full"] if c.iters is None]
+    assert lines[-1] == "suite full: 132 of 159 cells, 0 ok, 0 failed, 132 todo"
 
 
 def test_bad_reuse_file_is_refused(tmp_path, capsys):
