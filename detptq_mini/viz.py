@@ -7,7 +7,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["CLASS_COLOURS", "draw_boxes", "plot_samples", "plot_detections"]
+__all__ = ["CLASS_COLOURS", "draw_boxes", "plot_samples", "plot_detections", "plot_ratio_vs_bits"]
 
 CLASS_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
 
@@ -55,5 +55,51 @@ def plot_detections(images: torch.Tensor, detections: list[dict], class_names, t
         draw_boxes(ax, d["boxes"][keep], d["labels"][keep], class_names, scores=d["scores"][keep])
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: str | None = None) -> Figure:
+    """Percent of the FP mAP50:95 against bits, one line per method: the picture of a benchmark table.
+
+    Args:
+        summary: :func:`detptq_mini.benchmark.summarize` of a result file.
+        labels: the rows to draw, by their ``label`` (default: every row); each must be a row of ``summary``.
+        title: the axes title.
+
+    A point is the mean over calibration seeds; its error bar is the sample standard deviation over seeds (none
+    for one seed), and the number of seeds is marked where it is below the row's largest. Bits go from the widest
+    (left) to the narrowest (right); a row without a cell at some bits has no point there.
+    """
+    rows = {row["label"]: row for row in summary["rows"]}
+    labels = list(rows) if labels is None else list(labels)
+    missing = [lab for lab in labels if lab not in rows]
+    if missing:
+        raise ValueError(f"labels: {missing!r} are not rows of the summary; allowed: {sorted(rows)!r}")
+    bits = summary["bits"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, lab in enumerate(labels):
+        cells = rows[lab]["cells"]
+        xs = [j for j, b in enumerate(bits) if b in cells]
+        if not xs:
+            continue
+        ys = [100 * cells[bits[j]]["ratio_to_fp_mean"] for j in xs]
+        errs = [0.0 if cells[bits[j]]["map_std"] is None
+                else 100 * cells[bits[j]]["ratio_to_fp_mean"] * cells[bits[j]]["map_std"] / cells[bits[j]]["map_mean"]
+                for j in xs]  # the FP mAP is one number: the ratio's std is the mAP's std over the FP mAP
+        dx = (i - (len(labels) - 1) / 2) * 0.04  # a small offset keeps overlapping error bars apart
+        line = ax.errorbar([x + dx for x in xs], ys, yerr=errs, marker="o", ms=4, capsize=3, label=lab)
+        most = max(cells[bits[j]]["n"] for j in xs)
+        for x, y, j in zip(xs, ys, xs):
+            if cells[bits[j]]["n"] < most:
+                ax.annotate(f"n={cells[bits[j]]['n']}", (x + dx, y), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7, color=line[0].get_color())
+    ax.axhline(100, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(bits)), bits)
+    ax.set_xlabel("bits (weights / activations)")
+    ax.set_ylabel("% of FP mAP50:95")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig

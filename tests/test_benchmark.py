@@ -429,3 +429,29 @@ def test_quick_suite_end_to_end_then_resume(tmp_path):
     assert r.stdout.splitlines() == [f"{c.key}\tok" for c in quick] + [
         f"suite quick: {n} cells, {n} ok, 0 failed, 0 todo"]
     print(f"quick suite: {first:.1f} s, resumed: {second:.1f} s")
+
+
+def test_plot_ratio_vs_bits_draws_every_row_from_the_summary():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from detptq_mini.viz import plot_ratio_vs_bits
+
+    recs = [_rec("minmax", 0, 0.45, bits=(4, 8)), _rec("minmax", 0, 0.09), _rec("qdrop", 0, 0.54, iters=10),
+            _rec("qdrop", 1, 0.63, iters=10), _rec("qdrop", 0, 0.81, iters=10, bits=(4, 8))]
+    s = summarize({"suite": "custom", "cells": {r["key"]: r for r in recs}})
+    fig = plot_ratio_vs_bits(s, ["min-max", "QDrop"], title="t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["W4A8", "W4A4"] and ax.get_title() == "t"
+    handles, labels = ax.get_legend_handles_labels()
+    lines = dict(zip(labels, handles))
+    assert set(lines) == {"min-max", "QDrop"}
+    ys = lines["QDrop"][0].get_ydata()  # % of FP: the mean ratio over seeds
+    assert ys == pytest.approx([100 * 0.81 / 0.9, 100 * (0.54 + 0.63) / 2 / 0.9])
+    # the error bar is the std over seeds, in % of FP: (0.63 - 0.54) / sqrt(2) / 0.9
+    seg = lines["QDrop"][2][0].get_segments()[1]
+    assert seg[1][1] - seg[0][1] == pytest.approx(2 * 100 * 0.09 / 2 ** 0.5 / 0.9)
+    assert [t.get_text() for t in ax.texts] == ["n=1"]  # QDrop has one seed at W4A8, two at W4A4
+    assert len(plot_ratio_vs_bits(s).axes[0].get_legend_handles_labels()[1]) == 2  # default: every row
+    with pytest.raises(ValueError, match="labels: \\['BRECQ'\\] are not rows of the summary"):
+        plot_ratio_vs_bits(s, ["BRECQ"])
