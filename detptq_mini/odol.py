@@ -151,7 +151,9 @@ def odol_terms(fp_out: DenseOutputs, q_out: DenseOutputs, cls: ClsMode = "kl", l
     _check_outputs(fp_out, q_out)
     if loc == "iou" and len(strides) != len(fp_out.cls):
         raise ValueError(f"strides={tuple(strides)} has {len(strides)} entries but the outputs have "
-                         f"{len(fp_out.cls)} levels; pass one stride per level")
+                         f"{len(fp_out.cls)} levels; loc='iou' decodes each level's ltrb distances at its stride, "
+                         "so pass one stride per level; for box outputs of another form (e.g. the anchor deltas "
+                         "of detptq_mini.adapter's RetinaNet, packed as one level) use loc='l1'")
 
     z_fp, b_fp = (t.detach() for t in flatten_levels(fp_out))  # (B, A, K), (B, A, 4): the target
     z_q, b_q = flatten_levels(q_out)
