@@ -455,7 +455,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     Args:
         name_or_cells: a key of :data:`SUITES`, or a list of :class:`Cell` (the suite is then called ``"custom"``).
         out_path: the JSON result file (its directory must exist). Loaded if present (it must be of the same suite);
-            rewritten atomically after every cell; a markdown table (:func:`to_markdown`) is written next to it.
+            rewritten atomically after every cell, with a markdown table (:func:`to_markdown`) next to it.
         progress: show a tqdm progress bar (on stderr).
         only: run only the cells whose key contains this substring.
         exclude: skip the cells whose key contains this substring (e.g. ``"-i"``: the reconstruction cells).
@@ -517,9 +517,10 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
         data = {"suite": name, "machine": data.get("machine", machine), "runs": [*runs, dict(entry)],
                 "cells": _ordered(cells_now, all_keys)}
         atomic_write_json(out_path, data)
+        atomic_write_text(out_path.with_suffix(".md"), to_markdown(data))  # a stopped run leaves both in step
         run.results = data
     bar.close()
-    if out_path.exists():
+    if out_path.exists() and not todo:
         atomic_write_text(out_path.with_suffix(".md"), to_markdown(data))
     run.seconds = time.perf_counter() - t0
     return run
