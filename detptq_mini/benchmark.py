@@ -154,6 +154,8 @@ RECON_METHODS: tuple[str, ...] = ("brecq", "qdrop", "detptq-qdrop")
 LP_EXTRA_P = 2.4
 #: The ODOL combinations (classification, localization) of the selection ablation; the first is the default.
 ODOL_COMBOS: tuple[tuple[str, str], ...] = (("kl", "l1"), ("kl", "iou"), ("l2", "l1"), ("l2", "iou"))
+#: DetPTQ+QDrop with every activation element quantized during reconstruction (BRECQ's setting).
+QUANT_PROB_ONE: tuple[str, ...] = ("--quant-prob", "1")
 #: The 8-bit conventions turned off in the ablation: stem alone, prediction convs alone, both.
 EIGHT_BIT_OFF: tuple[tuple[str, ...], ...] = (("--no-8bit-stem",), ("--no-8bit-pred",),
                                               ("--no-8bit-stem", "--no-8bit-pred"))
@@ -192,7 +194,8 @@ def _ablation_suite() -> list[Cell]:
       same as in ``full``), KL+IoU, L2+L1, L2+IoU (``--odol-cls``, ``--odol-loc``).
     * 8-bit conventions at W4A4: DetPTQ simple with the stem, the prediction convs, or both at the target bits
       (on: the plain cell above); DetPTQ+QDrop with both off, against the plain cell (on).
-    * QDrop probability at W4A4: QDrop (0.5) against BRECQ (1.0), same scales, budget and loss.
+    * QDrop probability at W4A4: QDrop (0.5) against BRECQ (1.0), same scales, budget and loss; and DetPTQ+QDrop
+      at 0.5 (the plain cell) against 1.0 (``--quant-prob 1``: DetPTQ's p inside BRECQ).
 
     Every setting but the ablated one is that of ``full`` (calibration images, val images, budget), so the cells
     equal to a ``full`` cell have its key and can be copied from its result file (``--reuse``).
@@ -205,6 +208,7 @@ def _ablation_suite() -> list[Cell]:
     opts.update(_recon_opts("W4A4"))
     for s in SEEDS:
         cells += [Cell("brecq", 4, 4, s, **opts), Cell("qdrop", 4, 4, s, **opts), Cell("detptq-qdrop", 4, 4, s, **opts),
+                  Cell("detptq-qdrop", 4, 4, s, extra=QUANT_PROB_ONE, **opts),
                   Cell("detptq-qdrop", 4, 4, s, extra=EIGHT_BIT_OFF[-1], **opts)]
     return cells
 
@@ -226,7 +230,7 @@ def _quick_suite() -> list[Cell]:
 #:   :data:`RECON_ITERS` for its bits and the learning rates :data:`RECON_LR`. "Best fixed p" is not a cell:
 #:   :func:`summarize` picks, per bits, the p of
 #:   ``P_DEFAULT`` with the best mean mAP over seeds (an oracle choice made on the val set).
-#: * ``ablations`` (45 cells): see :func:`_ablation_suite`; the p-with-and-without-V ablation is the script
+#: * ``ablations`` (48 cells): see :func:`_ablation_suite`; the p-with-and-without-V ablation is the script
 #:   ``benchmarks/rounding_ablation.py``.
 #: * ``simple`` (60 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
 #:   calibration images (the chapter 6 table).

@@ -90,8 +90,9 @@ def test_ablation_suite():
     it = RECON_ITERS["W4A4"]
     assert {("detptq", "W4A4", (), None), ("detptq", "W4A8", (), None), ("detptq", "W4A4", off, None),
             ("detptq", "W4A4", off[:1], None), ("detptq", "W4A4", off[1:], None), ("brecq", "W4A4", (), it),
-            ("qdrop", "W4A4", (), it), ("detptq-qdrop", "W4A4", (), it), ("detptq-qdrop", "W4A4", off, it)} <= variants
-    assert len(variants) == 15 and len(abl) == 45 and all(
+            ("qdrop", "W4A4", (), it), ("detptq-qdrop", "W4A4", (), it), ("detptq-qdrop", "W4A4", off, it),
+            ("detptq-qdrop", "W4A4", ("--quant-prob", "1"), it)} <= variants
+    assert len(variants) == 16 and len(abl) == 48 and all(
         sum((c.method, c.bits, c.extra, c.iters) == v for c in abl) == 3 for v in variants)  # 3 seeds each
     shared = {c.key for c in abl} & full_keys  # the cells --reuse can copy from the full suite's file
     assert shared == {c.key for c in abl if not c.extra}
