@@ -215,11 +215,14 @@ def _cmd_quantize(args) -> dict:
     if args.out is not None:
         save_quantized(res, args.out, dict(model.config.__dict__))
     r = res.report
-    return {"method": r["method"], "w_bits": r["w_bits"], "a_bits": r["a_bits"], "map": m["map"], "map50": m["map50"],
-            "fp_map": fp["map"], "fp_map50": fp["map50"], "ratio_to_fp": m["map"] / fp["map"],
-            "calib_images": r["calib_images"], "calib_seed": args.seed, "val_images": args.val,
-            "config": r["config"], "quant_config": r["quant_config"], "chosen_p": r["chosen_p"],
-            "seconds": r["seconds"]}
+    out = {"method": r["method"], "w_bits": r["w_bits"], "a_bits": r["a_bits"], "map": m["map"], "map50": m["map50"],
+           "fp_map": fp["map"], "fp_map50": fp["map50"], "ratio_to_fp": m["map"] / fp["map"],
+           "calib_images": r["calib_images"], "calib_seed": args.seed, "val_images": args.val,
+           "config": r["config"], "quant_config": r["quant_config"], "chosen_p": r["chosen_p"],
+           "seconds": r["seconds"]}
+    if "reconstruction" in r:  # per unit: p, loss before / after, flipped weights, seconds; and the time split
+        out.update(reconstruction=r["reconstruction"], timings=r["timings"])
+    return out
 
 
 def _cmd_benchmark(args) -> int:

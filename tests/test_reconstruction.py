@@ -279,6 +279,9 @@ def test_cli_quantize_with_reconstruction(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "qdrop" and out["config"]["iters"] == 2 and out["config"]["quant_prob"] == 0.5
     assert 0 <= out["map"] <= 1 and set(out["chosen_p"].values()) == {2.0}
+    units = out["reconstruction"]["units"]  # the per-unit report reaches the JSON (and so the benchmark files)
+    assert len(units) == 22 and all(u["p"] == 2.0 and u["after"] >= 0 for u in units.values())
+    assert out["timings"]["reconstruction"] > 0
 
 
 @pytest.mark.parametrize("args, word", [
