@@ -262,8 +262,8 @@ def _cmd_benchmark(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)  # only reached for the default out (a custom one must exist)
     command = ["detptq-mini", "benchmark", "--suite", suite]
     for flag, value in (("--out", args.out), ("--only", args.only), ("--exclude", args.exclude)):
-        if value is not None:
-            command += [flag, value]
+        if value is not None:  # --flag=value when the value starts with a dash, so that the logged command re-runs
+            command += [f"{flag}={value}"] if value.startswith("-") else [flag, value]
     for path in args.reuse or []:
         command += ["--reuse", path]
     if args.device != "cpu":

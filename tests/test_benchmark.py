@@ -456,3 +456,21 @@ def test_plot_ratio_vs_bits_draws_every_row_from_the_summary():
     assert len(plot_ratio_vs_bits(s).axes[0].get_legend_handles_labels()[1]) == 2  # default: every row
     with pytest.raises(ValueError, match="labels: \\['BRECQ'\\] are not rows of the summary"):
         plot_ratio_vs_bits(s, ["BRECQ"])
+
+
+def test_the_logged_command_reruns_with_a_value_that_starts_with_a_dash(tmp_path, monkeypatch):
+    import shlex
+
+    seen = {}
+
+    def fake_run_suite(suite, out, **kw):
+        seen.update(kw, suite=suite)
+        return benchmark.SuiteRun(results={"suite": suite, "cells": {}}, out_path=out)
+
+    monkeypatch.setattr(benchmark, "run_suite", fake_run_suite)
+    out = tmp_path / "f.json"
+    assert main(["benchmark", "--suite", "full", "--out", str(out), "--exclude=-i", "--only", "W4A4"]) == 0
+    assert seen["exclude"] == "-i" and seen["only"] == "W4A4"
+    logged = shlex.split(seen["command"])
+    assert logged == ["detptq-mini", "benchmark", "--suite", "full", "--out", str(out), "--only", "W4A4", "--exclude=-i"]
+    assert main(logged[1:] + ["--list"]) == 0  # the logged command parses as it was given
