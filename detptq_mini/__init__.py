@@ -1,7 +1,8 @@
 """detptq-mini: task-loss-guided post-training quantization (DetPTQ) of a small YOLO-style detector.
 
 Modules, in the order data flows: ``data`` -> ``model`` (+ ``adapter``) -> ``train`` / ``evaluate`` -> ``quant`` (+ ``lp``)
--> ``odol`` / ``detptq`` -> ``reconstruction`` -> ``pipeline`` -> ``cli``.
+-> ``odol`` / ``detptq`` -> ``reconstruction`` -> ``pipeline`` -> ``cli``; ``utils`` and ``checks`` (argument checks)
+sit below them all.
 """
 
 from .model import load_pretrained

@@ -24,12 +24,10 @@ Paper symbols -> code: ``V`` -> ``AdaRoundQuantizer.v``, ``h(V)`` -> :func:`rect
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 from torch import Tensor, nn
 
+from .checks import check_int, check_number
 from .quant import QuantConv2d, Quantizer
 
 __all__ = ["ZETA", "GAMMA", "rectified_sigmoid", "init_v", "round_regularizer", "beta_at", "AdaRoundQuantizer",
@@ -55,8 +53,7 @@ def init_v(frac: Tensor) -> Tensor:
 
 def round_regularizer(v: Tensor, beta: float) -> Tensor:
     """``f_reg = sum(1 - |2 h(V) - 1| ** beta)``: 0 when every ``h`` is 0 or 1, largest at ``h = 1/2``."""
-    if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta={beta!r} must be a finite number > 0")
+    check_number("beta", beta, 0, low_open=True)
     return (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
 
 
@@ -64,10 +61,8 @@ def beta_at(step: int, iters: int, warmup: float = 0.2, start: float = 20.0, end
     """The regulariser temperature at ``step`` (0-based) of ``iters``: ``None`` (regulariser off) in the
     warm-up (the first ``warmup * iters`` steps), then linear from ``start`` down to ``end`` at the last step.
     """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters={iters!r} must be a positive integer")
-    if not 0 <= warmup < 1:
-        raise ValueError(f"warmup={warmup!r} must be in [0, 1)")
+    iters = check_int("iters", iters, 1)
+    check_number("warmup", warmup, 0, 1, high_open=True)
     first = int(warmup * iters)
     if step < first:
         return None

@@ -32,7 +32,6 @@ Command line: ``detptq-mini benchmark --suite full`` (see ``benchmarks/README.md
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -44,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .checks import check_int, check_number
 from .lp import P_DEFAULT
 from .utils import atomic_write_json, atomic_write_text
 
@@ -84,18 +84,10 @@ class Cell:
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method or any(c.isspace() for c in self.method):
             raise ValueError(f"method={self.method!r} must be a non-empty method name without spaces")
-        for name in ("w_bits", "a_bits", "seed", "calib", "val"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name}={v!r} must be an integer")
-        if self.iters is not None and (isinstance(self.iters, bool) or not isinstance(self.iters, int)):
-            raise ValueError(f"iters={self.iters!r} must be an integer or None")
+        for name in ("w_bits", "a_bits", "seed", "calib", "val", "iters"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), allow_none=name == "iters"))
         for name in ("p", "lr_v", "lr_act"):
-            v = getattr(self, name)
-            if v is not None:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise ValueError(f"{name}={v!r} must be a finite number or None")
-                object.__setattr__(self, name, float(v))
+            object.__setattr__(self, name, check_number(name, getattr(self, name), allow_none=True))
         extra = tuple(self.extra) if isinstance(self.extra, (list, tuple)) else self.extra
         if not isinstance(extra, tuple) or not all(isinstance(a, str) for a in extra):
             raise ValueError(f"extra={self.extra!r} must be a tuple of strings (command-line arguments)")
@@ -415,22 +407,33 @@ def _suite_cells(name_or_cells) -> tuple[str, list[Cell]]:
     return "custom", cells
 
 
-def select_cells(name_or_cells, only: str | None = None, exclude: str | None = None) -> tuple[str, list[Cell]]:
+def select_cells(name_or_cells, only: str | None = None, exclude: str | None = None,
+                 argument_names: dict[str, str] | None = None) -> tuple[str, list[Cell]]:
     """The suite's name and cells, keeping those whose key contains ``only`` and not ``exclude`` (error if none is
-    left), e.g. ``exclude="-i"``: every cell but the reconstruction cells."""
+    left), e.g. ``exclude="-i"``: every cell but the reconstruction cells.
+
+    ``argument_names`` renames ``only`` and ``exclude`` in errors: the CLI passes ``{"only": "--only", "exclude":
+    "--exclude"}``. A name that starts with ``-`` (a command-line flag) is written ``--only 'W4A4'``, as the CLI's own
+    errors; the others ``only='W4A4'``.
+    """
+    names = {"only": "only", "exclude": "exclude", **(argument_names or {})}
+
+    def show(arg: str, value) -> str:
+        return f"{names[arg]} {value!r}" if names[arg].startswith("-") else f"{names[arg]}={value!r}"
+
     name, cells = _suite_cells(name_or_cells)
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ValueError("the cells' keys are not unique: each cell must differ")
     for arg, value in (("only", only), ("exclude", exclude)):
         if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"{arg}={value!r} must be a non-empty substring of cell keys or None")
+            raise ValueError(f"{show(arg, value)} must be a non-empty substring of cell keys or None")
     if only is not None:
         cells = [c for c in cells if only in c.key]
     if exclude is not None:
         cells = [c for c in cells if exclude not in c.key]
     if not cells:
-        what = " and ".join(f"{a}={v!r}" for a, v in (("only", only), ("exclude", exclude)) if v is not None)
+        what = " and ".join(show(a, v) for a, v in (("only", only), ("exclude", exclude)) if v is not None)
         raise ValueError(f"{what} leaves no cell of suite {name!r} (see `detptq-mini benchmark --list`)")
     return name, cells
 

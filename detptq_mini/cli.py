@@ -237,9 +237,9 @@ def _cmd_benchmark(args) -> int:
     if suite not in SUITES:
         raise UsageError(f"--suite {suite!r} is not a suite; allowed: {', '.join(SUITES)}")
     try:
-        _, cells = select_cells(suite, args.only, args.exclude)
+        _, cells = select_cells(suite, args.only, args.exclude, {"only": "--only", "exclude": "--exclude"})
     except ValueError as e:
-        raise UsageError(str(e).replace("only=", "--only ").replace("exclude=", "--exclude ")) from None
+        raise UsageError(str(e)) from None
     resolve_device(args.device)
     out = Path(args.out) if args.out is not None else Path("benchmarks") / "results" / f"{suite}.json"
     if args.out is not None and not out.parent.is_dir():

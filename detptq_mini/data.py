@@ -24,6 +24,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = ["CLASS_NAMES", "SPLITS", "ShapesDataset", "collate", "batches", "check_images"]
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -142,13 +144,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, split: str, size: int, seed: int = 0, image_size: int = 128):
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not a split; allowed: {', '.join(map(repr, SPLITS))}")
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
-            raise ValueError(f"size={size!r} must be a positive integer number of images")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed={seed!r} must be a non-negative integer")
-        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 64:
-            raise ValueError(f"image_size={image_size!r} must be an integer >= 64")
-        self.split, self.size, self.seed, self.image_size = split, int(size), int(seed), int(image_size)
+        self.split, self.size = split, check_int("size", size, 1, hint="(the number of images)")
+        self.seed, self.image_size = check_int("seed", seed, 0), check_int("image_size", image_size, 64)
         images = np.empty((self.size, 3, self.image_size, self.image_size), dtype=np.uint8)
         self.targets: list[dict[str, torch.Tensor]] = []
         for i in range(self.size):

@@ -34,14 +34,13 @@ runs in eval mode without gradients.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from numbers import Real
-from typing import Iterable, Literal, get_args
+from typing import Iterable, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .checks import check_bool, check_choice, check_int, check_number
 from .lp import P_DEFAULT, LayerScales, _check_ps, search_model_scales
 from .model import DenseOutputs
 from .odol import ClsMode, FgMode, LocMode, odol_terms
@@ -92,8 +91,7 @@ class Selection:
 
     def layer_p(self, kind: Literal["weight", "act"] = "weight") -> dict[str, float]:
         """The chosen p per quantized layer (units expanded to their layers), in forward order."""
-        if kind not in ("weight", "act"):
-            raise ValueError(f"kind={kind!r} is not allowed; allowed: 'weight', 'act'")
+        check_choice("kind", kind, ("weight", "act"))
         chosen = self.chosen_weight if kind == "weight" else self.chosen_act
         return {layer: chosen[item] for item in self.order for layer in self.groups[item]}
 
@@ -115,12 +113,6 @@ class Selection:
 
 
 # ------------------------------------------------------------------ checks
-def _check_choice(name: str, value, mode) -> None:
-    allowed = get_args(mode)
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: {', '.join(repr(a) for a in allowed)}")
-
-
 def _check_images(images) -> Tensor:
     from .data import check_images
 
@@ -230,22 +222,17 @@ def select_p(qmodel: nn.Module, images, scales: dict[str, LayerScales] | None = 
             checked before ``qmodel`` is touched.)
     """
     # ---- arguments
-    _check_choice("granularity", granularity, Granularity)
-    _check_choice("rest", rest, Rest)
-    _check_choice("cls", cls, ClsMode)
-    _check_choice("loc", loc, LocMode)
-    _check_choice("fg", fg, FgMode)
-    for name, v in (("separate", separate), ("progress", progress)):
-        if not isinstance(v, bool):
-            raise ValueError(f"{name}={v!r} must be a bool (True or False)")
-    if not (isinstance(lam, Real) and not isinstance(lam, bool) and math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam={lam!r} must be a finite number >= 0")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    check_choice("granularity", granularity, Granularity)
+    check_choice("rest", rest, Rest)
+    check_choice("cls", cls, ClsMode)
+    check_choice("loc", loc, LocMode)
+    check_choice("fg", fg, FgMode)
+    check_bool("separate", separate)
+    check_bool("progress", progress)
+    check_number("lam", lam, 0)
+    batch_size = check_int("batch_size", batch_size, 1)
     ps = _check_ps(ps)
-    if isinstance(rest_p, bool) or not isinstance(rest_p, Real) or not math.isfinite(rest_p) or rest_p <= 0:
-        raise ValueError(f"rest_p={rest_p!r} must be a finite number > 0")
-    rest_p = float(rest_p)
+    rest_p = check_number("rest_p", rest_p, 0, low_open=True)
     missing = [a for a in _PROTOCOL if not hasattr(qmodel, a)]
     if missing:
         raise ValueError(f"qmodel must be a restartable detector (with {', '.join(_PROTOCOL)}); it lacks "

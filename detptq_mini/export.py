@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checks import check_bool, check_int
 from .model import DenseOutputs
 from .quant import QuantConv2d, quant_layers
 
@@ -129,8 +130,7 @@ def to_qdq(qmodel: nn.Module, dynamo: bool = False) -> nn.Module:
     The copy's forward equals ``qmodel``'s bit for bit; it is in eval mode with gradients off. ``qmodel`` is
     not modified. ``dynamo`` selects the ops its exporter understands (see the module docstring).
     """
-    if not isinstance(dynamo, bool):
-        raise ValueError(f"dynamo={dynamo!r} must be a bool (True or False)")
+    check_bool("dynamo", dynamo)
     if dynamo:
         import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers torch.ops.quantized_decomposed
     names = list(check_exportable(qmodel))
@@ -183,16 +183,15 @@ def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = Fa
         argument: the name ``path`` has in error messages (the CLI passes ``--onnx``).
     """
     path, tmp = _atomic_target(path, argument)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
-        raise ValueError(f"image_size={image_size!r} must be a positive multiple of 32")
+    image_size = check_int("image_size", image_size, 32, hint="and a multiple of 32")
+    if image_size % 32:
+        raise ValueError(f"image_size={image_size!r} must be a multiple of 32")
+    check_bool("dynamo", dynamo)
     opset = (18 if dynamo else OPSET) if opset is None else opset
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
-        raise ValueError(f"opset={opset!r} must be an integer >= 13 (per-channel QuantizeLinear)")
+    opset = check_int("opset", opset, 13, hint="(per-channel QuantizeLinear)")
     if quant_layers(model):
         model = to_qdq(model, dynamo)
     else:
-        if not isinstance(dynamo, bool):
-            raise ValueError(f"dynamo={dynamo!r} must be a bool (True or False)")
         model = copy.deepcopy(model).eval().requires_grad_(False)
     device = next(iter(model.parameters()), torch.empty(0)).device
     example = torch.zeros(2, 3, image_size, image_size, device=device)  # batch 2: torch.export specializes 1
@@ -280,8 +279,7 @@ def onnx_session(path, threads: int = 1):
     """An ONNX Runtime CPU session of ``path`` with ``threads`` intra-op threads (and one inter-op thread)."""
     import onnxruntime as ort
 
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads={threads!r} must be a positive integer")
+    threads = check_int("threads", threads, 1)
     if not Path(path).is_file():
         raise ValueError(f"onnx={str(path)!r} does not exist")
     so = ort.SessionOptions()
@@ -420,9 +418,8 @@ def latency_per_image(session, image_size: int = 128, warmup: int = 10, repeats:
     Each run is one batch of ``batch`` random images (seeded); ``warmup`` untimed runs come first.
     Returns ``{"median_ms", "min_ms", "max_ms", "batch", "repeats"}``, per image.
     """
-    for name, v, low in (("warmup", warmup, 0), ("repeats", repeats, 1), ("batch", batch, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name}={v!r} must be an integer >= {low}")
+    warmup, repeats = check_int("warmup", warmup, 0), check_int("repeats", repeats, 1)
+    batch = check_int("batch", batch, 1)
     g = torch.Generator().manual_seed(seed)
     feed = {"images": torch.rand(batch, 3, image_size, image_size, generator=g).numpy()}
     for _ in range(warmup):

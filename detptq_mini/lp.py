@@ -23,15 +23,16 @@ the eight ``p`` of ``P`` cost one square root, two products and one small batche
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
+from .checks import check_bool, check_int, check_number
 from .quant import (
-    _check_axis, _check_bits, _check_bool, _check_finite, fake_quantize, fake_quantize_forward, int_range,
+    _check_axis, _check_bits, _check_finite, fake_quantize, fake_quantize_forward, int_range,
     qparams_from_range,
 )
 
@@ -54,15 +55,17 @@ def _check_x(x: Tensor) -> None:
 
 def _check_ps(ps) -> tuple[float, ...]:
     msg = f"ps={ps!r} must be a non-empty sequence of finite numbers > 0"
-    if isinstance(ps, (int, float)) and not isinstance(ps, bool):
+    if isinstance(ps, Real) and not isinstance(ps, bool):
         ps = (ps,)
     if isinstance(ps, (str, bool)) or not hasattr(ps, "__iter__"):
         raise ValueError(msg)
-    ps = tuple(ps)
-    if not ps or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0
-                         for p in ps):
+    try:
+        values = [check_number("ps", p, 0, low_open=True) for p in ps]
+    except ValueError:
+        raise ValueError(msg) from None
+    if not values:
         raise ValueError(msg)
-    return tuple(dict.fromkeys(float(p) for p in ps))  # duplicates dropped, order kept
+    return tuple(dict.fromkeys(values))  # duplicates dropped, order kept
 
 
 def _rows(x: Tensor, axis: int | None) -> Tensor:
@@ -83,8 +86,8 @@ def minmax_scale(x: Tensor, bits: int, axis: int | None = None, symmetric: bool 
         float32 scale and int32 zero point, shape ``()`` per tensor or ``(x.shape[axis],)``.
     """
     _check_x(x)
-    _check_bits(bits)
-    _check_bool(symmetric, "symmetric")
+    bits = _check_bits("bits", bits)
+    check_bool("symmetric", symmetric)
     axis = _check_axis(axis, x.dim())
     rows = _rows(x.detach(), axis)
     scale, zero_point = qparams_from_range(rows.amin(1).cpu(), rows.amax(1).cpu(), bits, symmetric)
@@ -108,8 +111,7 @@ def lp_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, p: float, 
         float64 tensor, shape ``()`` per tensor or ``(x.shape[axis],)``.
     """
     _check_x(x)
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
-        raise ValueError(f"p={p!r} must be a finite number > 0")
+    check_number("p", p, 0, low_open=True)
     qmin, qmax = int_range(bits, symmetric)
     axis = _check_axis(axis, x.dim())
     x = x.detach()
@@ -170,11 +172,10 @@ def lp_sweep(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis: int | 
     in chunks of about ``_CHUNK = 2^17`` elements, with no Python loop over channels.
     """
     _check_x(x)
-    _check_bits(bits)
-    _check_bool(symmetric, "symmetric")
+    bits = _check_bits("bits", bits)
+    check_bool("symmetric", symmetric)
     ps = _check_ps(ps)
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"grid={grid!r} must be an integer >= 1")
+    grid = check_int("grid", grid, 1)
     axis = _check_axis(axis, x.dim())
     qmin, qmax = int_range(bits, symmetric)
     rows = _rows(x.detach(), axis).contiguous()  # (C, K)

@@ -15,13 +15,13 @@ localization (the paper's choice: KL + L1), pinned as METHOD.md s. 4 [ours].
 from __future__ import annotations
 
 import math
-from numbers import Real
-from typing import Literal, Sequence, get_args
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_choice, check_number
 from .data import ShapesDataset
 from .model import STRIDES, DenseOutputs, distances_to_boxes, flatten_levels, make_anchors
 from .train import detection_loss
@@ -67,12 +67,6 @@ ClsMode = Literal["kl", "l2"]
 LocMode = Literal["l1", "iou"]
 FgMode = Literal["soft", "hard"]
 Reduction = Literal["mean", "sum"]
-
-
-def _check_choice(name: str, value, mode) -> None:
-    allowed = get_args(mode)
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: {', '.join(repr(a) for a in allowed)}")
 
 
 def _check_outputs(fp_out: DenseOutputs, q_out: DenseOutputs) -> None:
@@ -138,16 +132,13 @@ def odol_terms(fp_out: DenseOutputs, q_out: DenseOutputs, cls: ClsMode = "kl", l
 
     See :func:`odol` for the definition and the arguments; every value is a scalar tensor.
     """
-    _check_choice("cls", cls, ClsMode)
-    _check_choice("loc", loc, LocMode)
-    _check_choice("fg", fg, FgMode)
-    _check_choice("reduction", reduction, Reduction)
-    if not (isinstance(lam, Real) and math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam={lam!r} must be a finite number >= 0")
-    if not (isinstance(fg_thresh, Real) and 0 < fg_thresh < 1):
-        raise ValueError(f"fg_thresh={fg_thresh!r} must be in the open interval (0, 1)")
-    if not (isinstance(eps, Real) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps={eps!r} must be a finite number > 0")
+    check_choice("cls", cls, ClsMode)
+    check_choice("loc", loc, LocMode)
+    check_choice("fg", fg, FgMode)
+    check_choice("reduction", reduction, Reduction)
+    check_number("lam", lam, 0)
+    check_number("fg_thresh", fg_thresh, 0, 1, low_open=True, high_open=True)
+    check_number("eps", eps, 0, low_open=True)
     _check_outputs(fp_out, q_out)
     if loc == "iou" and len(strides) != len(fp_out.cls):
         raise ValueError(f"strides={tuple(strides)} has {len(strides)} entries but the outputs have "
@@ -298,8 +289,8 @@ def scale_sweep(qmodel: nn.Module, layer: str, dataset: ShapesDataset, ratios: S
     if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
         raise ValueError(f"ratios={ratios!r} must be a non-empty sequence of numbers > 0")
     for c, l in variants:
-        _check_choice("cls", c, ClsMode)
-        _check_choice("loc", l, LocMode)
+        check_choice("cls", c, ClsMode)
+        check_choice("loc", l, LocMode)
     q = layers[layer]
     wq, aq = q.weight_quantizer, q.input_quantizer
     x, targets = dataset.images(), dataset.targets

@@ -22,7 +22,6 @@ searched on the FP activations (quantizers disabled) of the calibration images, 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, get_args
@@ -30,12 +29,13 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from .checks import check_bool, check_choice, check_int, check_number
 from .data import ShapesDataset
 from .detptq import Granularity, Rest, select_p
 from .odol import ClsMode, FgMode, LocMode
 from .lp import P_DEFAULT, _check_ps, apply_scales, search_model_scales
 from .utils import atomic_torch_save
-from .quant import QuantConfig, _check_bits, _check_bool, calibrate_minmax, fold_bn, quant_layers, quantize_model
+from .quant import QuantConfig, _check_bits, calibrate_minmax, fold_bn, quant_layers, quantize_model
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized",
@@ -111,12 +111,10 @@ class PTQConfig:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not a method; allowed: {', '.join(METHODS)}")
         for name in ("w_bits", "a_bits"):
-            _check_bits(getattr(self, name), name)
+            object.__setattr__(self, name, _check_bits(name, getattr(self, name)))
         if self.method in FIXED_P_METHODS:
             p = 2.0 if self.p is None else self.p
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
-                raise ValueError(f"p={self.p!r} must be a finite number > 0")
-            object.__setattr__(self, "p", float(p))
+            object.__setattr__(self, "p", check_number("p", p, 0, low_open=True))
         elif self.p is not None:
             hint = " (it chooses p per layer itself)" if self.method.startswith("detptq") else ""
             raise ValueError(f"p={self.p!r} is only for the methods {', '.join(FIXED_P_METHODS)}; "
@@ -124,9 +122,7 @@ class PTQConfig:
         self._check_detptq()
         self._check_recon()
         for name in ("grid", "max_elements", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
 
     def _check_detptq(self) -> None:
         """Validate the ``"detptq"`` options; with another method they must keep their defaults."""
@@ -144,25 +140,14 @@ class PTQConfig:
                 raise ValueError("method='detptq-qdrop' chooses one p per reconstruction unit: granularity must be "
                                  f"'unit' (got {self.granularity!r}) and separate False (got {self.separate!r})")
         object.__setattr__(self, "ps", _check_ps(self.ps))
-        choices = {"rest": Rest, "odol_cls": ClsMode, "odol_loc": LocMode,
-                   "odol_fg": FgMode}
-        for name, mode in choices.items():
-            allowed = get_args(mode)
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: "
-                                 f"{', '.join(repr(a) for a in allowed)}")
-        if self.granularity is not None and self.granularity not in get_args(Granularity):
-            raise ValueError(f"granularity={self.granularity!r} is not allowed; allowed: "
-                             f"{', '.join(repr(a) for a in get_args(Granularity))}")
-        _check_bool(self.separate, "separate")
-        lam = self.odol_lam
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"odol_lam={lam!r} must be a finite number >= 0")
-        object.__setattr__(self, "odol_lam", float(lam))
-        for name in ("select_images", "select_batch_size"):
-            v = getattr(self, name)
-            if not (name == "select_images" and v is None) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name}={v!r} must be a positive integer" + (" or None" if name == "select_images" else ""))
+        for name, mode in {"rest": Rest, "odol_cls": ClsMode, "odol_loc": LocMode, "odol_fg": FgMode}.items():
+            check_choice(name, getattr(self, name), mode)
+        if self.granularity is not None:
+            check_choice("granularity", self.granularity, Granularity)
+        check_bool("separate", self.separate)
+        object.__setattr__(self, "odol_lam", check_number("odol_lam", self.odol_lam, 0))
+        object.__setattr__(self, "select_images", check_int("select_images", self.select_images, 1, allow_none=True))
+        object.__setattr__(self, "select_batch_size", check_int("select_batch_size", self.select_batch_size, 1))
 
     def _check_recon(self) -> None:
         """Validate the reconstruction options (resolving their defaults); other methods must leave them None."""

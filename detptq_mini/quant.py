@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from .checks import check_bool, check_int
+
 __all__ = [
     "int_range", "fake_quantize", "fake_quantize_forward", "qparams_from_range", "fold_bn", "QuantConfig",
     "Quantizer", "QuantConv2d", "quantize_model", "quant_layers", "set_quant_state", "collect_activations",
@@ -49,16 +51,9 @@ SCALE_FLOOR = 1e-8  # scales are at least SCALE_FLOOR * max(1, |lo|, |hi|): fini
 
 
 # ------------------------------------------------------------------ checks
-def _check_bits(bits, name: str = "bits") -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{name}={bits!r} must be an integer in 2..8")
-    return bits
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be a bool (True or False)")
-    return value
+def _check_bits(name: str, bits) -> int:
+    """A bit width: an integer in 2..8."""
+    return check_int(name, bits, 2, 8)
 
 
 def _check_finite(x: Tensor, name: str = "x") -> None:
@@ -70,11 +65,8 @@ def _check_finite(x: Tensor, name: str = "x") -> None:
 
 
 def _check_axis(axis, ndim: int) -> int | None:
-    if axis is None:
-        return None
-    if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
-        raise ValueError(f"axis={axis!r} must be None (per tensor) or an integer in {-ndim}..{ndim - 1}")
-    return axis % ndim
+    axis = check_int("axis", axis, -ndim, ndim - 1, allow_none=True, hint="(None: per tensor)")
+    return None if axis is None else axis % ndim
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -84,8 +76,8 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
         bits: bit width ``b``, an integer in 2..8.
         symmetric: ``True`` gives ``[-2^(b-1), 2^(b-1) - 1]`` (zero point 0), ``False`` gives ``[0, 2^b - 1]``.
     """
-    _check_bits(bits)
-    _check_bool(symmetric, "symmetric")
+    bits = _check_bits("bits", bits)
+    check_bool("symmetric", symmetric)
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
@@ -176,9 +168,7 @@ def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int, qm
         ``x_hat``, same shape, dtype and memory format as ``x``.
     """
     _check_finite(x)
-    for name, v in (("qmin", qmin), ("qmax", qmax)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name}={v!r} must be an integer")
+    qmin, qmax = check_int("qmin", qmin), check_int("qmax", qmax)
     if not qmin < qmax:
         raise ValueError(f"qmin={qmin} and qmax={qmax}: qmin must be less than qmax")
     axis = _check_axis(axis, x.dim())
@@ -303,10 +293,10 @@ class QuantConfig:
     pred_8bit: bool = True
 
     def __post_init__(self):
-        _check_bits(self.w_bits, "w_bits")
-        _check_bits(self.a_bits, "a_bits")
+        for f in ("w_bits", "a_bits"):
+            object.__setattr__(self, f, _check_bits(f, getattr(self, f)))
         for f in ("w_symmetric", "w_per_channel", "a_symmetric", "stem_8bit", "pred_8bit"):
-            _check_bool(getattr(self, f), f)
+            check_bool(f, getattr(self, f))
 
     def to_dict(self) -> dict:
         """The config as a plain dict (JSON-ready)."""
@@ -332,11 +322,11 @@ class Quantizer(nn.Module):
     def __init__(self, bits: int = 8, symmetric: bool = False, axis: int | None = None, channels: int | None = None):
         super().__init__()
         self.qmin, self.qmax = int_range(bits, symmetric)
-        self.bits, self.symmetric = bits, symmetric
+        self.bits, self.symmetric = int(bits), symmetric
         if axis not in (None, 0) or isinstance(axis, bool):
             raise ValueError(f"axis={axis!r} must be None (per tensor) or 0 (per channel)")
-        if axis == 0 and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
-            raise ValueError(f"channels={channels!r} must be a positive integer when axis=0")
+        if axis == 0:
+            channels = check_int("channels", channels, 1, hint="when axis=0")
         self.axis = axis
         shape = () if axis is None else (channels,)
         self.register_buffer("scale", torch.ones(shape))
@@ -398,9 +388,9 @@ class QuantConv2d(nn.Module):
     def set_quant_state(self, weights: bool | None = None, acts: bool | None = None) -> None:
         """Switch weight and/or input quantization on (``True``) or off (``False``); ``None`` leaves it."""
         if weights is not None:
-            self.weight_quantizer.enabled = _check_bool(weights, "weights")
+            self.weight_quantizer.enabled = check_bool("weights", weights)
         if acts is not None:
-            self.input_quantizer.enabled = _check_bool(acts, "acts")
+            self.input_quantizer.enabled = check_bool("acts", acts)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.conv.weight), self.conv.bias)
@@ -553,10 +543,10 @@ def collect_activations(model: nn.Module, images, layers: Iterable[str] | None =
         ``{name: 1-D tensor}`` in the order of ``layers``.
     """
     images = _as_images(images)
-    _check_bool(quantized, "quantized")
-    for name, v, low in (("max_elements", max_elements, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name}={v!r} must be an integer >= {low}")
+    check_bool("quantized", quantized)
+    max_elements = check_int("max_elements", max_elements, 2)
+    batch_size = check_int("batch_size", batch_size, 1)
+    seed = check_int("seed", seed, 0)
     if layers is None:
         modules = quant_layers(model) or {n: model.get_submodule(n) for n in _conv_order(model)}
     else:

@@ -38,13 +38,13 @@ import math
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
-from numbers import Real
 from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import adaround
+from .checks import check_choice, check_int, check_number
 from .detptq import _PROTOCOL, _check_images
 from .lp import P_DEFAULT, LayerScales, _check_ps
 from .odol import odol
@@ -55,21 +55,6 @@ __all__ = ["ReconConfig", "UnitHistory", "ReconHistory", "QDropQuantizer", "Mask
 
 
 # ------------------------------------------------------------------ config
-def _number(name: str, v, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    ok = isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and v <= high
-    ok = ok and (v > low if low_open else v >= low)
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise ValueError(f"{name}={v!r} must be a finite number {bound}")
-    return float(v)
-
-
-def _integer(name: str, v, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name}={v!r} must be an integer >= {low}")
-    return v
-
-
 @dataclass(frozen=True)
 class ReconConfig:
     """Settings of one reconstruction run (defaults: BRECQ/QDrop's, METHOD.md 6 and the reference notes).
@@ -102,21 +87,18 @@ class ReconConfig:
     chunk: int = 64
 
     def __post_init__(self):
-        _integer("iters", self.iters, 1)
-        _integer("batch_size", self.batch_size, 1)
-        _integer("seed", self.seed, 0)
-        _integer("chunk", self.chunk, 1)
-        _number("lr_v", self.lr_v, 0, low_open=True)
-        _number("lr_act", self.lr_act, 0)
-        _number("lam", self.lam, 0)
-        if not (isinstance(self.warmup, Real) and not isinstance(self.warmup, bool) and 0 <= self.warmup < 1):
-            raise ValueError(f"warmup={self.warmup!r} must be a number in [0, 1)")
+        for name, low in (("iters", 1), ("batch_size", 1), ("seed", 0), ("chunk", 1)):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low))
+        check_number("lr_v", self.lr_v, 0, low_open=True)
+        check_number("lr_act", self.lr_act, 0)
+        check_number("lam", self.lam, 0)
+        check_number("warmup", self.warmup, 0, 1, high_open=True)
         beta = tuple(self.beta) if isinstance(self.beta, (tuple, list)) else None
         if beta is None or len(beta) != 2:
             raise ValueError(f"beta={self.beta!r} must be a pair (start, end) of numbers > 0")
-        object.__setattr__(self, "beta", tuple(_number("beta", b, 0, low_open=True) for b in beta))
-        object.__setattr__(self, "quant_prob", _number("quant_prob", self.quant_prob, 0, 1, low_open=True))
-        object.__setattr__(self, "p", _number("p", self.p, 0, low_open=True))
+        object.__setattr__(self, "beta", tuple(check_number("beta", b, 0, low_open=True) for b in beta))
+        object.__setattr__(self, "quant_prob", check_number("quant_prob", self.quant_prob, 0, 1, low_open=True))
+        object.__setattr__(self, "p", check_number("p", self.p, 0, low_open=True))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -323,7 +305,7 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
     """
     if not isinstance(config, ReconConfig):
         raise ValueError(f"config must be a ReconConfig, got {type(config).__name__}")
-    p = config.p if p is None else _number("p", p, 0, low_open=True)
+    p = config.p if p is None else check_number("p", p, 0, low_open=True)
     x_q, x_fp = list(x_q), list(x_fp)
     if not x_q or len(x_q) != len(x_fp):
         raise ValueError("x_q and x_fp must be non-empty lists of the same length (one tensor per unit input)")
@@ -441,7 +423,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
     if unknown:
         raise ValueError(f"unit_p has {unknown} that are not units; allowed: {', '.join(names)}")
     for u, v in unit_p.items():
-        unit_p[u] = _number(f"unit_p[{u!r}]", v, 0, low_open=True)
+        unit_p[u] = check_number(f"unit_p[{u!r}]", v, 0, low_open=True)
     if units is None:
         todo = set(names)
     else:
@@ -509,8 +491,7 @@ class RoundingAblation:
 
     def best(self, kind: str = "scale") -> dict[str, float]:
         """The p with the lowest ODOL per layer (``kind`` ``"scale"`` or ``"rounding"``)."""
-        if kind not in ("scale", "rounding"):
-            raise ValueError(f"kind={kind!r} is not allowed; allowed: 'scale', 'rounding'")
+        check_choice("kind", kind, ("scale", "rounding"))
         table = self.scale if kind == "scale" else self.rounding
         return {layer: min(row, key=row.get) for layer, row in table.items()}
 
@@ -553,7 +534,7 @@ def rounding_ablation(qmodel: nn.Module, images, scales: dict[str, LayerScales],
         if n not in scales or any(p not in scales[n].weight or p not in scales[n].act for p in ps):
             raise ValueError(f"scales lacks layer {n!r} or one of ps={list(ps)}: search them first")
     base = ReconConfig() if config is None else config
-    cfg = replace(base, iters=_integer("iters", iters, 1), quant_prob=1.0, lr_act=0.0)
+    cfg = replace(base, iters=check_int("iters", iters, 1), quant_prob=1.0, lr_act=0.0)
     images = _check_images(images).to(next(qmodel.parameters()).device)
     saved = {k: v.clone() for k, v in qmodel.state_dict().items()}
     states = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in all_layers.items()}
