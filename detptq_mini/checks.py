@@ -18,6 +18,17 @@ from typing import Literal, get_args, get_origin
 __all__ = ["check_int", "check_number", "check_bool", "check_choice"]
 
 
+def _bounded(what: str, low, high, both: str, low_op: str, high_op: str) -> str:
+    """``what`` with its bounds: ``what in <both>``, ``what >= low``, ``what <= high`` or ``what`` alone."""
+    if low is not None and high is not None:
+        return f"{what} in {both}"
+    if low is not None:
+        return f"{what} {low_op} {low}"
+    if high is not None:
+        return f"{what} {high_op} {high}"
+    return what
+
+
 def _fail(name: str, value, allowed: str, allow_none: bool, hint: str):
     none = " or None" if allow_none else ""
     raise ValueError(f"{name}={value!r} must be {allowed}{none}" + (f" {hint}" if hint else ""))
@@ -36,15 +47,7 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
     ok = isinstance(value, Integral) and not isinstance(value, bool)
     ok = ok and (low is None or value >= low) and (high is None or value <= high)
     if not ok:
-        if low is not None and high is not None:
-            allowed = f"an integer in {low}..{high}"
-        elif low is not None:
-            allowed = f"an integer >= {low}"
-        elif high is not None:
-            allowed = f"an integer <= {high}"
-        else:
-            allowed = "an integer"
-        _fail(name, value, allowed, allow_none, hint)
+        _fail(name, value, _bounded("an integer", low, high, f"{low}..{high}", ">=", "<="), allow_none, hint)
     return int(value)
 
 
@@ -70,14 +73,9 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
             ok = ok and (low is None or (x > low if low_open else x >= low))
             ok = ok and (high is None or (x < high if high_open else x <= high))
     if not ok:
-        if low is not None and high is not None:
-            allowed = f"a finite number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        elif low is not None:
-            allowed = f"a finite number {'>' if low_open else '>='} {low}"
-        elif high is not None:
-            allowed = f"a finite number {'<' if high_open else '<='} {high}"
-        else:
-            allowed = "a finite number"
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        low_op, high_op = (">" if low_open else ">="), ("<" if high_open else "<=")
+        allowed = _bounded("a finite number", low, high, interval, low_op, high_op)
         _fail(name, value, allowed, allow_none, hint)
     return x
 
