@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .checks import check_int, check_number
+from .checks import check_int, check_number, shown
 from .lp import P_DEFAULT
 from .utils import atomic_write_json, atomic_write_text
 
@@ -362,10 +362,10 @@ def load_results(path: str | os.PathLike, argument: str = "out") -> dict | None:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{argument}={str(path)!r} is not a JSON file ({e}); move it away or choose another "
+        raise ValueError(f"{shown(argument, str(path))} is not a JSON file ({e}); move it away or choose another "
                          "file") from None
     if not isinstance(data, dict) or not isinstance(data.get("cells"), dict) or "suite" not in data:
-        raise ValueError(f"{argument}={str(path)!r} is not a benchmark result file (no 'suite' and 'cells')")
+        raise ValueError(f"{shown(argument, str(path))} is not a benchmark result file (no 'suite' and 'cells')")
     return data
 
 
@@ -419,7 +419,7 @@ def select_cells(name_or_cells, only: str | None = None, exclude: str | None = N
     names = {"only": "only", "exclude": "exclude", **(argument_names or {})}
 
     def show(arg: str, value) -> str:
-        return f"{names[arg]} {value!r}" if names[arg].startswith("-") else f"{names[arg]}={value!r}"
+        return shown(names[arg], value)
 
     name, cells = _suite_cells(name_or_cells)
     keys = [c.key for c in cells]

@@ -5,8 +5,10 @@ and raises a ``ValueError`` such as ``iters=0 must be an integer >= 1`` otherwis
 (``True`` is not accepted for an integer or a float). ``hint`` (where a check has one) is appended to the message
 after a space, e.g. ``opset=11 must be an integer >= 13 (per-channel QuantizeLinear)``.
 
-This module sits at the bottom of the data flow, beside :mod:`detptq_mini.utils`: it imports the standard
-library only, and no other module of the package.
+A command-line flag may be the ``name``: :func:`shown` then writes ``--iters 0`` (as typed) rather than ``iters=0``.
+
+This module sits at the bottom of the data flow, below :mod:`detptq_mini.utils`: it imports the standard library
+only, and no other module of the package.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import math
 from numbers import Integral, Real
 from typing import Literal, get_args, get_origin
 
-__all__ = ["check_int", "check_number", "check_bool", "check_choice"]
+__all__ = ["check_int", "check_number", "check_bool", "check_choice", "shown"]
+
+
+def shown(name: str, value) -> str:
+    """How an error shows an argument and its value: ``out='x.json'`` for a Python argument, ``--out 'x.json'`` for a
+    command-line flag (a ``name`` that starts with ``-``), as the command line is typed."""
+    return f"{name} {value!r}" if name.startswith("-") else f"{name}={value!r}"
 
 
 def _bounded(what: str, low, high, both: str, low_op: str, high_op: str) -> str:
@@ -31,7 +39,7 @@ def _bounded(what: str, low, high, both: str, low_op: str, high_op: str) -> str:
 
 def _fail(name: str, value, allowed: str, allow_none: bool, hint: str):
     none = " or None" if allow_none else ""
-    raise ValueError(f"{name}={value!r} must be {allowed}{none}" + (f" {hint}" if hint else ""))
+    raise ValueError(f"{shown(name, value)} must be {allowed}{none}" + (f" {hint}" if hint else ""))
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None, *, allow_none: bool = False,

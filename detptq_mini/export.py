@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checks import check_bool, check_int
+from .checks import check_bool, check_int, shown
 from .model import DenseOutputs
 from .quant import QuantConv2d, quant_layers
 
@@ -161,9 +161,9 @@ def to_float(qmodel: nn.Module) -> nn.Module:
 def _atomic_target(path, argument: str) -> tuple[Path, Path]:
     path = Path(path)
     if not path.parent.is_dir():
-        raise ValueError(f"{argument}={str(path)!r}: directory {str(path.parent)!r} does not exist")
+        raise ValueError(f"{shown(argument, str(path))}: directory {str(path.parent)!r} does not exist")
     if path.suffix != ".onnx":
-        raise ValueError(f"{argument}={str(path)!r} must end in .onnx")
+        raise ValueError(f"{shown(argument, str(path))} must end in .onnx")
     return path, path.with_name(f".{path.stem}.tmp{os.getpid()}.onnx")
 
 

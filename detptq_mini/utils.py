@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import shown
+
 __all__ = ["seed_everything", "resolve_device", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
 
 
@@ -34,7 +36,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def _temporary_beside(path: str | os.PathLike, argument: str) -> tuple[Path, Path]:
     path = Path(path)
     if not path.parent.is_dir():
-        raise ValueError(f"{argument}={str(path)!r}: directory {str(path.parent)!r} does not exist")
+        raise ValueError(f"{shown(argument, str(path))}: directory {str(path.parent)!r} does not exist")
     return path, path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 

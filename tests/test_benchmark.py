@@ -272,7 +272,8 @@ def test_summary_of_a_named_suite_counts_its_cells_and_leaves_out_others():
     (["--suite", "quick", "--exclude", "c8"], "--exclude 'c8' leaves no cell of suite 'quick'"),
     (["--suite", "quick", "--only", "W4A8", "--exclude", "W4A8"], "--only 'W4A8' and --exclude 'W4A8' leaves no"),
     (["--suite", "quick", "--exclude="], "--exclude '' must be a non-empty substring"),
-    (["--suite", "quick", "--out", "/nonexistent/dir/q.json"], "does not exist"),
+    (["--suite", "quick", "--out", "/nonexistent/dir/q.json"],
+     "--out '/nonexistent/dir/q.json': directory '/nonexistent/dir' does not exist"),
     (["--suite", "quick", "--device", "tpu9"], "device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, word, capsys):
@@ -317,7 +318,7 @@ def test_bad_reuse_file_is_refused(tmp_path, capsys):
     bad.write_text("[]")
     assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json"), "--reuse", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--reuse=" in err[0] and "is not a benchmark result file" in err[0]
+    assert len(err) == 1 and "--reuse '" in err[0] and "is not a benchmark result file" in err[0]
     with pytest.raises(ValueError, match="reuse='/nonexistent/x.json' does not exist"):
         run_suite("quick", tmp_path / "q.json", reuse="/nonexistent/x.json")
     assert main(["benchmark", "--quick", "--out", str(bad), "--reuse", str(bad)]) == 2

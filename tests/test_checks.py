@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from detptq_mini.checks import check_bool, check_choice, check_int, check_number
+from detptq_mini.checks import check_bool, check_choice, check_int, check_number, shown
 
 
 def _fails(call, *words):
@@ -160,3 +160,18 @@ def test_the_module_imports_no_other_package_module():
             assert node.level == 0 and not (node.module or "").startswith("detptq_mini"), ast.dump(node)
         elif isinstance(node, ast.Import):
             assert not any(a.name.startswith("detptq_mini") for a in node.names)
+
+
+# ------------------------------------------------------------------ shown: Python argument or command-line flag
+
+def test_shown_writes_python_arguments_with_equals_and_flags_as_typed():
+    assert shown("out", "x.json") == "out='x.json'"
+    assert shown("--out", "x.json") == "--out 'x.json'"
+    assert shown("--only", "") == "--only ''"
+    assert shown("iters", 0) == "iters=0"
+
+
+def test_checks_write_a_flag_name_as_typed():
+    assert _fails(lambda: check_int("--iters", 0, 1), "--iters 0 must be an integer >= 1") == \
+        "--iters 0 must be an integer >= 1"
+    _fails(lambda: check_int("iters", 0, 1), "iters=0 must be an integer >= 1")
