@@ -151,6 +151,8 @@ QUANT_PROB_ONE: tuple[str, ...] = ("--quant-prob", "1")
 #: The 8-bit conventions turned off in the ablation: stem alone, prediction convs alone, both.
 EIGHT_BIT_OFF: tuple[tuple[str, ...], ...] = (("--no-8bit-stem",), ("--no-8bit-pred",),
                                               ("--no-8bit-stem", "--no-8bit-pred"))
+#: Each unit's reconstruction loss divided by its value before reconstruction (the ``loss-norm`` experiment).
+LOSS_NORM_BEFORE: tuple[str, ...] = ("--loss-norm", "before")
 
 
 def _bits_pair(bits: str) -> tuple[int, int]:
@@ -205,6 +207,21 @@ def _ablation_suite() -> list[Cell]:
     return cells
 
 
+def _loss_norm_suite() -> list[Cell]:
+    """The loss-scale experiment at W4A4, seed by seed: does DetPTQ's per-unit p lose to p = 2 inside reconstruction
+    because the Lp loss's scale (which spans orders of magnitude across units and p) moves its balance with
+    AdaRound's regulariser, whose weight ``lam`` is fixed?
+
+    For each seed, the four reconstruction settings of ``full`` and ``ablations`` at W4A4 (BRECQ; DetPTQ+QDrop at
+    ``--quant-prob 1``, DetPTQ's p inside BRECQ; QDrop; DetPTQ+QDrop) as they are (cells equal to those of ``full``
+    and ``ablations``: copy them with ``--reuse``), then the same four with ``--loss-norm before``.
+    """
+    opts = {"calib": FULL_CALIB, "val": FULL_VAL, **_recon_opts("W4A4")}
+    settings = [("brecq", ()), ("detptq-qdrop", QUANT_PROB_ONE), ("qdrop", ()), ("detptq-qdrop", ())]
+    return [Cell(m, 4, 4, s, extra=e + norm, **opts)
+            for s in SEEDS for norm in ((), LOSS_NORM_BEFORE) for m, e in settings]
+
+
 def _quick_suite() -> list[Cell]:
     """Every method kind once on a tiny slice (8 calibration images, 50 val images, 5 reconstruction steps)."""
     opts = {"calib": 8, "val": 50}
@@ -224,6 +241,7 @@ def _quick_suite() -> list[Cell]:
 #:   ``P_DEFAULT`` with the best mean mAP over seeds (an oracle choice made on the val set).
 #: * ``ablations`` (48 cells): see :func:`_ablation_suite`; the p-with-and-without-V ablation is the script
 #:   ``benchmarks/rounding_ablation.py``.
+#: * ``loss-norm`` (24 cells): see :func:`_loss_norm_suite`.
 #: * ``simple`` (60 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
 #:   calibration images (the chapter 6 table).
 #: * ``quick`` (6 cells): every method once on a tiny slice, a smoke test of the harness (about a minute).
@@ -231,6 +249,7 @@ SUITES: dict[str, list[Cell]] = {
     "simple": _simple_suite(),
     "full": _full_suite(),
     "ablations": _ablation_suite(),
+    "loss-norm": _loss_norm_suite(),
     "quick": _quick_suite(),
 }
 

@@ -109,5 +109,5 @@ def check_choice(name: str, value, allowed):
     """
     choices = get_args(allowed) if get_origin(allowed) is Literal else tuple(allowed)
     if not any(_is(value, c) for c in choices):
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: {', '.join(repr(c) for c in choices)}")
+        raise ValueError(f"{shown(name, value)} is not allowed; allowed: {', '.join(repr(c) for c in choices)}")
     return value

@@ -26,6 +26,7 @@ class _Parser(argparse.ArgumentParser):
 # ODOL's terms (``detptq_mini.odol.ClsMode`` / ``LocMode``; spelled out so that parsing does not import torch)
 _ODOL_CLS = ("kl", "l2")
 _ODOL_LOC = ("l1", "iou")
+_LOSS_NORMS = ("none", "before")  # detptq_mini.reconstruction.LOSS_NORMS
 
 
 def _positive_int(text: str) -> int:
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant-prob", type=float, default=None,
                    help="qdrop | detptq-qdrop: probability that an activation element is quantized during "
                         "reconstruction (default 0.5)")
+    q.add_argument("--loss-norm", choices=_LOSS_NORMS, default=None,
+                   help="reconstruction: 'before' divides each unit's Lp loss by its value before reconstruction "
+                        "(an experiment; default 'none', BRECQ's loss as it is)")
     q.add_argument("--odol-cls", choices=_ODOL_CLS, default=None,
                    help="detptq | detptq-qdrop: the classification term of ODOL (default kl)")
     q.add_argument("--odol-loc", choices=_ODOL_LOC, default=None,
@@ -192,6 +196,9 @@ def _cmd_quantize(args) -> dict:
         if getattr(args, flag) is not None and not args.method.startswith("detptq"):
             raise UsageError(f"--{flag.replace('_', '-')} is only for --method detptq | detptq-qdrop (the methods that "
                              f"select p by ODOL), not {args.method}")
+    if args.loss_norm is not None and args.method not in ("brecq", "qdrop", "detptq-qdrop"):
+        raise UsageError(f"--loss-norm is only for --method brecq | qdrop | detptq-qdrop (the reconstruction "
+                         f"methods), not {args.method}")
     if args.out is not None:
         _check_out_dir(args.out, "--out")
     if args.batch_size is not None and args.batch_size > args.calib:
@@ -204,6 +211,8 @@ def _cmd_quantize(args) -> dict:
     for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act", "odol_cls", "odol_loc"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.loss_norm is not None:
+        options["recon_loss_norm"] = args.loss_norm
     res = run_ptq(model, calib, args.method, args.w_bits, args.a_bits, device=device, progress=args.progress, **options)
     val = ShapesDataset("val", args.val, seed=0)
     m = evaluate_model(res.model, val, device=device, progress=args.progress)

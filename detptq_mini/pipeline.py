@@ -12,7 +12,7 @@ Methods available now:
   activation element during reconstruction (``quant_prob = 1``), QDrop half of them (``quant_prob = 0.5``);
 * ``"detptq-qdrop"``: DetPTQ's choice of p per reconstruction unit, then QDrop reconstruction of each unit
   from its ``s_p*`` with the Lp loss of its own p (options ``iters``, ``recon_batch_size``, ``quant_prob``,
-  ``round_lam``, ``lr_v``, ``lr_act`` for the three reconstruction methods).
+  ``round_lam``, ``lr_v``, ``lr_act``, ``recon_loss_norm`` for the three reconstruction methods).
 
 The input model is never modified: a BN-folded, quantized copy is returned. Activation ranges are
 searched on the FP activations (quantizers disabled) of the calibration images, sampled to at most
@@ -46,7 +46,8 @@ METHODS: tuple[str, ...] = get_args(Method)
 RECON_METHODS: tuple[str, ...] = ("brecq", "qdrop", "detptq-qdrop")
 FIXED_P_METHODS: tuple[str, ...] = ("lp", "brecq", "qdrop")
 _QUANT_PROB = {"brecq": 1.0, "qdrop": 0.5, "detptq-qdrop": 0.5}
-_RECON_OPTIONS = ("iters", "recon_batch_size", "quant_prob", "round_lam", "lr_v", "lr_act")
+_RECON_OPTIONS = ("iters", "recon_batch_size", "quant_prob", "round_lam", "lr_v", "lr_act",
+                  "recon_loss_norm")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class PTQConfig:
             for ``"brecq"``, 0.5 for ``"qdrop"`` and ``"detptq-qdrop"``; BRECQ is 1.0 by definition).
         round_lam: weight of AdaRound's rounding regulariser.
         lr_v, lr_act: Adam learning rates of the rounding variables and of the activation step sizes.
+        recon_loss_norm: ``"none"`` (default) or ``"before"``: each unit's Lp loss divided by its value before
+            reconstruction (:attr:`~detptq_mini.reconstruction.ReconConfig.loss_norm`).
     """
 
     method: Method = "minmax"
@@ -106,6 +109,7 @@ class PTQConfig:
     round_lam: float | None = None
     lr_v: float | None = None
     lr_act: float | None = None
+    recon_loss_norm: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -162,11 +166,12 @@ class PTQConfig:
                              "(quant_prob=1.0); use method 'qdrop' for another probability")
         defaults = ReconConfig()
         values = {"iters": self.iters, "batch_size": self.recon_batch_size, "lam": self.round_lam,
-                  "lr_v": self.lr_v, "lr_act": self.lr_act,
+                  "lr_v": self.lr_v, "lr_act": self.lr_act, "loss_norm": self.recon_loss_norm,
                   "quant_prob": _QUANT_PROB[self.method] if self.quant_prob is None else self.quant_prob}
         resolved = ReconConfig(**{k: getattr(defaults, k) if v is None else v for k, v in values.items()})
         for option, key in (("iters", "iters"), ("recon_batch_size", "batch_size"), ("quant_prob", "quant_prob"),
-                            ("round_lam", "lam"), ("lr_v", "lr_v"), ("lr_act", "lr_act")):
+                            ("round_lam", "lam"), ("lr_v", "lr_v"), ("lr_act", "lr_act"),
+                            ("recon_loss_norm", "loss_norm")):
             object.__setattr__(self, option, getattr(resolved, key))
 
     def recon_config(self) -> ReconConfig:
@@ -175,7 +180,7 @@ class PTQConfig:
             raise ValueError(f"method={self.method!r} does no reconstruction")
         return ReconConfig(iters=self.iters, batch_size=self.recon_batch_size, lr_v=self.lr_v, lr_act=self.lr_act,
                            lam=self.round_lam, quant_prob=self.quant_prob, p=2.0 if self.p is None else self.p,
-                           seed=self.seed)
+                           seed=self.seed, loss_norm=self.recon_loss_norm)
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, stem_8bit=self.stem_8bit, pred_8bit=self.pred_8bit)

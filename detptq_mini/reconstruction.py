@@ -13,7 +13,8 @@ the quantized network one unit at a time so that each unit's output matches the 
 
       loss = mean_(b, y, x) sum_c |unit(x_in) - y_fp|^p  +  lam * sum_layers f_reg(V, beta)
 
-  (the Lp reconstruction loss summed over channels, as BRECQ's ``lp_loss``), batch ``batch_size``;
+  (the Lp reconstruction loss summed over channels, as BRECQ's ``lp_loss``), batch ``batch_size``; with
+  ``loss_norm="before"`` the first term is divided by its value before reconstruction (an experiment of ours);
 * QDrop [Wei et al. 2022]: during reconstruction each activation element is quantized with probability
   ``quant_prob`` and left FP otherwise, at every input quantizer of the unit, and the unit's input is itself
   an element-wise mix of the quantized-prefix input (probability ``quant_prob``) and the FP input. BRECQ
@@ -38,7 +39,7 @@ import math
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +51,11 @@ from .lp import P_DEFAULT, LayerScales, _check_ps
 from .odol import odol
 from .quant import QuantConv2d, Quantizer, quant_layers, quantization_off
 
-__all__ = ["ReconConfig", "UnitHistory", "ReconHistory", "QDropQuantizer", "MaskPool", "lp_loss", "reconstruct_unit",
-           "reconstruct", "rounding_ablation", "RoundingAblation"]
+LossNorm = Literal["none", "before"]
+LOSS_NORMS: tuple[str, ...] = get_args(LossNorm)
+
+__all__ = ["LOSS_NORMS", "ReconConfig", "UnitHistory", "ReconHistory", "QDropQuantizer", "MaskPool", "lp_loss",
+           "reconstruct_unit", "reconstruct", "rounding_ablation", "RoundingAblation"]
 
 
 # ------------------------------------------------------------------ config
@@ -72,6 +76,10 @@ class ReconConfig:
         p: the p of the Lp reconstruction loss, for units without their own p.
         seed: seeds the batch sampling and the QDrop masks (each unit from ``(seed, unit name)``).
         chunk: images per forward when caching (memory only; results do not depend on it).
+        loss_norm: ``"none"`` (the default, BRECQ's): the Lp loss as it is; ``"before"``: the unit's Lp loss divided
+            by its own value before reconstruction (:attr:`UnitHistory.before`), so that every unit starts at 1
+            whatever its p and the scale of its output, and ``lam`` weighs the regulariser alike against every
+            unit's loss [ours: an experiment on why DetPTQ's per-unit p loses to p = 2 inside reconstruction].
     """
 
     iters: int = 2000
@@ -85,6 +93,7 @@ class ReconConfig:
     p: float = 2.0
     seed: int = 0
     chunk: int = 64
+    loss_norm: LossNorm = "none"
 
     def __post_init__(self):
         for name, low in (("iters", 1), ("batch_size", 1), ("seed", 0), ("chunk", 1)):
@@ -99,6 +108,7 @@ class ReconConfig:
         object.__setattr__(self, "beta", tuple(check_number("beta", b, 0, low_open=True) for b in beta))
         object.__setattr__(self, "quant_prob", check_number("quant_prob", self.quant_prob, 0, 1, low_open=True))
         object.__setattr__(self, "p", check_number("p", self.p, 0, low_open=True))
+        check_choice("loss_norm", self.loss_norm, LossNorm)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +123,8 @@ class UnitHistory:
         name: the unit.
         p: the p of its reconstruction loss.
         layers: its quantized convs.
-        loss: the reconstruction loss of every step (on the step's batch, with QDrop's random masks).
+        loss: the reconstruction loss of every step (on the step's batch, with QDrop's random masks; divided by
+            ``before`` with ``loss_norm="before"``).
         reg: the regulariser term ``lam * f_reg`` of every step (0 in the warm-up).
         before, after: the loss on every cached sample with the quantized-prefix input and every element
             quantized: before (round-to-nearest, the starting scales) and after reconstruction.
@@ -319,6 +330,8 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
     device = y_fp.device
     gen = torch.Generator(device).manual_seed(zlib.crc32(f"{config.seed}:{name}".encode()))
     hist.before = _full_loss(module, x_q, y_fp, p, config.chunk)
+    # loss_norm="before": every unit's loss starts at 1 (a unit already exact, before == 0, is left as it is)
+    norm = 1.0 / hist.before if config.loss_norm == "before" and hist.before > 0 else 1.0
 
     t0 = time.perf_counter()
     adas, drops = {}, {}
@@ -351,6 +364,8 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
             else:
                 inputs = [a[idx] for a in x_q]
             rec = lp_loss(module(*inputs), y_fp[idx], p)
+            if norm != 1.0:
+                rec = rec * norm
             beta = adaround.beta_at(step, config.iters, config.warmup, *config.beta)
             loss = rec
             reg = 0.0

@@ -99,6 +99,23 @@ def test_ablation_suite():
     assert len(shared) == 4 * 3 + 3  # detptq W4A4, W4A8; brecq, qdrop, detptq-qdrop at W4A4
 
 
+def test_loss_norm_suite_pairs_each_reconstruction_setting_with_and_without_the_normalised_loss():
+    cells = SUITES["loss-norm"]
+    norm = ("--loss-norm", "before")
+    plain = [c for c in cells if norm != c.extra[-2:]]
+    normed = [c for c in cells if norm == c.extra[-2:]]
+    assert len(cells) == 24 and len(plain) == len(normed) == 12
+    assert all(c.bits == "W4A4" and c.calib == 256 and c.val == 500 and c.iters == RECON_ITERS["W4A4"]
+               and (c.lr_v, c.lr_act) == RECON_LR for c in cells)
+    # each normalised cell is a plain cell plus --loss-norm before, and the plain ones are cells of full/ablations
+    assert sorted((c.method, c.seed, c.extra + norm) for c in plain) == sorted((c.method, c.seed, c.extra)
+                                                                              for c in normed)
+    assert {c.key for c in plain} <= {c.key for c in SUITES["full"]} | {c.key for c in SUITES["ablations"]}
+    assert {(c.method, c.extra) for c in plain} == {("brecq", ()), ("qdrop", ()), ("detptq-qdrop", ()),
+                                                    ("detptq-qdrop", ("--quant-prob", "1"))}
+    assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # seed by seed: a partial run is a table
+
+
 def test_quick_suite_exercises_every_method_on_a_tiny_slice():
     quick = SUITES["quick"]
     assert {c.method for c in quick} == set(METHODS)
@@ -114,6 +131,8 @@ def test_quantize_odol_options_match_the_library_and_are_validated(capsys):
     from detptq_mini.odol import ClsMode, LocMode
 
     assert cli._ODOL_CLS == get_args(ClsMode) and cli._ODOL_LOC == get_args(LocMode)
+    from detptq_mini.reconstruction import LOSS_NORMS
+    assert cli._LOSS_NORMS == LOSS_NORMS
     for args, word in [(["--method", "minmax", "--odol-cls", "l2"], "--odol-cls is only for --method detptq"),
                        (["--method", "lp", "--odol-loc", "iou"], "--odol-loc is only for --method detptq"),
                        (["--method", "detptq", "--odol-cls", "kl2"], "--odol-cls: invalid choice: 'kl2'")]:
@@ -265,7 +284,7 @@ def test_summary_of_a_named_suite_counts_its_cells_and_leaves_out_others():
 # --- bad input ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, word", [
-    (["--suite", "nosuch"], "allowed: simple, full, ablations, quick"),
+    (["--suite", "nosuch"], "allowed: simple, full, ablations, loss-norm, quick"),
     (["--quick", "--suite", "full"], "--quick is --suite quick; it cannot be combined with --suite full"),
     (["--suite", "ablations", "--reuse", "/nonexistent/full.json"], "--reuse '/nonexistent/full.json' does not exist"),
     (["--suite", "quick", "--only", "nosuch"], "--only 'nosuch' leaves no cell of suite 'quick'"),

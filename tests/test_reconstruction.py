@@ -34,6 +34,7 @@ def minmax_w4a4(pretrained, calib):
     (dict(quant_prob=1.5), "quant_prob"), (dict(p=0), "p="), (dict(p=float("nan")), "p="),
     (dict(warmup=1.0), "warmup"), (dict(beta=(20.0,)), "beta"), (dict(beta=(20.0, -2.0)), "beta"),
     (dict(lr_v=0.0), "lr_v"), (dict(lam=-1.0), "lam"), (dict(iters=True), "iters"),
+    (dict(loss_norm="mean"), "loss_norm='mean' is not allowed; allowed: 'none', 'before'"),
 ])
 def test_bad_recon_config(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -136,6 +137,26 @@ def test_reconstructing_one_layer_lowers_its_output_error(quant_prob):
     q = layer.weight_quantizer
     w = layer.conv.weight.detach()
     assert torch.equal(fake_quantize(w, q.scale, q.zero_point, q.qmin, q.qmax, 0), w)
+
+
+def test_loss_norm_before_divides_the_loss_by_its_value_before_reconstruction():
+    """With ``loss_norm="before"`` the logged loss is the plain one divided by ``before``: the first step (identical
+    batch, masks and parameters in both runs) is the same loss in other units."""
+    runs = {}
+    for norm in ("none", "before"):
+        layer, x = _conv_layer()
+        with torch.no_grad():
+            y = layer.conv(x)
+        cfg = ReconConfig(iters=60, batch_size=16, quant_prob=1.0, lam=0.001, lr_v=0.01, loss_norm=norm)
+        runs[norm] = reconstruct_unit(layer, [x], [x], y, 2.0, cfg, "layer")
+    plain, normed = runs["none"], runs["before"]
+    assert plain.before == pytest.approx(normed.before, rel=1e-6) and plain.before > 0
+    assert normed.loss[0] == pytest.approx(plain.loss[0] / plain.before, rel=1e-5)
+    # AdaRound starts from soft weights equal to the FP ones: far below the round-to-nearest loss (1 here)
+    assert normed.loss[0] < 0.1, normed.loss[0]
+    assert normed.after < normed.before  # it still reconstructs (before/after stay in the loss's own units)
+    # the loss's scale moves the balance with the regulariser: the two runs end in different places
+    assert plain.loss[-1] / plain.before != pytest.approx(normed.loss[-1], rel=1e-3)
 
 
 def test_reconstruct_unit_checks_its_inputs():
@@ -252,6 +273,8 @@ def test_reconstruction_methods_through_run_ptq(pretrained, calib, method, prob)
     (dict(method="detptq-qdrop", separate=True), "separate"),
     (dict(method="qdrop", iters=0), "iters"),
     (dict(method="qdrop", quant_prob=2.0), "quant_prob"),
+    (dict(method="qdrop", recon_loss_norm="all"), "loss_norm='all' is not allowed"),
+    (dict(method="lp", recon_loss_norm="before"), "recon_loss_norm only apply to the reconstruction methods"),
 ])
 def test_bad_reconstruction_options(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -265,6 +288,8 @@ def test_reconstruction_defaults_are_resolved_in_the_config():
     assert PTQConfig(method="detptq").granularity == "layer"
     assert PTQConfig(method="detptq-qdrop").granularity == "unit"
     assert PTQConfig(method="minmax").iters is None
+    assert PTQConfig(method="qdrop").recon_loss_norm == "none"
+    assert PTQConfig(method="brecq", recon_loss_norm="before").recon_config().loss_norm == "before"
 
 
 # ------------------------------------------------------------------ command line
@@ -289,6 +314,8 @@ def test_cli_quantize_with_reconstruction(capsys):
     (["--method", "detptq-qdrop", "--p", "2"], "--p is not allowed"),
     (["--method", "brecq", "--quant-prob", "0.5"], "BRECQ"),
     (["--method", "qdrop", "--iters", "0"], "must be > 0"),
+    (["--method", "lp", "--loss-norm", "before"], "--loss-norm is only for --method brecq | qdrop | detptq-qdrop"),
+    (["--method", "brecq", "--loss-norm", "max"], "invalid choice: 'max'"),
 ])
 def test_cli_reconstruction_bad_input_is_one_line_and_exit_2(args, word):
     import subprocess
