@@ -297,12 +297,13 @@ def test_cli_quantize_with_reconstruction(capsys):
     from detptq_mini.cli import main
 
     code = main(["quantize", "--method", "qdrop", "--w-bits", "4", "--a-bits", "8", "--iters", "2",
-                 "--calib", "8", "--val", "16", "--json"])
+                 "--calib", "8", "--val", "16", "--loss-norm", "before", "--json"])
     assert code == 0
     import json
 
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "qdrop" and out["config"]["iters"] == 2 and out["config"]["quant_prob"] == 0.5
+    assert out["config"]["recon_loss_norm"] == "before" == out["reconstruction"]["config"]["loss_norm"]
     assert 0 <= out["map"] <= 1 and set(out["chosen_p"].values()) == {2.0}
     units = out["reconstruction"]["units"]  # the per-unit report reaches the JSON (and so the benchmark files)
     assert len(units) == 22 and all(u["p"] == 2.0 and u["after"] >= 0 for u in units.values())
