@@ -183,7 +183,7 @@ def _cmd_quantize(args) -> dict:
     from .data import ShapesDataset
     from .evaluate import evaluate_model
     from .model import load_pretrained, pretrained_info
-    from .pipeline import METHODS, run_ptq, save_quantized
+    from .pipeline import METHODS, RECON_METHODS, run_ptq, save_quantized
     from .utils import resolve_device
 
     if args.method not in METHODS:
@@ -196,8 +196,8 @@ def _cmd_quantize(args) -> dict:
         if getattr(args, flag) is not None and not args.method.startswith("detptq"):
             raise UsageError(f"--{flag.replace('_', '-')} is only for --method detptq | detptq-qdrop (the methods that "
                              f"select p by ODOL), not {args.method}")
-    if args.loss_norm is not None and args.method not in ("brecq", "qdrop", "detptq-qdrop"):
-        raise UsageError(f"--loss-norm is only for --method brecq | qdrop | detptq-qdrop (the reconstruction "
+    if args.loss_norm is not None and args.method not in RECON_METHODS:
+        raise UsageError(f"--loss-norm is only for --method {' | '.join(RECON_METHODS)} (the reconstruction "
                          f"methods), not {args.method}")
     if args.out is not None:
         _check_out_dir(args.out, "--out")
@@ -208,11 +208,12 @@ def _cmd_quantize(args) -> dict:
     model = load_pretrained(device)
     calib = ShapesDataset("calib", args.calib, seed=args.seed)
     options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred}
-    for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act", "odol_cls", "odol_loc"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    if args.loss_norm is not None:
-        options["recon_loss_norm"] = args.loss_norm
+    # flag (its argparse name) -> run_ptq option; the same name but for --loss-norm
+    names = {name: name for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act", "odol_cls",
+                                     "odol_loc")} | {"loss_norm": "recon_loss_norm"}
+    for flag, option in names.items():
+        if getattr(args, flag) is not None:
+            options[option] = getattr(args, flag)
     res = run_ptq(model, calib, args.method, args.w_bits, args.a_bits, device=device, progress=args.progress, **options)
     val = ShapesDataset("val", args.val, seed=0)
     m = evaluate_model(res.model, val, device=device, progress=args.progress)
