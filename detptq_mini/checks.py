@@ -7,8 +7,9 @@ after a space, e.g. ``opset=11 must be an integer >= 13 (per-channel QuantizeLin
 
 A command-line flag may be the ``name``: :func:`shown` then writes ``--iters 0`` (as typed) rather than ``iters=0``.
 
-This module sits at the bottom of the data flow, below :mod:`detptq_mini.utils`: it imports the standard library
-only, and no other module of the package.
+The domain checks (a bit width, a list of p, an axis, a finite tensor, a batch of images) live here too, so that
+every module validates its arguments the same way. This module sits at the bottom of the data flow, below
+:mod:`detptq_mini.utils`: it imports the standard library and torch, and no other module of the package.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ import math
 from numbers import Integral, Real
 from typing import Literal, get_args, get_origin
 
-__all__ = ["check_int", "check_number", "check_bool", "check_choice", "shown"]
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_int", "check_number", "check_bool", "check_choice", "check_bits", "check_ps", "check_axis",
+    "check_finite", "check_images", "shown",
+]
 
 
 def shown(name: str, value) -> str:
@@ -111,3 +118,71 @@ def check_choice(name: str, value, allowed):
     if not any(_is(value, c) for c in choices):
         raise ValueError(f"{shown(name, value)} is not allowed; allowed: {', '.join(repr(c) for c in choices)}")
     return value
+
+
+# ------------------------------------------------------------------ domain checks (bits, p, tensors, images)
+def check_bits(name: str, bits) -> int:
+    """A bit width: an integer in 2..8."""
+    return check_int(name, bits, 2, 8)
+
+
+def check_ps(ps) -> tuple[float, ...]:
+    msg = f"ps={ps!r} must be a non-empty sequence of finite numbers > 0"
+    if isinstance(ps, Real) and not isinstance(ps, bool):
+        ps = (ps,)
+    if isinstance(ps, (str, bool)) or not hasattr(ps, "__iter__"):
+        raise ValueError(msg)
+    try:
+        values = [check_number("ps", p, 0, low_open=True) for p in ps]
+    except ValueError:
+        raise ValueError(msg) from None
+    if not values:
+        raise ValueError(msg)
+    return tuple(dict.fromkeys(values))  # duplicates dropped, order kept
+
+
+def check_axis(axis, ndim: int) -> int | None:
+    axis = check_int("axis", axis, -ndim, ndim - 1, allow_none=True, hint="(None: per tensor)")
+    return None if axis is None else axis % ndim
+
+
+def check_finite(x: Tensor, name: str = "x") -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {type(x).__name__}"
+                         + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else ""))
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf; only finite values can be quantized")
+
+
+def check_images(images, name: str = "images", min_images: int = 1, min_what: str | None = None) -> torch.Tensor:
+    """The one validator of an image batch (a calibration set, the images of a check): returns it as a tensor.
+
+    Args:
+        images: an ``(N, 3, H, W)`` floating-point tensor, or a data set with ``.images()`` (such as
+            :class:`ShapesDataset`), which is turned into one.
+        name: the argument's name in error messages (``"calib"``, ``"images"``).
+        min_images: the fewest images allowed (at least 1: an empty set is always an error).
+        min_what: what sets ``min_images``, named in the error (e.g. ``"batch_size=32"``).
+
+    Raises:
+        ValueError: naming ``name`` and what is allowed, for a value that is not such a tensor, a wrong shape
+        (not 4-D, or not 3 channels), a non-float dtype, NaN or inf values, no images, or fewer than
+        ``min_images``.
+    """
+    if hasattr(images, "images") and callable(images.images) and not isinstance(images, torch.Tensor):
+        images = images.images()
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} must be an (N, 3, H, W) float tensor or a data set with .images(), "
+                         f"got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} images must be a float tensor in [0, 1] (e.g. uint8 / 255), got dtype {images.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is empty: at least one image is needed")
+    if images.shape[0] < min_images:
+        why = f" ({min_what})" if min_what else ""
+        raise ValueError(f"{name} has {images.shape[0]} images, fewer than the {min_images} needed{why}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} images contain NaN or inf; only finite values are allowed")
+    return images

@@ -26,7 +26,7 @@ import torch
 
 from .checks import check_int
 
-__all__ = ["CLASS_NAMES", "SPLITS", "ShapesDataset", "collate", "batches", "check_images"]
+__all__ = ["CLASS_NAMES", "SPLITS", "ShapesDataset", "collate", "batches"]
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 SPLITS: dict[str, int] = {"train": 1, "val": 2, "calib": 3}  # disjoint seed streams
@@ -199,35 +199,3 @@ def batches(dataset: ShapesDataset, batch_size: int) -> Iterator[tuple[torch.Ten
         yield dataset.images(s, idx.stop), [dataset[i][1] for i in idx]
 
 
-def check_images(images, name: str = "images", min_images: int = 1, min_what: str | None = None) -> torch.Tensor:
-    """The one validator of an image batch (a calibration set, the images of a check): returns it as a tensor.
-
-    Args:
-        images: an ``(N, 3, H, W)`` floating-point tensor, or a data set with ``.images()`` (such as
-            :class:`ShapesDataset`), which is turned into one.
-        name: the argument's name in error messages (``"calib"``, ``"images"``).
-        min_images: the fewest images allowed (at least 1: an empty set is always an error).
-        min_what: what sets ``min_images``, named in the error (e.g. ``"batch_size=32"``).
-
-    Raises:
-        ValueError: naming ``name`` and what is allowed, for a value that is not such a tensor, a wrong shape
-        (not 4-D, or not 3 channels), a non-float dtype, NaN or inf values, no images, or fewer than
-        ``min_images``.
-    """
-    if hasattr(images, "images") and callable(images.images) and not isinstance(images, torch.Tensor):
-        images = images.images()
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{name} must be an (N, 3, H, W) float tensor or a data set with .images(), "
-                         f"got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} images must have shape (N, 3, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name} images must be a float tensor in [0, 1] (e.g. uint8 / 255), got dtype {images.dtype}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} is empty: at least one image is needed")
-    if images.shape[0] < min_images:
-        why = f" ({min_what})" if min_what else ""
-        raise ValueError(f"{name} has {images.shape[0]} images, fewer than the {min_images} needed{why}")
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{name} images contain NaN or inf; only finite values are allowed")
-    return images

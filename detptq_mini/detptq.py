@@ -40,8 +40,8 @@ from typing import Iterable, Literal
 import torch
 from torch import Tensor, nn
 
-from .checks import check_bool, check_choice, check_int, check_number
-from .lp import P_DEFAULT, LayerScales, _check_ps, search_model_scales
+from .checks import check_bool, check_choice, check_images, check_int, check_number, check_ps
+from .lp import P_DEFAULT, LayerScales, search_model_scales
 from .model import DenseOutputs
 from .odol import ClsMode, FgMode, LocMode, odol_terms
 from .quant import quant_layers
@@ -113,12 +113,6 @@ class Selection:
 
 
 # ------------------------------------------------------------------ checks
-def _check_images(images) -> Tensor:
-    from .data import check_images
-
-    return check_images(images, "images")
-
-
 def _check_scales(scales, groups: dict[str, tuple[str, ...]], ps, rest_names, rest_p) -> None:
     if not isinstance(scales, dict):
         raise ValueError(f"scales must be the dict of search_model_scales, got {type(scales).__name__}")
@@ -231,7 +225,7 @@ def select_p(qmodel: nn.Module, images, scales: dict[str, LayerScales] | None = 
     check_bool("progress", progress)
     check_number("lam", lam, 0)
     batch_size = check_int("batch_size", batch_size, 1)
-    ps = _check_ps(ps)
+    ps = check_ps(ps)
     rest_p = check_number("rest_p", rest_p, 0, low_open=True)
     missing = [a for a in _PROTOCOL if not hasattr(qmodel, a)]
     if missing:
@@ -249,7 +243,7 @@ def select_p(qmodel: nn.Module, images, scales: dict[str, LayerScales] | None = 
             raise ValueError(f"layers={unknown or selected!r}: give a non-empty list of quantized layers; "
                              f"allowed: {', '.join(all_layers)}")
         selected = [n for n in all_layers if n in set(selected)]  # forward order, no duplicates
-    images = _check_images(images)
+    images = check_images(images, "images")
 
     # ---- items: layers or units, in forward order; each with its unit index
     unit_of = {n: qmodel.unit_index(qmodel.unit_of(n)) for n in all_layers}

@@ -12,8 +12,11 @@ import io
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import ShapesDataset
+from .model import postprocess
+from .quant import eval_mode
 
 __all__ = ["coco_map", "detections_to_coco", "evaluate_model", "STAT_NAMES"]
 
@@ -65,20 +68,15 @@ def detections_to_coco(dets: list[dict[str, torch.Tensor]], image_ids: list[int]
 def predict(model: nn.Module, dataset: ShapesDataset, batch_size: int = 64, device: str | torch.device = "cpu",
             progress: bool = False) -> list[dict]:
     """Run ``model`` over ``dataset`` and return COCO-format detections (image ids ``i + 1``)."""
-    from .model import postprocess
-
-    was_training = model.training
-    model.eval()
     dets: list[dict] = []
     starts = range(0, len(dataset), batch_size)
     if progress:
-        from tqdm.auto import tqdm
         starts = tqdm(starts, desc="evaluate", unit="batch")
-    for s in starts:
-        x = dataset.images(s, s + batch_size).to(device)
-        res = postprocess(model(x))
-        dets += detections_to_coco(res, list(range(s + 1, s + 1 + len(x))))
-    model.train(was_training)
+    with eval_mode(model):
+        for s in starts:
+            x = dataset.images(s, s + batch_size).to(device)
+            res = postprocess(model(x))
+            dets += detections_to_coco(res, list(range(s + 1, s + 1 + len(x))))
     return dets
 
 

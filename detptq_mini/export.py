@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checks import check_bool, check_int, shown
+from .checks import check_bool, check_images, check_int, shown
 from .model import DenseOutputs
-from .quant import QuantConv2d, quant_layers
+from .quant import QuantConv2d, eval_mode, quant_layers
 
 __all__ = [
     "OPSET", "OUTPUT_NAMES", "check_exportable", "to_qdq", "to_float", "export_onnx", "qdq_summary", "onnx_session",
@@ -319,7 +319,6 @@ def compare_outputs(qmodel: nn.Module, session, images: Tensor, batch_size: int 
     that ORT rounds to the neighbouring code moves the next layers' inputs, which may cross further rounding
     boundaries. :func:`check_layers` checks each conv on its own; the mAP checks the whole.
     """
-    from .data import check_images
 
     images = check_images(images, "images")
     layers = check_exportable(qmodel)
@@ -331,9 +330,7 @@ def compare_outputs(qmodel: nn.Module, session, images: Tensor, batch_size: int 
     order = [n for n in preds if ".cls." in n] + [n for n in preds if ".box." in n]
     steps = [_step(layers[n]) for n in order]
     stats = {n: {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "max_steps": 0.0} for n in OUTPUT_NAMES}
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
+    with eval_mode(qmodel):
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size]
             ref, got = qmodel(x.to(next(qmodel.parameters()).device)), ort_model(x)
@@ -344,8 +341,6 @@ def compare_outputs(qmodel: nn.Module, session, images: Tensor, batch_size: int 
                 s["sum_abs"] += float(d.sum())
                 s["count"] += d.numel()
                 s["max_steps"] = max(s["max_steps"], float((d / st.cpu()).max()))
-    finally:
-        qmodel.train(was_training)
     out = {}
     for name, st in zip(OUTPUT_NAMES, steps):
         s = stats[name]
@@ -377,19 +372,15 @@ def check_layers(qmodel: nn.Module, images: Tensor, threads: int = 1) -> dict:
 
     import onnxruntime as ort
 
-    from .data import check_images
-
     images = check_images(images, "images")
     layers = check_exportable(qmodel)
     inputs: dict[str, Tensor] = {}
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
                for n, m in layers.items()]
-    was_training = qmodel.training
     try:
-        qmodel.eval()
-        qmodel(images.to(next(qmodel.parameters()).device))
+        with eval_mode(qmodel):
+            qmodel(images.to(next(qmodel.parameters()).device))
     finally:
-        qmodel.train(was_training)
         for h in handles:
             h.remove()
     so = ort.SessionOptions()

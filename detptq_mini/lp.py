@@ -24,17 +24,13 @@ the eight ``p`` of ``P`` cost one square root, two products and one small batche
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Real
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
-from .checks import check_bool, check_int, check_number
-from .quant import (
-    _check_axis, _check_bits, _check_finite, fake_quantize, fake_quantize_forward, int_range,
-    qparams_from_range,
-)
+from .checks import check_axis, check_bits, check_bool, check_finite, check_int, check_number, check_ps
+from .quant import collect_activations, fake_quantize, fake_quantize_forward, int_range, qparams_from_range, quant_layers
 
 __all__ = ["P_DEFAULT", "LpSweep", "minmax_scale", "lp_error", "lp_sweep", "lp_scale_search", "LayerScales",
            "search_model_scales", "apply_scales"]
@@ -48,24 +44,9 @@ _KMAX = 2**12  # columns per step: float32 Gram sums over at most 4096 terms, ac
 
 
 def _check_x(x: Tensor) -> None:
-    _check_finite(x)
+    check_finite(x)
     if x.numel() == 0:
         raise ValueError("x is empty: there is nothing to quantize")
-
-
-def _check_ps(ps) -> tuple[float, ...]:
-    msg = f"ps={ps!r} must be a non-empty sequence of finite numbers > 0"
-    if isinstance(ps, Real) and not isinstance(ps, bool):
-        ps = (ps,)
-    if isinstance(ps, (str, bool)) or not hasattr(ps, "__iter__"):
-        raise ValueError(msg)
-    try:
-        values = [check_number("ps", p, 0, low_open=True) for p in ps]
-    except ValueError:
-        raise ValueError(msg) from None
-    if not values:
-        raise ValueError(msg)
-    return tuple(dict.fromkeys(values))  # duplicates dropped, order kept
 
 
 def _rows(x: Tensor, axis: int | None) -> Tensor:
@@ -86,9 +67,9 @@ def minmax_scale(x: Tensor, bits: int, axis: int | None = None, symmetric: bool 
         float32 scale and int32 zero point, shape ``()`` per tensor or ``(x.shape[axis],)``.
     """
     _check_x(x)
-    bits = _check_bits("bits", bits)
+    bits = check_bits("bits", bits)
     check_bool("symmetric", symmetric)
-    axis = _check_axis(axis, x.dim())
+    axis = check_axis(axis, x.dim())
     rows = _rows(x.detach(), axis)
     scale, zero_point = qparams_from_range(rows.amin(1).cpu(), rows.amax(1).cpu(), bits, symmetric)
     if axis is None:
@@ -113,7 +94,7 @@ def lp_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, p: float, 
     _check_x(x)
     check_number("p", p, 0, low_open=True)
     qmin, qmax = int_range(bits, symmetric)
-    axis = _check_axis(axis, x.dim())
+    axis = check_axis(axis, x.dim())
     x = x.detach()
     err = (x - fake_quantize(x, scale, zero_point, qmin, qmax, axis)).abs().double().pow(p)
     return err.mean() if axis is None else _rows(err, axis).mean(1)
@@ -172,11 +153,11 @@ def lp_sweep(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis: int | 
     in chunks of about ``_CHUNK = 2^17`` elements, with no Python loop over channels.
     """
     _check_x(x)
-    bits = _check_bits("bits", bits)
+    bits = check_bits("bits", bits)
     check_bool("symmetric", symmetric)
-    ps = _check_ps(ps)
+    ps = check_ps(ps)
     grid = check_int("grid", grid, 1)
-    axis = _check_axis(axis, x.dim())
+    axis = check_axis(axis, x.dim())
     qmin, qmax = int_range(bits, symmetric)
     rows = _rows(x.detach(), axis).contiguous()  # (C, K)
     c, k_cols = rows.shape
@@ -271,9 +252,8 @@ def search_model_scales(qmodel, images, ps: Iterable[float] = P_DEFAULT, layers:
     Returns:
         ``{layer name: LayerScales}`` in forward order.
     """
-    from .quant import collect_activations, quant_layers
 
-    ps = _check_ps(ps)
+    ps = check_ps(ps)
     all_layers = quant_layers(qmodel)
     names = list(all_layers) if layers is None else list(layers)
     unknown = [n for n in names if n not in all_layers]
@@ -302,7 +282,6 @@ def apply_scales(qmodel, scales: dict[str, LayerScales], p: float | dict[str, fl
 
     ``act_p`` (same forms) selects the activations' ``p`` separately; by default it is ``p``.
     """
-    from .quant import quant_layers
 
     layers = quant_layers(qmodel)
 

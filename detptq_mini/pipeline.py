@@ -29,13 +29,13 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from .checks import check_bool, check_choice, check_int, check_number
+from .checks import check_bits, check_bool, check_choice, check_images, check_int, check_number, check_ps
 from .data import ShapesDataset
 from .detptq import Granularity, Rest, select_p
 from .odol import ClsMode, FgMode, LocMode
-from .lp import P_DEFAULT, _check_ps, apply_scales, search_model_scales
+from .lp import P_DEFAULT, apply_scales, search_model_scales
 from .utils import atomic_torch_save
-from .quant import QuantConfig, _check_bits, calibrate_minmax, fold_bn, quant_layers, quantize_model
+from .quant import QuantConfig, calibrate_minmax, fold_bn, quant_layers, quantize_model
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized",
@@ -115,7 +115,7 @@ class PTQConfig:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not a method; allowed: {', '.join(METHODS)}")
         for name in ("w_bits", "a_bits"):
-            object.__setattr__(self, name, _check_bits(name, getattr(self, name)))
+            object.__setattr__(self, name, check_bits(name, getattr(self, name)))
         if self.method in FIXED_P_METHODS:
             p = 2.0 if self.p is None else self.p
             object.__setattr__(self, "p", check_number("p", p, 0, low_open=True))
@@ -143,7 +143,7 @@ class PTQConfig:
             if self.method == "detptq-qdrop" and (self.granularity != "unit" or self.separate):
                 raise ValueError("method='detptq-qdrop' chooses one p per reconstruction unit: granularity must be "
                                  f"'unit' (got {self.granularity!r}) and separate False (got {self.separate!r})")
-        object.__setattr__(self, "ps", _check_ps(self.ps))
+        object.__setattr__(self, "ps", check_ps(self.ps))
         for name, mode in {"rest": Rest, "odol_cls": ClsMode, "odol_loc": LocMode, "odol_fg": FgMode}.items():
             check_choice(name, getattr(self, name), mode)
         if self.granularity is not None:
@@ -199,11 +199,9 @@ def calibration_images(calib, device: str | torch.device = "cpu", min_images: in
                        min_what: str | None = None) -> torch.Tensor:
     """A calibration set (a ShapesDataset or an ``(N, 3, H, W)`` float tensor) -> float tensor on ``device``.
 
-    Validated by :func:`detptq_mini.data.check_images` (shape, dtype, NaN/inf, empty, at least ``min_images``
+    Validated by :func:`detptq_mini.checks.check_images` (shape, dtype, NaN/inf, empty, at least ``min_images``
     images, ``min_what`` saying why); errors name the argument ``calib``.
     """
-    from .data import check_images
-
     if not isinstance(calib, (ShapesDataset, torch.Tensor)):
         raise ValueError(f"calib must be a ShapesDataset or an (N, 3, H, W) tensor, got {type(calib).__name__}")
     return check_images(calib, "calib", min_images, min_what).to(device)

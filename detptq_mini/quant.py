@@ -39,36 +39,18 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from .checks import check_bool, check_int
+from .checks import check_axis, check_bits, check_bool, check_finite, check_images, check_int
 
 __all__ = [
     "int_range", "fake_quantize", "fake_quantize_forward", "qparams_from_range", "fold_bn", "QuantConfig",
     "Quantizer", "QuantConv2d", "quantize_model", "quant_layers", "set_quant_state", "collect_activations",
-    "calibrate_minmax", "quantization_off",
+    "calibrate_minmax", "quantization_off", "quant_state_kept", "eval_mode", "select_layers",
 ]
 
 SCALE_FLOOR = 1e-8  # scales are at least SCALE_FLOOR * max(1, |lo|, |hi|): finite and positive for all-zero data
 
 
 # ------------------------------------------------------------------ checks
-def _check_bits(name: str, bits) -> int:
-    """A bit width: an integer in 2..8."""
-    return check_int(name, bits, 2, 8)
-
-
-def _check_finite(x: Tensor, name: str = "x") -> None:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {type(x).__name__}"
-                         + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else ""))
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf; only finite values can be quantized")
-
-
-def _check_axis(axis, ndim: int) -> int | None:
-    axis = check_int("axis", axis, -ndim, ndim - 1, allow_none=True, hint="(None: per tensor)")
-    return None if axis is None else axis % ndim
-
-
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """Integer range ``(qmin, qmax)`` of a ``bits``-bit quantizer.
 
@@ -76,7 +58,7 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
         bits: bit width ``b``, an integer in 2..8.
         symmetric: ``True`` gives ``[-2^(b-1), 2^(b-1) - 1]`` (zero point 0), ``False`` gives ``[0, 2^b - 1]``.
     """
-    bits = _check_bits("bits", bits)
+    bits = check_bits("bits", bits)
     check_bool("symmetric", symmetric)
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
@@ -167,11 +149,11 @@ def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int, qm
     Returns:
         ``x_hat``, same shape, dtype and memory format as ``x``.
     """
-    _check_finite(x)
+    check_finite(x)
     qmin, qmax = check_int("qmin", qmin), check_int("qmax", qmax)
     if not qmin < qmax:
         raise ValueError(f"qmin={qmin} and qmax={qmax}: qmin must be less than qmax")
-    axis = _check_axis(axis, x.dim())
+    axis = check_axis(axis, x.dim())
     s, z = _broadcast_qparams(x, scale, zero_point, axis)
     if not (torch.isfinite(s) & (s > 0)).all():
         raise ValueError(f"scale must be finite and > 0, got {scale if s.numel() == 1 else s.flatten().tolist()}")
@@ -294,7 +276,7 @@ class QuantConfig:
 
     def __post_init__(self):
         for f in ("w_bits", "a_bits"):
-            object.__setattr__(self, f, _check_bits(f, getattr(self, f)))
+            object.__setattr__(self, f, check_bits(f, getattr(self, f)))
         for f in ("w_symmetric", "w_per_channel", "a_symmetric", "stem_8bit", "pred_8bit"):
             check_bool(f, getattr(self, f))
 
@@ -460,7 +442,14 @@ def quant_layers(qmodel: nn.Module) -> dict[str, QuantConv2d]:
     return {n: layers[n] for n in order}
 
 
-def _select(qmodel: nn.Module, layers: Iterable[str] | str | None) -> dict[str, QuantConv2d]:
+def select_layers(qmodel: nn.Module, layers: Iterable[str] | str | None = None,
+                  name: str = "layers") -> dict[str, QuantConv2d]:
+    """The quantized layers named by ``layers`` (a name, names, or ``None`` for all), in the order given.
+
+    The one place a layer is looked up by name: an unknown name is an error that lists the allowed ones, and a
+    model without quantized layers is an error that says to quantize it first. ``name`` is the argument's name
+    in the error (``"layers"``, ``"layer"``).
+    """
     all_layers = quant_layers(qmodel)
     if not all_layers:
         raise ValueError("qmodel has no QuantConv2d layers: quantize it with quantize_model first")
@@ -469,7 +458,7 @@ def _select(qmodel: nn.Module, layers: Iterable[str] | str | None) -> dict[str, 
     names = [layers] if isinstance(layers, str) else list(layers)
     unknown = [n for n in names if n not in all_layers]
     if unknown:
-        raise ValueError(f"layers has {unknown} that are not quantized layers; allowed: {', '.join(all_layers)}")
+        raise ValueError(f"{name} has {unknown} that are not quantized layers; allowed: {', '.join(all_layers)}")
     return {n: all_layers[n] for n in names}
 
 
@@ -479,40 +468,46 @@ def set_quant_state(qmodel: nn.Module, weights: bool | None = None, acts: bool |
 
     ``weights``/``acts``: ``True`` on, ``False`` off, ``None`` unchanged.
     """
-    for layer in _select(qmodel, layers).values():
+    for layer in select_layers(qmodel, layers).values():
         layer.set_quant_state(weights, acts)
 
 
 @contextmanager
-def quantization_off(qmodel: nn.Module) -> Iterator[None]:
-    """Within the block every quantizer of ``qmodel`` is off (the FP forward); the states are restored after."""
+def quant_state_kept(qmodel: nn.Module) -> Iterator[dict[str, QuantConv2d]]:
+    """Within the block the quantizers' on/off states may change; they are restored after (also on error).
+
+    Yields the quantized layers by name.
+    """
     layers = quant_layers(qmodel)
     saved = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in layers.items()}
     try:
-        for m in layers.values():
-            m.set_quant_state(False, False)
-        yield
+        yield layers
     finally:
         for n, (w, a) in saved.items():
             layers[n].set_quant_state(w, a)
 
 
 @contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+def quantization_off(qmodel: nn.Module) -> Iterator[None]:
+    """Within the block every quantizer of ``qmodel`` is off (the FP forward); the states are restored after."""
+    with quant_state_kept(qmodel) as layers:
+        for m in layers.values():
+            m.set_quant_state(False, False)
+        yield
+
+
+@contextmanager
+def eval_mode(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
+    """Within the block ``model`` is in eval mode (and, by default, gradients are off); every submodule's
+    train/eval mode is restored after, also on error. Yields the model."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
-            yield
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            yield model
     finally:
         for m, training in modes.items():
             m.train(training)
-
-
-def _as_images(images) -> Tensor:
-    from .data import check_images
-
-    return check_images(images, "images")
 
 
 def collect_activations(model: nn.Module, images, layers: Iterable[str] | None = None, max_elements: int = 2**20,
@@ -542,7 +537,7 @@ def collect_activations(model: nn.Module, images, layers: Iterable[str] | None =
     Returns:
         ``{name: 1-D tensor}`` in the order of ``layers``.
     """
-    images = _as_images(images)
+    images = check_images(images, "images")
     check_bool("quantized", quantized)
     max_elements = check_int("max_elements", max_elements, 2)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -590,7 +585,7 @@ def collect_activations(model: nn.Module, images, layers: Iterable[str] | None =
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     device = next(iter(model.parameters()), torch.empty(0)).device
     try:
-        with _eval_no_grad(model), (contextlib.nullcontext() if quantized else quantization_off(model)):
+        with eval_mode(model), (contextlib.nullcontext() if quantized else quantization_off(model)):
             for start in range(0, n_images, batch_size):
                 batch.update(index=batch["index"] + 1, start=start, end=min(start + batch_size, n_images))
                 model(images[start:batch["end"]].to(device))
@@ -618,7 +613,7 @@ def calibrate_minmax(qmodel: nn.Module, images, batch_size: int = 32) -> nn.Modu
     ``s = (hi - lo) / (2^b - 1)``, ``z = clamp(round(-lo / s), 0, 2^b - 1)`` (:func:`qparams_from_range`).
     The enabled/disabled state of every quantizer is left as it was.
     """
-    layers = _select(qmodel, None)
+    layers = select_layers(qmodel, None)
     for layer in layers.values():
         wq, w = layer.weight_quantizer, layer.conv.weight.detach()
         rows = w.reshape(1, -1) if wq.axis is None else w.reshape(w.shape[0], -1)

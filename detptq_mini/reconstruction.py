@@ -45,9 +45,9 @@ import torch
 from torch import Tensor, nn
 
 from . import adaround
-from .checks import check_choice, check_int, check_number
-from .detptq import _PROTOCOL, _check_images
-from .lp import P_DEFAULT, LayerScales, _check_ps
+from .checks import check_choice, check_images, check_int, check_number, check_ps
+from .detptq import _PROTOCOL
+from .lp import P_DEFAULT, LayerScales
 from .odol import odol
 from .quant import QuantConv2d, Quantizer, quant_layers, quantization_off
 
@@ -446,7 +446,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
         bad = sorted(todo - set(names))
         if bad or not todo:
             raise ValueError(f"units={bad or list(todo)!r}: give unit names; allowed: {', '.join(names)}")
-    images = _check_images(images)
+    images = check_images(images, "images")
     device = next(qmodel.parameters()).device
     images = images.to(device)
     hist = ReconHistory(config)
@@ -539,7 +539,7 @@ def rounding_ablation(qmodel: nn.Module, images, scales: dict[str, LayerScales],
         progress: a tqdm bar over the layers.
     """
     _check_protocol(qmodel, "qmodel")
-    ps = _check_ps(ps)
+    ps = check_ps(ps)
     all_layers = quant_layers(qmodel)
     layers = [layers] if isinstance(layers, str) else list(layers)
     bad = [n for n in layers if n not in all_layers]
@@ -550,7 +550,7 @@ def rounding_ablation(qmodel: nn.Module, images, scales: dict[str, LayerScales],
             raise ValueError(f"scales lacks layer {n!r} or one of ps={list(ps)}: search them first")
     base = ReconConfig() if config is None else config
     cfg = replace(base, iters=check_int("iters", iters, 1), quant_prob=1.0, lr_act=0.0)
-    images = _check_images(images).to(next(qmodel.parameters()).device)
+    images = check_images(images, "images").to(next(qmodel.parameters()).device)
     saved = {k: v.clone() for k, v in qmodel.state_dict().items()}
     states = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in all_layers.items()}
     out_scale: dict[str, dict[float, float]] = {}

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from detptq_mini.data import ShapesDataset, check_images
+from detptq_mini.checks import check_images
+from detptq_mini.data import ShapesDataset
 from detptq_mini.lp import lp_error, lp_scale_search
 from detptq_mini.odol import odol
 from detptq_mini.pipeline import PTQConfig, load_quantized, run_ptq, save_quantized
