@@ -26,7 +26,7 @@ import torch
 
 from .checks import check_int
 
-__all__ = ["CLASS_NAMES", "SPLITS", "ShapesDataset", "collate", "batches"]
+__all__ = ["CLASS_NAMES", "SPLITS", "ShapesDataset", "batches"]
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 SPLITS: dict[str, int] = {"train": 1, "val": 2, "calib": 3}  # disjoint seed streams
@@ -187,15 +187,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         return f"ShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, image_size={self.image_size})"
 
 
-def collate(items: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
-    """Stack images into ``(B, 3, H, W)``; keep targets as a list."""
-    return torch.stack([im for im, _ in items]), [t for _, t in items]
-
-
 def batches(dataset: ShapesDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, list[dict]]]:
     """Iterate over ``dataset`` in order, in batches of ``batch_size`` (the last one may be smaller)."""
     for s in range(0, len(dataset), batch_size):
         idx = range(s, min(s + batch_size, len(dataset)))
         yield dataset.images(s, idx.stop), [dataset[i][1] for i in idx]
-
-

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from .checks import check_bits, check_bool, check_choice, check_images, check_int, check_number, check_ps
-from .data import ShapesDataset
 from .detptq import Granularity, Rest, select_p
 from .odol import ClsMode, FgMode, LocMode
 from .lp import P_DEFAULT, apply_scales, search_model_scales
@@ -197,13 +196,12 @@ class PTQResult:
 
 def calibration_images(calib, device: str | torch.device = "cpu", min_images: int = 1,
                        min_what: str | None = None) -> torch.Tensor:
-    """A calibration set (a ShapesDataset or an ``(N, 3, H, W)`` float tensor) -> float tensor on ``device``.
+    """A calibration set (a data set with ``.images()``, such as a ShapesDataset, or an ``(N, 3, H, W)`` float
+    tensor: what :func:`~detptq_mini.detptq.select_p` accepts) -> float tensor on ``device``.
 
     Validated by :func:`detptq_mini.checks.check_images` (shape, dtype, NaN/inf, empty, at least ``min_images``
     images, ``min_what`` saying why); errors name the argument ``calib``.
     """
-    if not isinstance(calib, (ShapesDataset, torch.Tensor)):
-        raise ValueError(f"calib must be a ShapesDataset or an (N, 3, H, W) tensor, got {type(calib).__name__}")
     return check_images(calib, "calib", min_images, min_what).to(device)
 
 
@@ -238,8 +236,8 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
 
     Args:
         model: the FP detector (not modified).
-        calib: a :class:`~detptq_mini.data.ShapesDataset` or an ``(N, 3, H, W)`` tensor of calibration images
-            (labels are never used).
+        calib: a data set with ``.images()`` (a :class:`~detptq_mini.data.ShapesDataset`) or an ``(N, 3, H, W)``
+            tensor of calibration images (labels are never used).
         method: one of :data:`METHODS`.
         w_bits, a_bits: bit widths, 2..8.
         device: where to run.

@@ -136,3 +136,17 @@ def test_cli_quantize_bad_input(args, word):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and word in lines[0], r.stderr
+
+
+def test_run_ptq_accepts_any_data_set_with_images_as_select_p_does(pretrained, calib):
+    """A calibration set is anything with ``.images()`` (what select_p accepts), not only a ShapesDataset."""
+
+    class MyImages:  # not a ShapesDataset: only the .images() a calibration set needs
+        def images(self):
+            return calib.images()
+
+    a = run_ptq(pretrained, MyImages(), "minmax", 8, 8)
+    b = run_ptq(pretrained, calib.images(), "minmax", 8, 8)
+    assert a.report["calib_images"] == b.report["calib_images"] == len(calib)
+    for (na, ta), (nb, tb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert na == nb and torch.equal(ta, tb)
