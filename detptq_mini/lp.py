@@ -1,4 +1,4 @@
-"""The Lp metric and the scale search of DetPTQ (METHOD.md section 3).
+"""The Lp metric and the scale search of DetPTQ (method page, section 3).
 
 For a tensor ``X`` (a layer's weights, or a sample of its input activations) and a candidate scale ``s``::
 
@@ -212,7 +212,7 @@ def lp_sweep(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis: int | 
 
 def lp_scale_search(x: Tensor, bits: int, ps: Iterable[float] = P_DEFAULT, axis: int | None = None,
                     symmetric: bool = False, grid: int = 100) -> dict[float, tuple[Tensor, Tensor]]:
-    """For every ``p`` in ``ps``, the candidate ``(s, z)`` with the lowest ``L_p`` (METHOD.md section 3).
+    """For every ``p`` in ``ps``, the candidate ``(s, z)`` with the lowest ``L_p`` (method page, section 3).
 
     Args:
         x: tensor ``X``: weights ``(C_out, C_in, kH, kW)`` with ``axis=0, symmetric=True``, or an activation

@@ -2,7 +2,7 @@
 
 A functional core (:func:`fake_quantize`, :func:`qparams_from_range`, :func:`fold_bn`) under thin modules
 (:class:`Quantizer`, :class:`QuantConv2d`) and two model-level calls (:func:`quantize_model`,
-:func:`calibrate_minmax`). METHOD.md section 2 is the specification.
+:func:`calibrate_minmax`). The method page (book/method.md), section 2, is the specification.
 
 The quantizer (paper symbols -> code): bit width ``b`` (``bits``), scale ``s`` (``scale``), zero point ``z``
 (``zero_point``), integer range ``[qmin, qmax]`` (:func:`int_range`)::
@@ -14,13 +14,13 @@ Backward: the clipped straight-through estimator for ``x`` (Bengio et al. 2013: 
 ``qmin <= round(x / s) + z <= qmax``, else 0) and the LSQ gradient for ``s`` (Esser et al. 2020), so that a
 later step can learn the scale.
 
-=================  =====================  =================  ===================================
-granularity        ``scale`` shape        integer range      used for (defaults, METHOD.md 2)
-=================  =====================  =================  ===================================
+=================  =====================  =================  ===========================================
+granularity        ``scale`` shape        integer range      used for (defaults: method page, section 2)
+=================  =====================  =================  ===========================================
 per tensor         ``()``                 ``[0, 2^b - 1]``   activations: the input of every conv
 per channel (0)    ``(C_out,)``           ``[-2^(b-1),       weights, symmetric, ``z = 0``
                                           2^(b-1) - 1]``
-=================  =====================  =================  ===================================
+=================  =====================  =================  ===========================================
 
 BN folding follows Jacob et al. 2018 (integer-arithmetic-only inference).
 """
@@ -164,7 +164,7 @@ def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int, qm
 
 
 def qparams_from_range(lo: Tensor | float, hi: Tensor | float, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
-    """Scale and zero point that map the float range ``[lo, hi]`` onto the integer range (METHOD.md 2).
+    """Scale and zero point that map the float range ``[lo, hi]`` onto the integer range (method page, section 2).
 
     The range is first widened to contain 0 (``lo = min(lo, 0)``, ``hi = max(hi, 0)``). Symmetric:
     ``s = max(-lo, hi) / (2^(b-1) - 1)``, ``z = 0``. Asymmetric: ``s = (hi - lo) / (2^b - 1)``,
@@ -254,7 +254,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class QuantConfig:
-    """How :func:`quantize_model` quantizes a model (the defaults are METHOD.md section 2's).
+    """How :func:`quantize_model` quantizes a model (the defaults are those of the method page, section 2).
 
     Attributes:
         w_bits: weight bit width, 2..8.

@@ -1,4 +1,4 @@
-"""detptq_mini.lp: the Lp metric and the scale search (METHOD.md section 3)."""
+"""detptq_mini.lp: the Lp metric and the scale search (method page, section 3)."""
 
 import math
 
