@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 
 from detptq_mini import load_pretrained
+from detptq_mini.checkpoint import load_quantized
 from detptq_mini.data import ShapesDataset
 from detptq_mini.evaluate import evaluate_model
-from detptq_mini.pipeline import load_quantized
 from detptq_mini.quant import quant_layers
 
 GROUPS = {

@@ -10,6 +10,22 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import get_args
+
+from .benchmark import SUITES, load_results, run_suite, select_cells
+from .checkpoint import WEIGHTS_DIR, load_any, load_pretrained, pretrained_info, save_quantized
+from .data import ShapesDataset
+from .evaluate import evaluate_model
+from .export import (OnnxDetector, check_exportable, check_layers, compare_outputs, export_onnx, latency_per_image,
+                     onnx_session, qdq_summary, to_float)
+from .odol import ClsMode, LocMode
+from .pipeline import METHODS, RECON_METHODS, run_ptq
+from .reconstruction import LOSS_NORMS
+from .train import TrainConfig, train
+from .utils import resolve_device
 
 __all__ = ["main", "build_parser"]
 
@@ -23,10 +39,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-# ODOL's terms (``detptq_mini.odol.ClsMode`` / ``LocMode``; spelled out so that parsing does not import torch)
-_ODOL_CLS = ("kl", "l2")
-_ODOL_LOC = ("l1", "iou")
-_LOSS_NORMS = ("none", "before")  # detptq_mini.reconstruction.LOSS_NORMS
+# the choices of --odol-cls / --odol-loc (ODOL's terms) and --loss-norm
+_ODOL_CLS: tuple[str, ...] = get_args(ClsMode)
+_ODOL_LOC: tuple[str, ...] = get_args(LocMode)
+_LOSS_NORMS: tuple[str, ...] = LOSS_NORMS
 
 
 def _positive_int(text: str) -> int:
@@ -50,8 +66,6 @@ def _non_negative_int(text: str) -> int:
 
 
 def _check_out_dir(path: str, flag: str) -> None:
-    from pathlib import Path
-
     if not Path(path).parent.is_dir():
         raise UsageError(f"{flag} {path!r}: directory {str(Path(path).parent)!r} does not exist")
 
@@ -139,12 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> dict:
-    from dataclasses import replace
-
-    from .model import WEIGHTS_DIR
-    from .train import TrainConfig, train
-    from .utils import resolve_device
-
     cfg = TrainConfig(seed=args.seed)
     if args.epochs is not None:
         cfg = replace(cfg, epochs=args.epochs)
@@ -153,39 +161,15 @@ def _cmd_train(args) -> dict:
     return {"map": hist["val"]["map"], "map50": hist["val"]["map50"], "seconds": hist["seconds"]}
 
 
-def _load_any(checkpoint: str | None, device):
-    """The model of ``--checkpoint`` (FP or quantized: the file is read once), or the shipped FP model."""
-    from .model import detector_from_checkpoint, load_pretrained, read_checkpoint
-    from .pipeline import quantized_from_checkpoint
-
-    if checkpoint is None:
-        return load_pretrained(device)
-    ckpt = read_checkpoint(checkpoint, device)
-    what = f"checkpoint {checkpoint!r}"
-    if "quant" in ckpt:
-        return quantized_from_checkpoint(ckpt, what, device)[0]
-    return detector_from_checkpoint(ckpt, what).to(device)
-
-
 def _cmd_evaluate(args) -> dict:
-    from .data import ShapesDataset
-    from .evaluate import evaluate_model
-    from .utils import resolve_device
-
     device = resolve_device(args.device)
-    model = _load_any(args.checkpoint, device)
+    model = load_pretrained(device) if args.checkpoint is None else load_any(args.checkpoint, device).model
     m = evaluate_model(model, ShapesDataset("val", args.val, seed=0), device=device, progress=args.progress)
     return {"map": m["map"], "map50": m["map50"], "map75": m["map75"], "val_images": args.val,
             "checkpoint": args.checkpoint or "shipped"}
 
 
 def _cmd_quantize(args) -> dict:
-    from .data import ShapesDataset
-    from .evaluate import evaluate_model
-    from .model import load_pretrained, pretrained_info
-    from .pipeline import METHODS, RECON_METHODS, run_ptq, save_quantized
-    from .utils import resolve_device
-
     if args.method not in METHODS:
         raise UsageError(f"--method {args.method!r} is not a method; allowed: {', '.join(METHODS)}")
     if args.seed < 0:
@@ -236,11 +220,6 @@ def _cmd_quantize(args) -> dict:
 
 
 def _cmd_benchmark(args) -> int:
-    from pathlib import Path
-
-    from .benchmark import SUITES, load_results, run_suite, select_cells
-    from .utils import resolve_device
-
     if args.quick and args.suite not in (None, "quick"):
         raise UsageError(f"--quick is --suite quick; it cannot be combined with --suite {args.suite}")
     suite = "quick" if args.quick else args.suite or "simple"
@@ -287,25 +266,14 @@ def _cmd_benchmark(args) -> int:
 
 
 def _cmd_export(args) -> dict:
-    import tempfile
-
-    from .data import ShapesDataset
-    from .evaluate import evaluate_model
-    from .export import (OnnxDetector, check_exportable, check_layers, compare_outputs, export_onnx,
-                         latency_per_image, onnx_session, qdq_summary, to_float)
-    from .model import read_checkpoint
-    from .pipeline import quantized_from_checkpoint
-    from .utils import resolve_device
-
     _check_out_dir(args.onnx, "--onnx")
     if not args.onnx.endswith(".onnx"):
         raise UsageError(f"--onnx {args.onnx!r} must end in .onnx")
     device = resolve_device(args.device)
-    ckpt = read_checkpoint(args.checkpoint, "cpu")
-    if "quant" not in ckpt:
+    qmodel, kind, report = load_any(args.checkpoint, "cpu")
+    if kind != "quantized":
         raise UsageError(f"--checkpoint {args.checkpoint!r} holds an FP model; export needs a W8A8 checkpoint "
                          "from `detptq-mini quantize --w-bits 8 --a-bits 8 --out PATH`")
-    qmodel, report = quantized_from_checkpoint(ckpt, f"checkpoint {args.checkpoint!r}", "cpu")
     try:
         check_exportable(qmodel)
     except ValueError as e:

@@ -33,12 +33,10 @@ from .checks import check_bits, check_bool, check_choice, check_images, check_in
 from .detptq import Granularity, Rest, select_p
 from .odol import ClsMode, FgMode, LocMode
 from .lp import P_DEFAULT, apply_scales, search_model_scales
-from .utils import atomic_torch_save
 from .quant import QuantConfig, calibrate_minmax, fold_bn, quant_layers, quantize_model
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
 
-__all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images", "save_quantized", "load_quantized",
-           "quantized_from_checkpoint"]
+__all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images"]
 
 Method = Literal["minmax", "lp", "detptq", "brecq", "qdrop", "detptq-qdrop"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -287,57 +285,3 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
         report["reconstruction"] = history.summary()
         report["timings"] = {"scales_and_selection": t_init, "reconstruction": history.seconds["total"]}
     return PTQResult(qmodel.eval(), report, history)
-
-
-def save_quantized(result: PTQResult, path, fp_config: dict) -> None:
-    """Write the quantized model (weights, quantization parameters, chosen p, config) atomically."""
-    payload = {"state_dict": result.model.state_dict(), "config": fp_config,
-               "quant": {"ptq_config": result.report["config"], "quant_config": result.report["quant_config"],
-                         "chosen_p": result.report["chosen_p"]},
-               "report": {k: v for k, v in result.report.items() if k != "seconds"}}
-    atomic_torch_save(payload, path, "out")
-
-
-def load_quantized(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a checkpoint written by :func:`save_quantized`; returns the quantized model and its report.
-
-    Errors (ValueError, naming ``checkpoint``): the file is missing or not a checkpoint; it holds an FP model;
-    its weights do not fit the architecture its config describes (another architecture); its quantization
-    config cannot be built, or gives other bit widths than the ones it was saved with, or a quantizer has no
-    valid scale (another quantization config).
-    """
-    from .model import read_checkpoint
-
-    return quantized_from_checkpoint(read_checkpoint(path, device), f"checkpoint {str(path)!r}", device)
-
-
-def quantized_from_checkpoint(ckpt: dict, what: str = "checkpoint",
-                              device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """:func:`load_quantized` of a checkpoint dict already read by :func:`detptq_mini.model.read_checkpoint`."""
-    from .model import check_state_dict, detector_from_config
-
-    quant = ckpt.get("quant")
-    if not isinstance(quant, dict) or not isinstance(quant.get("quant_config"), dict):
-        raise ValueError(f"{what} is not a quantized detptq-mini checkpoint (no quantization config); "
-                         "an FP checkpoint loads with detptq_mini.model.load_checkpoint")
-    try:
-        qc = QuantConfig(**quant["quant_config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} has a quantization config this version cannot build: {e}") from None
-    qmodel = quantize_model(detector_from_config(ckpt["config"], what).eval(), qc)
-    check_state_dict(qmodel, ckpt["state_dict"], what)
-    qmodel.load_state_dict(ckpt["state_dict"])
-    report = ckpt.get("report") or {}
-    saved = report.get("layers") or {}
-    for name, layer in quant_layers(qmodel).items():
-        bits = {"w_bits": layer.weight_quantizer.bits, "a_bits": layer.input_quantizer.bits}
-        if name in saved and saved[name] != bits:
-            raise ValueError(f"{what}: layer {name!r} was saved at {saved[name]} but its quantization config "
-                             f"{qc.to_dict()} gives {bits}; the checkpoint's config and parameters do not match")
-        for kind, q in (("weight", layer.weight_quantizer), ("input", layer.input_quantizer)):
-            ok = bool(q.calibrated) and bool((torch.isfinite(q.scale) & (q.scale > 0)).all()) and bool(
-                ((q.zero_point >= q.qmin) & (q.zero_point <= q.qmax)).all())
-            if not ok:
-                raise ValueError(f"{what}: layer {name!r} has no valid {kind} quantization parameters (scale finite "
-                                 f"and > 0, zero point in {q.qmin}..{q.qmax}); it was not written by save_quantized")
-    return qmodel.to(device).eval(), report

@@ -33,9 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, complete_box_iou_loss
 
+from .checkpoint import save_checkpoint
 from .data import ShapesDataset
-from .utils import atomic_torch_save, atomic_write_json
+from .evaluate import evaluate_model
 from .model import STRIDES, DenseOutputs, Detector, DetectorConfig, distances_to_boxes, flatten_levels, make_anchors
+from .utils import atomic_write_json
 
 __all__ = ["LossConfig", "TrainConfig", "detection_loss", "assign", "train", "ModelEMA"]
 
@@ -192,20 +194,13 @@ def _flip(images: Tensor, targets: list[dict], gen: torch.Generator) -> tuple[Te
     return images, out
 
 
-def save_checkpoint(model: Detector, path: str | os.PathLike, meta: dict | None = None) -> None:
-    """Write ``{"state_dict", "config", "meta"}`` atomically (a temporary file, then a rename)."""
-    atomic_torch_save({"state_dict": model.state_dict(), "config": asdict(model.config), "meta": meta or {}}, path)
-
-
 def train(cfg: TrainConfig = TrainConfig(), device: str | torch.device = "cpu", progress: bool = False,
           out_dir: str | os.PathLike | None = None) -> tuple[Detector, dict]:
     """Train the FP detector from scratch; returns the EMA model (eval mode) and a history dict.
 
     With ``out_dir`` the EMA weights and their metadata (config, seed, val mAP) are written there as
-    ``detector.pt`` and ``detector.json``, atomically.
+    ``detector.pt`` (:func:`detptq_mini.checkpoint.save_checkpoint`) and ``detector.json``, atomically.
     """
-    from .evaluate import evaluate_model  # evaluation is only needed at the end
-
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from detptq_mini import load_pretrained
+from detptq_mini.checkpoint import WEIGHTS_DIR
 from detptq_mini.data import ShapesDataset
-from detptq_mini.model import WEIGHTS_DIR
 
 
 @pytest.fixture(scope="session")
@@ -14,8 +15,6 @@ def val_small():
 def pretrained():
     if not (WEIGHTS_DIR / "detector.pt").exists():
         pytest.fail("shipped weights are missing: run `make weights`")
-    from detptq_mini import load_pretrained
-
     return load_pretrained()
 
 

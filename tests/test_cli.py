@@ -35,10 +35,12 @@ def test_bad_input_is_one_line_and_exit_2(args, word):
 def test_checkpoint_for_another_architecture(tmp_path, capsys):
     import torch
 
+    from detptq_mini.checkpoint import checkpoint_header
     from detptq_mini.model import Detector, DetectorConfig
 
     other = Detector(DetectorConfig(widths=(16, 32, 64, 128, 256)))
     path = tmp_path / "other.pt"
-    torch.save({"state_dict": other.state_dict(), "config": {}}, path)  # default config, wrong weights
+    torch.save({"header": checkpoint_header("fp"), "state_dict": other.state_dict(), "config": {}},
+               path)  # default config, wrong weights
     assert main(["evaluate", "--checkpoint", str(path)]) == 2
     assert "does not fit this model's architecture" in capsys.readouterr().err

@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 
+from detptq_mini.checkpoint import load_quantized, save_quantized
 from detptq_mini.data import ShapesDataset
 from detptq_mini.detptq import Selection, select_p
 from detptq_mini.lp import search_model_scales
 from detptq_mini.odol import odol
-from detptq_mini.pipeline import PTQConfig, load_quantized, run_ptq, save_quantized
+from detptq_mini.pipeline import PTQConfig, run_ptq
 from detptq_mini.quant import QuantConfig, quant_layers, quantization_off, quantize_model
 
 PS = (1.0, 2.0, 4.0)

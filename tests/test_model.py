@@ -2,8 +2,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detptq_mini.model import STRIDES, DenseOutputs, Detector, check_state_dict, decode, load_checkpoint, postprocess
-from detptq_mini.train import save_checkpoint
+from detptq_mini.model import STRIDES, DenseOutputs, Detector, decode, postprocess
 
 
 @pytest.fixture(scope="module")
@@ -106,26 +105,3 @@ def test_bad_images_are_rejected(model):
         model(torch.rand(3, 128, 128))
     with pytest.raises(ValueError, match="float"):
         model(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
-
-
-def test_checkpoint_round_trip_and_mismatch(tmp_path, model):
-    p = tmp_path / "m.pt"
-    save_checkpoint(model, p, {"note": "x"})
-    again = load_checkpoint(p)
-    x = torch.rand(1, 3, 128, 128)
-    assert torch.equal(model(x).cls[0], again(x).cls[0])
-    bad = tmp_path / "bad.pt"
-    state = model.state_dict()
-    state["head.p3.cls.pred.weight"] = torch.zeros(7, 48, 1, 1)
-    torch.save({"state_dict": state, "config": {"num_classes": 4}}, bad)
-    with pytest.raises(ValueError, match="does not fit"):
-        load_checkpoint(bad)
-    with pytest.raises(ValueError, match="does not exist"):
-        load_checkpoint(tmp_path / "nope.pt")
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a detptq-mini checkpoint"):
-        load_checkpoint(tmp_path / "junk.pt")
-    with pytest.raises(ValueError, match="missing"):
-        check_state_dict(model, {})
-    with pytest.raises(ValueError, match="does not exist"):
-        save_checkpoint(model, tmp_path / "no_dir" / "m.pt")

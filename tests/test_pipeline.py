@@ -7,7 +7,7 @@ import torch
 
 from detptq_mini.data import ShapesDataset
 from detptq_mini.lp import P_DEFAULT, apply_scales, lp_scale_search, search_model_scales
-from detptq_mini.pipeline import METHODS, PTQConfig, load_quantized, run_ptq, save_quantized
+from detptq_mini.pipeline import METHODS, PTQConfig, run_ptq
 from detptq_mini.quant import QuantConfig, quant_layers, quantize_model
 
 
@@ -89,21 +89,6 @@ def test_bad_calibration_input(pretrained):
     with pytest.raises(ValueError, match="unknown option"):
         run_ptq(pretrained, torch.zeros(2, 3, 128, 128), "minmax", 4, 4, colour="red")
     assert METHODS == ("minmax", "lp", "detptq", "brecq", "qdrop", "detptq-qdrop")
-
-
-def test_quantized_checkpoint_round_trip(pretrained, calib, tmp_path):
-    res = run_ptq(pretrained, calib, "lp", 4, 4, p=2.0, max_elements=2**12)
-    path = tmp_path / "q.pt"
-    save_quantized(res, path, dict(pretrained.config.__dict__))
-    q2, report = load_quantized(path)
-    x = calib.images(0, 2)
-    with torch.no_grad():
-        a, b = res.model(x), q2(x)
-    assert all(torch.equal(u, v) for u, v in zip(a.cls + a.box, b.cls + b.box))
-    assert report["chosen_p"] == res.report["chosen_p"]
-    with pytest.raises(ValueError, match="does not exist"):
-        save_quantized(res, tmp_path / "missing" / "q.pt", {})
-    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def _cli(*args):

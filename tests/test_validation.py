@@ -11,11 +11,12 @@ import sys
 import pytest
 import torch
 
+from detptq_mini.checkpoint import WEIGHTS_DIR, load_checkpoint, load_quantized, save_quantized
 from detptq_mini.checks import check_images
 from detptq_mini.data import ShapesDataset
 from detptq_mini.lp import lp_error, lp_scale_search
 from detptq_mini.odol import odol
-from detptq_mini.pipeline import PTQConfig, load_quantized, run_ptq, save_quantized
+from detptq_mini.pipeline import PTQConfig, run_ptq
 from detptq_mini.quant import QuantConfig, fake_quantize, quantize_model, set_quant_state
 
 IMG = torch.rand(2, 3, 64, 64)
@@ -30,7 +31,7 @@ def calib8():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, pretrained, calib8):
-    """A W8A8 and a W4A4 quantized checkpoint, and tampered copies of the W8A8 one."""
+    """A W8A8 and a W4A4 quantized checkpoint, tampered copies of the W8A8 one, and the shipped FP one unversioned."""
     d = tmp_path_factory.mktemp("ckpt")
     fp_config = dict(pretrained.config.__dict__)
     paths = {}
@@ -43,8 +44,11 @@ def checkpoints(tmp_path_factory, pretrained, calib8):
                                                                        "w_per_channel": False}}}
     other_bits = {**ckpt, "quant": {**ckpt["quant"], "quant_config": {**ckpt["quant"]["quant_config"], "w_bits": 4}}}
     bad_bits = {**ckpt, "quant": {**ckpt["quant"], "quant_config": {**ckpt["quant"]["quant_config"], "w_bits": 12}}}
+    future_version = {**ckpt, "header": {**ckpt["header"], "format": 99}}
+    fp_no_version = {k: v for k, v in torch.load(WEIGHTS_DIR / "detector.pt", weights_only=True).items()
+                     if k != "header"}  # an FP checkpoint as written before checkpoints had a format version
     for name, obj in (("other_arch", other_arch), ("per_tensor", per_tensor), ("other_bits", other_bits),
-                      ("bad_bits", bad_bits)):
+                      ("bad_bits", bad_bits), ("future_version", future_version), ("fp_no_version", fp_no_version)):
         paths[name] = d / f"{name}.pt"
         torch.save(obj, paths[name])
     return paths
@@ -94,10 +98,18 @@ def test_library_bad_input(case, pretrained):
     ("per_tensor", "does not fit this model's architecture"),  # scales of another shape
     ("other_bits", "was saved at .* but its quantization config"),
     ("bad_bits", "quantization config this version cannot build: w_bits=12 must be an integer in 2..8"),
+    ("future_version", r"has format version 99; this release of detptq-mini reads format version\(s\) 1; re-create it"),
 ])
 def test_checkpoint_for_another_architecture_or_quantization_config(checkpoints, name, message):
     with pytest.raises(ValueError, match=message):
         load_quantized(checkpoints[name])
+
+
+def test_checkpoint_without_format_version(checkpoints):
+    with pytest.raises(ValueError, match=r"fp_no_version.pt' has format version none \(written before checkpoints "
+                                         r"had a format version\); this release of detptq-mini reads format "
+                                         r"version\(s\) 1; re-create it: `detptq-mini train --out-dir DIR` for an FP"):
+        load_checkpoint(checkpoints["fp_no_version"])
 
 
 def test_output_path_in_missing_directory(tmp_path, pretrained, calib8):
@@ -148,14 +160,14 @@ def test_cli_bad_input_one_line_exit_2(case):
     ("evaluate", "per_tensor", "does not fit this model's architecture"),
     ("evaluate", "other_bits", "was saved at"),
     ("evaluate", "bad_bits", "w_bits=12 must be an integer in 2..8"),
+    ("evaluate", "fp_no_version", "has format version none (written before checkpoints had a format version)"),
+    ("export", "future_version", "has format version 99; this release of detptq-mini reads format version(s) 1"),
     ("export", "w4a4", "is W4A4; ONNX QDQ export supports W8A8 only"),
     ("export", "fp", "holds an FP model; export needs a W8A8 checkpoint"),
     ("export", "missing_dir", "--onnx"),
     ("export", "not_onnx", "must end in .onnx"),
 ])
 def test_cli_checkpoint_and_export_cases(checkpoints, tmp_path, command, name, message):
-    from detptq_mini.model import WEIGHTS_DIR
-
     ckpt = {"fp": WEIGHTS_DIR / "detector.pt"}.get(name, checkpoints.get(name, checkpoints["w8a8"]))
     args = [command, "--checkpoint", str(ckpt), "--val", "4"]
     if command == "export":
