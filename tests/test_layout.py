@@ -57,7 +57,12 @@ def _package_imports(module: str, path: Path):
     tree = ast.parse(path.read_text(), str(path))
     funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     nested = {id(sub) for f in funcs for sub in ast.walk(f) if sub is not f}
+    # `if TYPE_CHECKING:` imports are for annotations only: no dependency at run time
+    typing_only = {id(sub) for n in ast.walk(tree) if isinstance(n, ast.If) and isinstance(n.test, ast.Name)
+                   and n.test.id == "TYPE_CHECKING" for sub in ast.walk(n)}
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             target = _target(node, module, path)
             if target is None:
