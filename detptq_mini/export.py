@@ -9,7 +9,7 @@ function, and a runtime may fuse each pair with the conv that follows into an in
                                 Conv -- ...          (one pair on the input, one on the weight of every conv)
     W --Q(s_w, 0, int8, axis 0)--DQ--+
 
-The mapping from our quantizer (METHOD.md section 2) is exact at 8 bits: activations are asymmetric per tensor
+The mapping from our quantizer (method page, section 2) is exact at 8 bits: activations are asymmetric per tensor
 in ``[0, 255]`` (uint8, zero point in range), weights symmetric per output channel in ``[-128, 127]`` (int8,
 zero point 0; per-channel ``QuantizeLinear`` needs opset >= 13). Lower bit widths have no 8-bit QDQ form, so
 only W8A8 models are exported (:func:`check_exportable` says why a model is not).
