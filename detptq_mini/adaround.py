@@ -1,4 +1,4 @@
-"""AdaRound: learn whether each weight rounds up or down (Nagel et al. 2020; METHOD.md section 6).
+"""AdaRound: learn whether each weight rounds up or down (Nagel et al. 2020; method page, section 6).
 
 Round-to-nearest is not the best rounding for a layer's *output*: rounding a few weights the "wrong" way
 can cancel the errors of others. AdaRound keeps the weight scale ``s`` fixed and learns, per weight, a

@@ -43,8 +43,9 @@ METHODS: tuple[str, ...] = get_args(Method)
 RECON_METHODS: tuple[str, ...] = ("brecq", "qdrop", "detptq-qdrop")
 FIXED_P_METHODS: tuple[str, ...] = ("lp", "brecq", "qdrop")
 _QUANT_PROB = {"brecq": 1.0, "qdrop": 0.5, "detptq-qdrop": 0.5}
-_RECON_OPTIONS = ("iters", "recon_batch_size", "quant_prob", "round_lam", "lr_v", "lr_act",
-                  "recon_loss_norm")
+# the reconstruction options of PTQConfig and the ReconConfig field each one sets (p and seed are shared options)
+_RECON_OPTIONS = (("iters", "iters"), ("recon_batch_size", "batch_size"), ("quant_prob", "quant_prob"),
+                  ("round_lam", "lam"), ("lr_v", "lr_v"), ("lr_act", "lr_act"), ("recon_loss_norm", "loss_norm"))
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class PTQConfig:
 
     def _check_recon(self) -> None:
         """Validate the reconstruction options (resolving their defaults); other methods must leave them None."""
-        given = [name for name in _RECON_OPTIONS if getattr(self, name) is not None]
+        given = [option for option, _ in _RECON_OPTIONS if getattr(self, option) is not None]
         if self.method not in RECON_METHODS:
             if given:
                 raise ValueError(f"option(s) {', '.join(given)} only apply to the reconstruction methods "
@@ -161,23 +162,17 @@ class PTQConfig:
         if self.method == "brecq" and self.quant_prob not in (None, 1, 1.0):
             raise ValueError(f"quant_prob={self.quant_prob!r}: BRECQ quantizes every activation element "
                              "(quant_prob=1.0); use method 'qdrop' for another probability")
-        defaults = ReconConfig()
-        values = {"iters": self.iters, "batch_size": self.recon_batch_size, "lam": self.round_lam,
-                  "lr_v": self.lr_v, "lr_act": self.lr_act, "loss_norm": self.recon_loss_norm,
-                  "quant_prob": _QUANT_PROB[self.method] if self.quant_prob is None else self.quant_prob}
-        resolved = ReconConfig(**{k: getattr(defaults, k) if v is None else v for k, v in values.items()})
-        for option, key in (("iters", "iters"), ("recon_batch_size", "batch_size"), ("quant_prob", "quant_prob"),
-                            ("round_lam", "lam"), ("lr_v", "lr_v"), ("lr_act", "lr_act"),
-                            ("recon_loss_norm", "loss_norm")):
+        values = {key: getattr(self, option) for option, key in _RECON_OPTIONS if getattr(self, option) is not None}
+        resolved = ReconConfig(**{"quant_prob": _QUANT_PROB[self.method], **values})  # the others: its defaults
+        for option, key in _RECON_OPTIONS:
             object.__setattr__(self, option, getattr(resolved, key))
 
     def recon_config(self) -> ReconConfig:
         """The :class:`~detptq_mini.reconstruction.ReconConfig` of a reconstruction method."""
         if self.method not in RECON_METHODS:
             raise ValueError(f"method={self.method!r} does no reconstruction")
-        return ReconConfig(iters=self.iters, batch_size=self.recon_batch_size, lr_v=self.lr_v, lr_act=self.lr_act,
-                           lam=self.round_lam, quant_prob=self.quant_prob, p=2.0 if self.p is None else self.p,
-                           seed=self.seed, loss_norm=self.recon_loss_norm)
+        return ReconConfig(**{key: getattr(self, option) for option, key in _RECON_OPTIONS},
+                           p=2.0 if self.p is None else self.p, seed=self.seed)
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, stem_8bit=self.stem_8bit, pred_8bit=self.pred_8bit)

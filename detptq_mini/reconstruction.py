@@ -1,4 +1,4 @@
-"""Block reconstruction: BRECQ, QDrop and DetPTQ's per-unit Lp loss (METHOD.md section 6).
+"""Block reconstruction: BRECQ, QDrop and DetPTQ's per-unit Lp loss (method page, section 6).
 
 Simple PTQ sets each quantizer's scale and rounds every weight to nearest. *Reconstruction* then tunes
 the quantized network one unit at a time so that each unit's output matches the FP network's:
@@ -15,19 +15,18 @@ the quantized network one unit at a time so that each unit's output matches the 
 
   (the Lp reconstruction loss summed over channels, as BRECQ's ``lp_loss``), batch ``batch_size``; with
   ``loss_norm="before"`` the first term is divided by its value before reconstruction (an experiment of ours);
-* QDrop [Wei et al. 2022]: during reconstruction each activation element is quantized with probability
-  ``quant_prob`` and left FP otherwise, at every input quantizer of the unit, and the unit's input is itself
-  an element-wise mix of the quantized-prefix input (probability ``quant_prob``) and the FP input. BRECQ
-  [Li et al. 2021] is ``quant_prob = 1``: always quantized, always the quantized-prefix input. (QDrop's code
-  calls this probability ``drop_prob`` although it is the probability of *keeping* quantization; we name
-  it for what it is.)
+* QDrop [Wei et al. 2022] (:mod:`detptq_mini.qdrop`): during reconstruction each activation element is
+  quantized with probability ``quant_prob`` and left FP otherwise, at every input quantizer of the unit, and
+  the unit's input is itself an element-wise mix of the quantized-prefix input (probability ``quant_prob``)
+  and the FP input. BRECQ [Li et al. 2021] is ``quant_prob = 1``: always quantized, always the
+  quantized-prefix input.
 * at the end of each unit the hard rounding is written into the weights and the learned step sizes into
   the quantizers, and the unit's quantized output (hard, every element quantized) is cached as the next
   unit's quantized-prefix input.
 
 The p of the loss is ``p`` for every unit (the BRECQ and QDrop baselines: 2; StablePTQ's 2.4 is an option)
 or, in DetPTQ mode, the p chosen for that unit by :func:`detptq_mini.detptq.select_p` at unit
-granularity, whose ``s_p*`` are also the unit's starting scales [ours, METHOD.md 6]. Every method runs
+granularity, whose ``s_p*`` are also the unit's starting scales [ours, method page, section 6]. Every method runs
 through :func:`reconstruct`; only ``p`` (per unit) and ``quant_prob`` differ.
 
 :func:`rounding_ablation` is the paper's check that learned rounding does not move the best p.
@@ -43,25 +42,26 @@ from typing import Iterable, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from . import adaround
+from . import adaround, qdrop
 from .checks import check_choice, check_images, check_int, check_number, check_ps
 from .detptq import _PROTOCOL
 from .lp import P_DEFAULT, LayerScales
 from .odol import odol
-from .quant import QuantConv2d, Quantizer, quant_layers, quantization_off
+from .quant import QuantConv2d, eval_mode, quant_layers, quantization_off
 
 LossNorm = Literal["none", "before"]
 LOSS_NORMS: tuple[str, ...] = get_args(LossNorm)
 
-__all__ = ["LOSS_NORMS", "ReconConfig", "UnitHistory", "ReconHistory", "QDropQuantizer", "MaskPool", "lp_loss",
-           "reconstruct_unit", "reconstruct", "rounding_ablation", "RoundingAblation"]
+__all__ = ["LOSS_NORMS", "ReconConfig", "UnitHistory", "ReconHistory", "lp_loss", "reconstruct_unit", "reconstruct",
+           "rounding_ablation", "RoundingAblation"]
 
 
 # ------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class ReconConfig:
-    """Settings of one reconstruction run (defaults: BRECQ/QDrop's, METHOD.md 6 and the reference notes).
+    """Settings of one reconstruction run (defaults: BRECQ/QDrop's, method page, section 6).
 
     Attributes:
         iters: optimisation steps per unit (the references use 20,000 on ImageNet GPUs; see the chapter).
@@ -169,110 +169,6 @@ def lp_loss(out: Tensor, target: Tensor, p: float) -> Tensor:
     return d.sum(1).mean()
 
 
-class _MixedFakeQuantize(torch.autograd.Function):
-    """Fake quantization with an element-wise keep mask, in float arithmetic (no ``where``, no bool masks,
-    which are several times slower than float ops on CPU): ``out = x_hat * keep + x * (1 - keep)``.
-
-    The forward is :func:`detptq_mini.quant.fake_quantize_forward`'s sequence of operations, so kept elements
-    equal :func:`~detptq_mini.quant.fake_quantize` bit for bit. Backward: the clipped STE on kept elements
-    (identity on the others) and the LSQ gradient for the scale, summed over kept elements and multiplied by
-    ``grad_factor``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point: float, qmin: int, qmax: int, keep, grad_factor: float):
-        inv = 1.0 / scale
-        t = x * inv
-        q = torch.round(t).add_(zero_point)
-        x_hat = q.clamp(qmin, qmax)
-        inr = (q - x_hat).abs_().clamp_(max=1.0).neg_().add_(1.0)  # 1 inside the range, 0 outside
-        x_hat.sub_(zero_point)
-        need_s = ctx.needs_input_grad[1]
-        ds = torch.addcmul(x_hat, inr, t, value=-1.0) if need_s else None  # d(x_hat)/ds: q - z - x/s inside, q - z out
-        x_hat.mul_(scale)
-        if keep is None:
-            out, gx = x_hat, inr
-        else:  # x_hat * keep + x * (1 - keep): exactly x_hat or x (a product with 0 or 1 is exact)
-            drop = 1.0 - keep
-            out = torch.addcmul(x_hat.mul_(keep), x, drop)
-            gx = torch.addcmul(drop, keep, inr)
-            if need_s:
-                ds.mul_(keep)
-        ctx.grad_factor = grad_factor
-        ctx.save_for_backward(gx, ds) if need_s else ctx.save_for_backward(gx)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        gx, *rest = ctx.saved_tensors
-        grad_x = grad * gx if ctx.needs_input_grad[0] else None
-        grad_s = (grad * rest[0]).sum().mul_(ctx.grad_factor).reshape(()) if rest else None
-        return grad_x, grad_s, None, None, None, None, None
-
-
-class MaskPool:
-    """Random keep masks (1 with probability ``prob``, else 0) for batches of one tensor shape.
-
-    Drawing a fresh random number per element costs about as much as the convolution itself on a CPU (the
-    generator runs at a few ns per element), so a pool of ``size`` per-sample masks is drawn once (on the
-    first call, or when the shape changes) and each call gives each sample of the batch a mask picked at
-    random from the pool [ours].
-    """
-
-    def __init__(self, prob: float, generator: torch.Generator | None, size: int = 128):
-        self.prob, self.generator, self.size = prob, generator, size
-        self.pool: Tensor | None = None
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.pool is None or self.pool.shape[1:] != x.shape[1:] or self.pool.dtype != x.dtype:
-            pool = torch.empty((self.size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-            pool.bernoulli_(self.prob, generator=self.generator)
-            self.pool = pool.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else pool
-        idx = torch.randint(0, self.size, (x.shape[0],), generator=self.generator, device=x.device)
-        return self.pool[idx]
-
-
-class QDropQuantizer(nn.Module):
-    """An activation quantizer for reconstruction: a learnable step size (LSQ) and QDrop's random keep.
-
-    Wraps a calibrated :class:`~detptq_mini.quant.Quantizer` (per tensor). ``forward(x)`` fake-quantizes
-    ``x`` with the learnable ``scale`` and, while ``drop`` is on and ``quant_prob < 1``, keeps each quantized
-    element with probability ``quant_prob`` and the FP value otherwise. The step size's gradient is scaled by
-    LSQ's ``1 / sqrt(features * qmax)``. A disabled inner quantizer passes ``x`` through.
-    The masks come from a :class:`MaskPool` of ``pool`` per-sample masks [ours].
-    """
-
-    def __init__(self, quantizer: Quantizer, quant_prob: float, generator: torch.Generator | None,
-                 learn_scale: bool = True, pool: int = 128):
-        super().__init__()
-        if not isinstance(quantizer, Quantizer) or quantizer.axis is not None:
-            raise ValueError("quantizer must be a per-tensor Quantizer")
-        self.inner = quantizer
-        scale = quantizer.scale.detach().clone()
-        if learn_scale:
-            self.scale = nn.Parameter(scale)
-        else:
-            self.register_buffer("scale", scale)
-        self.zero = float(quantizer.zero_point)
-        self.quant_prob = quant_prob
-        self.masks = MaskPool(quant_prob, generator, pool)
-        self.drop = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.inner.enabled:
-            return x
-        s = self.scale.clamp_min(1e-8)
-        keep = self.masks(x) if self.drop and self.quant_prob < 1 else None
-        g = 1.0 / math.sqrt(x[0].numel() * self.inner.qmax)
-        return _MixedFakeQuantize.apply(x, s, self.zero, self.inner.qmin, self.inner.qmax, keep, g)
-
-    @torch.no_grad()
-    def finish(self) -> None:
-        """Write the learned step size into the inner quantizer (zero point unchanged); drop the mask pool."""
-        self.inner.set_qparams(self.scale.detach().clamp_min(1e-8), self.inner.zero_point)
-        self.masks.pool = None
-
-
 def _unit_layers(module: nn.Module, prefix: str) -> dict[str, QuantConv2d]:
     if isinstance(module, QuantConv2d):
         return {prefix: module}
@@ -339,30 +235,21 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
         for lname, layer in layers.items():
             if layer.weight_quantizer.enabled:
                 adas[lname] = adaround.attach(layer)
-            drops[lname] = QDropQuantizer(layer.input_quantizer, config.quant_prob, gen,
-                                          learn_scale=config.lr_act > 0)
-            layer.input_quantizer = drops[lname]
+            drops[lname] = qdrop.attach(layer, config.quant_prob, gen, learn_scale=config.lr_act > 0)
         fused = device.type in ("cpu", "cuda")  # one fused kernel per step: 2-3x cheaper than the loop on CPU
         opt_v = torch.optim.Adam([a.v for a in adas.values()], lr=config.lr_v, fused=fused) if adas else None
         scales = [d.scale for d in drops.values() if isinstance(d.scale, nn.Parameter)]
         opt_s = torch.optim.Adam(scales, lr=config.lr_act, fused=fused) if scales else None
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=config.iters, eta_min=0) if scales else None
-        mixers = [MaskPool(config.quant_prob, gen) for _ in x_q]
+        mixes = [qdrop.InputMix(config.quant_prob, gen) for _ in x_q]
         bs = min(config.batch_size, n)
         steps = range(config.iters)
         if progress:
-            from tqdm.auto import tqdm
             steps = tqdm(steps, desc=f"reconstruct {name}", unit="it", leave=False)
         for step in steps:
             idx = torch.randperm(n, generator=gen, device=device)[:bs]
-            if config.quant_prob < 1:  # the input mix: quantized-prefix input where kept, FP input elsewhere
-                inputs = []
-                for a, b, mixer in zip(x_q, x_fp, mixers):
-                    bf = b[idx]
-                    keep = mixer(bf)
-                    inputs.append(torch.addcmul(a[idx].mul_(keep), bf, keep.neg_().add_(1.0)))
-            else:
-                inputs = [a[idx] for a in x_q]
+            # the input mix: quantized-prefix input where kept, FP input elsewhere (quant_prob = 1: x_q[idx])
+            inputs = [mix(a, b, idx) for a, b, mix in zip(x_q, x_fp, mixes)]
             rec = lp_loss(module(*inputs), y_fp[idx], p)
             if norm != 1.0:
                 rec = rec * norm
@@ -389,8 +276,7 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
             if lname in adas:
                 hist.flipped[lname] = adaround.finish(layer)
             if lname in drops:
-                drops[lname].finish()
-                layer.input_quantizer = drops[lname].inner
+                qdrop.finish(layer)
     hist.seconds = time.perf_counter() - t0
     hist.after = _full_loss(module, x_q, y_fp, p, config.chunk)
     return hist
@@ -451,16 +337,11 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
     images = images.to(device)
     hist = ReconHistory(config)
     t_cache = t_opt = 0.0
-    modes = {m: m.training for m in qmodel.modules()}
-    qmodel.eval()
-    fp_model.eval()
-    try:
-        with torch.no_grad():
-            env_q = qmodel.capture(images, 0)
-            env_fp = fp_model.capture(images, 0)
+    with eval_mode(qmodel), eval_mode(fp_model):  # gradients only inside reconstruct_unit
+        env_q = qmodel.capture(images, 0)
+        env_fp = fp_model.capture(images, 0)
         steps = list(enumerate(qmodel.units))
         if progress:
-            from tqdm.auto import tqdm
             steps = tqdm(steps, desc="reconstruction", unit="unit")
         for k, u in steps:
             t = time.perf_counter()
@@ -482,9 +363,6 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
                 for key in [key for key in env if key not in live]:
                     del env[key]
             t_cache += time.perf_counter() - t
-    finally:
-        for m, training in modes.items():
-            m.train(training)
     hist.seconds = {"cache": t_cache, "optimise": t_opt, "total": t_cache + t_opt}
     return hist
 

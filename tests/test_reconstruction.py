@@ -1,5 +1,5 @@
-"""Block reconstruction: the mixed fake quantizer's forward and gradients, the QDrop masks, one unit and the
-whole detector, the V ablation, and the three reconstruction methods through run_ptq."""
+"""Block reconstruction: the config, the loss, one unit and the whole detector, the V ablation, and the three
+reconstruction methods through run_ptq (QDrop's quantizer and masks: test_qdrop.py)."""
 
 import copy
 
@@ -11,10 +11,10 @@ from detptq_mini.adaround import AdaRoundQuantizer
 from detptq_mini.data import ShapesDataset
 from detptq_mini.lp import search_model_scales
 from detptq_mini.pipeline import PTQConfig, run_ptq
-from detptq_mini.quant import (QuantConfig, QuantConv2d, Quantizer, _FakeQuantize, calibrate_minmax, fake_quantize,
-                               fold_bn, qparams_from_range, quant_layers, quantize_model)
-from detptq_mini.reconstruction import (MaskPool, QDropQuantizer, ReconConfig, _MixedFakeQuantize, lp_loss,
-                                        reconstruct, reconstruct_unit, rounding_ablation)
+from detptq_mini.qdrop import QDropQuantizer
+from detptq_mini.quant import (QuantConfig, QuantConv2d, Quantizer, calibrate_minmax, fake_quantize, fold_bn,
+                               qparams_from_range, quant_layers, quantize_model)
+from detptq_mini.reconstruction import ReconConfig, lp_loss, reconstruct, reconstruct_unit, rounding_ablation
 
 
 @pytest.fixture(scope="module")
@@ -47,66 +47,6 @@ def test_lp_loss_sums_channels_and_averages_the_rest():
     assert lp_loss(out, target, 2.0).item() == pytest.approx(3 * 4 / 40)
     assert lp_loss(out, target, 1.0).item() == pytest.approx(3 * 2 / 40)
     assert lp_loss(out, target, 3.0).item() == pytest.approx(3 * 8 / 40)
-
-
-def _reference(x, s, z, qmin, qmax, keep):
-    x_hat = _FakeQuantize.apply(x, s, torch.tensor(float(z)), qmin, qmax)
-    return x_hat if keep is None else torch.where(keep.bool(), x_hat, x)
-
-
-@pytest.mark.parametrize("with_keep", [False, True])
-def test_mixed_fake_quantize_matches_the_reference_forward_and_gradients(with_keep):
-    torch.manual_seed(1)
-    x = (torch.randn(4, 5, 6, 7) * 2).contiguous(memory_format=torch.channels_last)
-    keep = (torch.rand(x.shape) < 0.5).float() if with_keep else None
-    grad = torch.randn(x.shape)
-    results = []
-    for fn in (lambda x, s: _MixedFakeQuantize.apply(x, s, 3.0, 0, 15, keep, 0.25),
-               lambda x, s: _reference(x, s, 3, 0, 15, keep)):
-        xi = x.clone().requires_grad_(True)
-        s = torch.tensor(0.3, requires_grad=True)
-        out = fn(xi, s)
-        out.backward(grad)
-        results.append((out.detach(), xi.grad, s.grad))
-    (o1, gx1, gs1), (o2, gx2, gs2) = results
-    assert torch.equal(o1, o2)  # bit for bit: the same sequence of float operations
-    assert torch.equal(gx1, gx2)
-    assert gs1.item() == pytest.approx(0.25 * gs2.item(), rel=1e-5)  # the LSQ gradient, scaled by grad_factor
-    assert o1.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_mask_pool_draws_with_the_given_probability():
-    gen = torch.Generator().manual_seed(0)
-    pool = MaskPool(0.3, gen, size=64)
-    x = torch.zeros(32, 8, 16, 16).contiguous(memory_format=torch.channels_last)
-    masks = torch.stack([pool(x) for _ in range(5)])
-    assert set(masks.unique().tolist()) <= {0.0, 1.0}
-    assert masks.mean().item() == pytest.approx(0.3, abs=0.01)
-    assert masks[0].shape == x.shape and masks[0].is_contiguous(memory_format=torch.channels_last)
-    assert not torch.equal(masks[0], masks[1])  # a new pairing of samples and masks each call
-
-
-def test_qdrop_quantizer_learns_a_scale_and_writes_it_back():
-    q = Quantizer(4, False)
-    q.set_qparams(*qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), 4, False))
-    qd = QDropQuantizer(q, 1.0, torch.Generator().manual_seed(0))
-    x = torch.randn(8, 3, 4, 4) * 2
-    assert torch.equal(qd(x), fake_quantize(x, q.scale, q.zero_point, q.qmin, q.qmax))
-    (qd(x) - x).square().sum().backward()
-    assert qd.scale.grad is not None and qd.scale.grad.item() != 0
-    with torch.no_grad():
-        qd.scale.mul_(1.5)
-    qd.finish()
-    assert q.scale.item() == pytest.approx(1.5 * 4 / 15)
-    q.enabled = False
-    assert qd(x) is x
-    half = QDropQuantizer(q, 0.5, torch.Generator().manual_seed(0))
-    q.enabled = True
-    out = half(x)
-    quantized = out == fake_quantize(x, q.scale, q.zero_point, q.qmin, q.qmax)
-    assert 0.3 < (quantized & (out != x)).float().mean().item() < 0.7
-    with pytest.raises(ValueError, match="per-tensor"):
-        QDropQuantizer(Quantizer(4, True, 0, 3), 0.5, None)
 
 
 def _conv_layer(seed=0):

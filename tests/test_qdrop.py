@@ -1,0 +1,246 @@
+"""QDrop: the mixed fake quantizer's forward and gradients, the pool of keep masks, the input mix, the activation
+quantizer with a learnable step size, and swapping it in and out of a layer."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from detptq_mini import qdrop
+from detptq_mini.qdrop import InputMix, MaskPool, QDropQuantizer, mixed_fake_quantize
+from detptq_mini.quant import QuantConv2d, Quantizer, fake_quantize, qparams_from_range
+
+S, Z, QMIN, QMAX = 0.3, 3.0, 0, 15
+
+
+def _x(seed=1, shape=(4, 5, 6, 7)):
+    torch.manual_seed(seed)
+    return (torch.randn(shape) * 2).contiguous(memory_format=torch.channels_last)  # some values out of range
+
+
+def _keep(x, prob=0.5, seed=2):
+    return (torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) < prob).float()
+
+
+def _quantizer(lo=-1.0, hi=3.0, bits=4):
+    q = Quantizer(bits, False)
+    q.set_qparams(*qparams_from_range(torch.tensor(lo), torch.tensor(hi), bits, False))
+    return q
+
+
+# ------------------------------------------------------------------ mixed_fake_quantize
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_mixed_fake_quantize_matches_fake_quantize_forward_and_gradients(with_keep):
+    x = _x()
+    keep = _keep(x) if with_keep else None
+    grad = torch.randn(x.shape)
+    results = []
+    for mixed in (True, False):
+        xi = x.clone().requires_grad_(True)
+        s = torch.tensor(S, requires_grad=True)
+        if mixed:
+            out = mixed_fake_quantize(xi, s, Z, QMIN, QMAX, keep, 0.25)
+        else:
+            out = fake_quantize(xi, s, torch.tensor(Z), QMIN, QMAX)
+            out = out if keep is None else torch.where(keep.bool(), out, xi)
+        out.backward(grad)
+        results.append((out.detach(), xi.grad, s.grad))
+    (o1, gx1, gs1), (o2, gx2, gs2) = results
+    assert torch.equal(o1, o2)  # bit for bit: the same sequence of float operations
+    assert torch.equal(gx1, gx2)
+    assert gs1.item() == pytest.approx(0.25 * gs2.item(), rel=1e-5)  # the LSQ gradient, scaled by grad_factor
+    assert o1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_mixed_fake_quantize_is_fake_quantize_where_kept_and_x_where_dropped():
+    x = _x()
+    keep = _keep(x)
+    assert 0 < keep.mean() < 1
+    out = mixed_fake_quantize(x, torch.tensor(S), Z, QMIN, QMAX, keep)
+    x_hat = fake_quantize(x, S, int(Z), QMIN, QMAX)
+    kept = keep.bool()
+    assert torch.equal(out[kept], x_hat[kept])
+    assert torch.equal(out[~kept], x[~kept])
+    assert torch.equal(mixed_fake_quantize(x, torch.tensor(S), Z, QMIN, QMAX), x_hat)  # keep=None: every element
+    assert torch.equal(mixed_fake_quantize(x, torch.tensor(S), Z, QMIN, QMAX, torch.ones_like(x)), x_hat)
+    assert torch.equal(mixed_fake_quantize(x, torch.tensor(S), Z, QMIN, QMAX, torch.zeros_like(x)), x)
+
+
+def test_mixed_fake_quantize_gradients_ste_identity_and_step_size():
+    x = _x()
+    keep = _keep(x)
+    grad = torch.randn(x.shape)
+    xi = x.clone().requires_grad_(True)
+    s = torch.tensor(S, requires_grad=True)
+    mixed_fake_quantize(xi, s, Z, QMIN, QMAX, keep, 0.5).backward(grad)
+    t = x * (1.0 / S)
+    q = torch.round(t) + Z
+    inside = (q >= QMIN) & (q <= QMAX)
+    kept = keep.bool()
+    # x: the clipped STE where kept (1 inside the range, 0 outside), the identity where dropped
+    assert torch.equal(xi.grad, torch.where(kept, grad * inside.float(), grad))
+    assert (xi.grad[kept & ~inside] == 0).all() and bool((kept & ~inside).any())
+    # the step size: LSQ's d x_hat / d s (round(x/s) - x/s inside, clamp(q) - z outside), kept elements only
+    ds = torch.where(inside, torch.round(t) - t, q.clamp(QMIN, QMAX) - Z)
+    expected = 0.5 * (grad * ds * keep).sum()
+    assert s.grad.item() == pytest.approx(expected.item(), rel=1e-4)
+    # no gradient asked for the step size: none computed
+    xi2 = x.clone().requires_grad_(True)
+    mixed_fake_quantize(xi2, torch.tensor(S), Z, QMIN, QMAX, keep).backward(grad)
+    assert torch.equal(xi2.grad, xi.grad)
+
+
+# ------------------------------------------------------------------ MaskPool
+@pytest.mark.parametrize("prob", [0.3, 0.5, 0.9])
+def test_mask_pool_keep_rate_is_quant_prob(prob):
+    size, draws = 64, 50
+    pool = MaskPool(prob, torch.Generator().manual_seed(0), size=size)
+    x = torch.zeros(32, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    masks = torch.stack([pool(x) for _ in range(draws)])
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert masks[0].shape == x.shape and masks[0].dtype == x.dtype
+    assert masks[0].is_contiguous(memory_format=torch.channels_last)
+    # the draws reuse the pool's masks: the independent Bernoulli draws are the pool's size * features elements
+    n = size * x[0].numel()
+    std = math.sqrt(prob * (1 - prob) / n)
+    assert abs(pool.pool.mean().item() - prob) < 5 * std
+    # the mean over T picked masks: variance p (1 - p) / features * (1/size + 1/T) (random picks with replacement)
+    picks = draws * x.shape[0]
+    std = math.sqrt(prob * (1 - prob) / x[0].numel() * (1 / size + 1 / picks))
+    assert abs(masks.mean().item() - prob) < 5 * std
+    assert not torch.equal(masks[0], masks[1])  # a new pairing of samples and masks each call
+
+
+def test_mask_pool_is_drawn_once_per_shape_and_dtype():
+    pool = MaskPool(0.5, torch.Generator().manual_seed(0), size=8)
+    x = torch.zeros(4, 3, 5, 5)
+    pool(x)
+    first = pool.pool
+    pool(x)
+    assert pool.pool is first
+    pool(torch.zeros(4, 3, 6, 6))
+    assert pool.pool is not first and pool.pool.shape == (8, 3, 6, 6)
+    pool(torch.zeros(4, 3, 6, 6, dtype=torch.float64))
+    assert pool.pool.dtype == torch.float64
+    assert pool(torch.zeros(2, 7)).shape == (2, 7)
+
+
+def test_masks_are_deterministic_under_a_fixed_generator():
+    x = torch.zeros(16, 4, 8, 8)
+
+    def draws(seed):
+        pool = MaskPool(0.5, torch.Generator().manual_seed(seed), size=16)
+        return [pool(x) for _ in range(3)]
+
+    a, b, c = draws(0), draws(0), draws(1)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not all(torch.equal(u, v) for u, v in zip(a, c))
+
+    q, y = _quantizer(), _x()
+
+    def quantized(seed):
+        qd = QDropQuantizer(q, 0.5, torch.Generator().manual_seed(seed))
+        return [qd(y) for _ in range(3)]
+
+    assert all(torch.equal(u, v) for u, v in zip(quantized(3), quantized(3)))
+    assert not all(torch.equal(u, v) for u, v in zip(quantized(3), quantized(4)))
+
+
+# ------------------------------------------------------------------ InputMix
+def test_input_mix_takes_the_quantized_input_with_probability_prob():
+    x_q, x_fp = torch.full((64, 4, 8, 8), 1.0), torch.full((64, 4, 8, 8), -1.0)
+    idx = torch.arange(0, 64, 2)
+    mix = InputMix(0.5, torch.Generator().manual_seed(0), size=32)
+    out = mix(x_q, x_fp, idx)
+    assert out.shape == (32, 4, 8, 8)
+    assert set(out.unique().tolist()) == {-1.0, 1.0}
+    std = math.sqrt(0.25 / (4 * 8 * 8) * (1 / 32 + 1 / 32))  # 32 masks picked from a pool of 32 (see above)
+    assert abs((out == 1).float().mean().item() - 0.5) < 5 * std
+    assert (x_q == 1).all() and (x_fp == -1).all()  # the inputs are not modified
+    # element-wise: x_q where kept, x_fp elsewhere, for any values
+    a, b = torch.randn(64, 4, 8, 8), torch.randn(64, 4, 8, 8)
+    out = InputMix(0.5, torch.Generator().manual_seed(0), size=32)(a, b, idx)
+    assert ((out == a[idx]) | (out == b[idx])).all()
+    assert bool((out == a[idx]).any()) and bool((out == b[idx]).any())
+
+
+def test_input_mix_with_prob_one_is_the_quantized_input_and_draws_nothing():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    x_q, x_fp = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4)
+    idx = torch.tensor([3, 1, 4])
+    assert torch.equal(InputMix(1.0, gen)(x_q, x_fp, idx), x_q[idx])
+    assert torch.equal(gen.get_state(), state)
+
+
+# ------------------------------------------------------------------ QDropQuantizer
+def test_quant_prob_one_is_plain_fake_quantization():
+    q, x = _quantizer(), _x()
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    qd = QDropQuantizer(q, 1.0, gen)
+    for _ in range(3):
+        assert torch.equal(qd(x), fake_quantize(x, q.scale, q.zero_point, q.qmin, q.qmax))
+    assert torch.equal(gen.get_state(), state)  # no mask drawn
+    qd.drop = False  # the switch that turns the masks off at any quant_prob
+    half = QDropQuantizer(q, 0.5, gen)
+    half.drop = False
+    assert torch.equal(half(x), fake_quantize(x, q.scale, q.zero_point, q.qmin, q.qmax))
+
+
+def test_qdrop_quantizer_learns_a_scale_and_writes_it_back():
+    q = _quantizer()
+    qd = QDropQuantizer(q, 1.0, torch.Generator().manual_seed(0))
+    x = torch.randn(8, 3, 4, 4) * 2
+    assert torch.equal(qd(x), fake_quantize(x, q.scale, q.zero_point, q.qmin, q.qmax))
+    (qd(x) - x).square().sum().backward()
+    assert qd.scale.grad is not None and qd.scale.grad.item() != 0
+    with torch.no_grad():
+        qd.scale.mul_(1.5)
+    qd.finish()
+    assert q.scale.item() == pytest.approx(1.5 * 4 / 15)
+    assert qd.masks.pool is None
+    q.enabled = False
+    assert qd(x) is x
+    half = QDropQuantizer(q, 0.5, torch.Generator().manual_seed(0))
+    q.enabled = True
+    out = half(x)
+    quantized = out == fake_quantize(x, q.scale, q.zero_point, q.qmin, q.qmax)
+    assert 0.3 < (quantized & (out != x)).float().mean().item() < 0.7
+    with pytest.raises(ValueError, match="per-tensor"):
+        QDropQuantizer(Quantizer(4, True, 0, 3), 0.5, None)
+
+
+def test_qdrop_quantizer_step_size_gradient_is_lsq_scaled():
+    q, x = _quantizer(), _x()
+    qd = QDropQuantizer(q, 1.0, None)
+    grad = torch.randn(x.shape)
+    qd(x).backward(grad)
+    s = q.scale.detach().clone().requires_grad_(True)
+    fake_quantize(x, s, q.zero_point, q.qmin, q.qmax).backward(grad)
+    g = 1.0 / math.sqrt(x[0].numel() * q.qmax)
+    assert qd.scale.grad.item() == pytest.approx(g * s.grad.item(), rel=1e-5)
+    fixed = QDropQuantizer(q, 1.0, None, learn_scale=False)
+    assert not isinstance(fixed.scale, nn.Parameter) and "scale" in dict(fixed.named_buffers())
+
+
+# ------------------------------------------------------------------ attach / finish
+def test_attach_and_finish_swap_the_input_quantizer():
+    torch.manual_seed(0)
+    layer = QuantConv2d(nn.Conv2d(3, 4, 3, padding=1), w_bits=4, a_bits=4)
+    original = layer.input_quantizer
+    original.set_qparams(*qparams_from_range(torch.tensor(-1.0), torch.tensor(2.0), 4, False))
+    drop = qdrop.attach(layer, 0.5, torch.Generator().manual_seed(0), learn_scale=True)
+    assert layer.input_quantizer is drop and drop.inner is original
+    with pytest.raises(ValueError, match="already has a QDropQuantizer"):
+        qdrop.attach(layer, 0.5, None)
+    with torch.no_grad():
+        drop.scale.mul_(2.0)
+    qdrop.finish(layer)
+    assert layer.input_quantizer is original
+    assert original.scale.item() == pytest.approx(2 * 3 / 15)
+    with pytest.raises(ValueError, match="no QDropQuantizer"):
+        qdrop.finish(layer)
+    with pytest.raises(ValueError, match="QuantConv2d"):
+        qdrop.attach(nn.Conv2d(3, 4, 1), 0.5, None)
