@@ -1,9 +1,10 @@
 """detptq-mini: task-loss-guided post-training quantization (DetPTQ) of a small YOLO-style detector.
 
-Modules, in the order data flows: ``data`` -> ``model`` (+ ``adapter``) -> ``train`` / ``evaluate`` -> ``quant`` (+ ``lp``)
--> ``odol`` / ``detptq`` -> ``reconstruction`` -> ``pipeline`` -> ``cli``; ``utils`` and ``checks`` (argument checks)
-sit below them all. ``checkpoint`` reads and writes every checkpoint file (FP and quantized) for ``train``, the
-``cli`` and :func:`load_pretrained` (public here: the shipped FP detector).
+Modules, in the order data flows (each imports only modules before it): ``checks``, ``utils``, ``data``,
+``model`` (the restartable-detector base class and the shipped detector), ``adapter``, ``quant``, ``lp``, ``evaluate``,
+``odol``, ``detptq``, ``adaround``, ``qdrop``, ``reconstruction``, ``checkpoint``, ``pipeline``; beside them ``train``,
+``studies``, ``export``, ``viz``, the ``benchmark`` package and ``cli``. The README's module table says what each
+holds; the book's method page states the method. :func:`load_pretrained` (the shipped FP detector) is public here.
 """
 
 from .checkpoint import load_pretrained
