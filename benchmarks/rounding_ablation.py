@@ -21,7 +21,7 @@ from detptq_mini import load_pretrained
 from detptq_mini.data import ShapesDataset
 from detptq_mini.lp import P_DEFAULT, search_model_scales
 from detptq_mini.quant import QuantConfig, calibrate_minmax, quantize_model
-from detptq_mini.reconstruction import rounding_ablation
+from detptq_mini.studies import rounding_ablation
 from detptq_mini.utils import atomic_write_json
 
 LAYERS = ("backbone.down1.conv", "backbone.c2f2.cv1.conv", "backbone.c2f3.m.0.cv2.conv", "neck.td3.cv2.conv",

@@ -1,25 +1,38 @@
 """Your own detector: an adapter that makes torchvision's RetinaNet a restartable detector.
 
 Everything after :mod:`detptq_mini.model` (quantization, the Lp scale search, ODOL, DetPTQ's p selection,
-reconstruction) talks to the detector through one small protocol, the one :class:`~detptq_mini.model.Detector`
-implements:
+reconstruction) talks to the detector through one base class, :class:`~detptq_mini.model.UnitDetector`, which
+:class:`~detptq_mini.model.Detector` subclasses. An adapter subclasses it too and provides three pieces; the
+base class gives the restartable forward built on them:
 
 ==================  ==============================================================================
-member              what it is
+the adapter gives   what it is
 ==================  ==============================================================================
-``units``           the forward as a program of :class:`~detptq_mini.model.Unit` (``name, inputs,
+``units``           the forward as a tuple of :class:`~detptq_mini.model.Unit` (``name, inputs,
                     output``): ``env[output] = get_submodule(name)(*[env[n] for n in inputs])``
 ``outputs``         ``((class-logit tensor names, ...), (box tensor names, ...))`` in the final env
+``prepare(x)``      images ``(B, 3, H, W)`` in [0, 1] -> the tensor ``"image"`` the first unit reads
+==================  ==============================================================================
+
+==================  ==============================================================================
+the base gives      what it is
+==================  ==============================================================================
 ``run``             execute units ``start:stop`` on a dict of named tensors
-``capture``         the live tensors before a unit (``capture(x, 0) == {"image": prepared x}``)
+``capture``         the live tensors before a unit (``capture(x, 0) == {"image": prepare(x)}``)
 ``forward_from``    restart the forward at a unit from those tensors
-``live_names``,     bookkeeping: which tensors are alive before a unit, unit lookup by name or index,
-``unit_index``,     the unit that holds a conv, every conv in forward order
+``collect``,        the :class:`~detptq_mini.model.DenseOutputs` named by ``outputs``, and
+``forward``         ``forward(x) = collect(run({"image": prepare(x)}))``
+``live_names``,     bookkeeping: which tensors are alive before a unit, which later units depend on a
+``dependents``,     unit's output, unit lookup by name or index, the unit that holds a conv, every
+``unit_index``,     conv in forward order
 ``unit_of``,
 ``conv_names``
 ==================  ==============================================================================
 
-:class:`RetinaNetAdapter` implements it for ``torchvision.models.detection.RetinaNet`` with a ResNet-FPN
+An adapter that lacks a piece (no ``units`` or ``outputs``, ``prepare`` not implemented, a unit that is not a
+submodule or reads a tensor no earlier unit writes) fails when it is built, with a ValueError naming the piece.
+
+:class:`RetinaNetAdapter` is that subclass for ``torchvision.models.detection.RetinaNet`` with a ResNet-FPN
 backbone (``retinanet_resnet50_fpn`` and ``_v2``), so the same ``run_ptq(..., "detptq")`` call quantizes it.
 
 Units (each a real module; calling it on the unit's input tensors gives its single output tensor, which is
@@ -61,7 +74,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from .model import DenseOutputs, Detector, Unit
+from .model import DenseOutputs, Unit, UnitDetector
 
 __all__ = ["RetinaNetAdapter", "freeze_batchnorm", "SharedHead", "TopDown"]
 
@@ -140,7 +153,7 @@ def _check_retinanet(model) -> None:
                          f"{type(bb.fpn.extra_blocks).__name__}")
 
 
-class RetinaNetAdapter(nn.Module):
+class RetinaNetAdapter(UnitDetector):
     """torchvision's RetinaNet as a restartable detector (see the module docstring).
 
     The adapter owns a deep copy of ``model``'s modules (the input model is not modified), regrouped into
@@ -155,16 +168,6 @@ class RetinaNetAdapter(nn.Module):
     Raises:
         ValueError: ``model`` is not such a RetinaNet.
     """
-
-    # The restartable forward is the same code as the shipped detector's.
-    unit_names = Detector.unit_names
-    conv_names = Detector.conv_names
-    unit_index = Detector.unit_index
-    unit_of = Detector.unit_of
-    live_names = Detector.live_names
-    run = Detector.run
-    capture = Detector.capture
-    forward_from = Detector.forward_from
 
     def __init__(self, model: RetinaNet):
         super().__init__()
@@ -218,7 +221,7 @@ class RetinaNetAdapter(nn.Module):
         self.eval()
 
     # ------------------------------------------------------------ forward
-    def _prepare(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> Tensor:
         """Images ``(B, 3, H, W)`` in [0, 1] -> RetinaNet's input: resized, normalized, padded (its transform)."""
         return self._image_list(x)[0].tensors
 
@@ -231,13 +234,6 @@ class RetinaNetAdapter(nn.Module):
         sizes = [tuple(im.shape[-2:]) for im in x]
         image_list, _ = self.transform(list(x))
         return image_list, sizes
-
-    def _collect(self, env: dict[str, Tensor]) -> DenseOutputs:
-        return DenseOutputs((env["cls"],), (env["box"],))
-
-    def forward(self, x: Tensor) -> DenseOutputs:
-        """Dense head outputs for images ``x`` ``(B, 3, H, W)`` in [0, 1] (one packed level, see the class)."""
-        return self._collect(self.run({"image": self._prepare(x)}))
 
     def head_outputs(self, out: DenseOutputs) -> dict[str, Tensor]:
         """Packed outputs -> torchvision's ``{"cls_logits": (B, N, K), "bbox_regression": (B, N, 4)}``."""
@@ -252,7 +248,7 @@ class RetinaNetAdapter(nn.Module):
         features = [env[n] for n in self.levels]
         anchors = self.anchor_generator(image_list, features)
         per_level = [p.shape[-2] * p.shape[-1] * self.num_anchors for p in features]
-        head = {k: list(v.split(per_level, dim=1)) for k, v in self.head_outputs(self._collect(env)).items()}
+        head = {k: list(v.split(per_level, dim=1)) for k, v in self.head_outputs(self.collect(env)).items()}
         split_anchors = [list(a.split(per_level)) for a in anchors]
         dets = RetinaNet.postprocess_detections(self, head, split_anchors, image_list.image_sizes)
         return self.transform.postprocess(dets, image_list.image_sizes, sizes)

@@ -28,11 +28,16 @@ Each unit reads named tensors and writes one. Because the PAN neck reads
 earlier backbone outputs, the input of unit ``k`` is in general several
 tensors: ``model.live_names(k)`` names them, ``model.capture(x, k)`` computes
 them, and ``model.forward_from(k, cache)`` restarts the forward there, so a
-later unit can be re-evaluated without recomputing the prefix.
+later unit can be re-evaluated without recomputing the prefix. That machinery
+is :class:`UnitDetector`, the base class of every detector the library
+quantizes: :class:`Detector` (this one) and
+:class:`detptq_mini.adapter.RetinaNetAdapter` only declare their units, their
+outputs and how images enter the first unit.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -42,7 +47,8 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 __all__ = [
-    "STRIDES", "DenseOutputs", "Unit", "Detector", "ConvBNAct", "C2f", "SPPF", "make_anchors", "decode", "postprocess",
+    "STRIDES", "DenseOutputs", "Unit", "UnitDetector", "check_unit_detector", "Detector", "ConvBNAct", "C2f", "SPPF",
+    "make_anchors", "decode", "postprocess",
 ]
 
 STRIDES: tuple[int, ...] = (8, 16, 32)
@@ -163,7 +169,185 @@ class DetectorConfig:
     head_width: int = 48
 
 
-class Detector(nn.Module):
+class UnitDetector(nn.Module):
+    """Base class of a restartable detector: the forward as a program of named units.
+
+    Everything after this module (quantization, the Lp scale search, ODOL, DetPTQ's selection of p, block
+    reconstruction) talks to a detector through this class. A subclass provides three pieces, in ``__init__``
+    or as methods:
+
+    * ``units``: the forward as a tuple of :class:`Unit` ``(name, inputs, output)`` in forward order, where
+      ``name`` is the path of a submodule and ``env[output] = get_submodule(name)(*[env[n] for n in inputs])``;
+      the first units read ``"image"``;
+    * ``outputs``: ``((class-logit tensor names, ...), (box tensor names, ...))``, one name per level, read
+      from the final ``env`` by :meth:`collect`;
+    * :meth:`prepare`: images ``(B, 3, H, W)`` in [0, 1] -> the tensor ``"image"`` the first unit reads.
+
+    The base class gives the rest: :meth:`run` (execute units ``start:stop`` on a dict of named tensors),
+    :meth:`capture` and :meth:`forward_from` (restart the forward at a unit), :meth:`live_names`,
+    :meth:`dependents`, the unit lookups (:attr:`unit_names`, :meth:`unit_index`, :meth:`unit_of`,
+    :meth:`conv_names`), :meth:`collect` and ``forward(x) = collect(run({"image": prepare(x)}))``.
+
+    A subclass is checked when it is built (after its ``__init__``): a missing or malformed ``units`` or
+    ``outputs``, or a ``prepare`` left abstract, is a ValueError naming the missing piece.
+    """
+
+    units: tuple[Unit, ...]
+    outputs: tuple[tuple[str, ...], tuple[str, ...]]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def checked_init(self, *args, **kw):
+            init(self, *args, **kw)
+            if type(self).__init__ is checked_init:  # the outermost __init__ has run: the object is complete
+                self._check_built()
+
+        cls.__init__ = checked_init
+
+    def _check_built(self) -> None:
+        """Raise a ValueError naming the first missing or malformed piece of the subclass."""
+        what = type(self).__name__
+        units, outputs = getattr(self, "units", None), getattr(self, "outputs", None)
+        if units is None:
+            raise ValueError(f"{what} is not a complete UnitDetector: it sets no `units` (the forward as a tuple of "
+                             "Unit(name, inputs, output), in forward order)")
+        if not isinstance(units, tuple) or not units or not all(isinstance(u, Unit) for u in units):
+            raise ValueError(f"{what}.units must be a non-empty tuple of Unit(name, inputs, output), got {units!r}")
+        if outputs is None:
+            raise ValueError(f"{what} is not a complete UnitDetector: it sets no `outputs` (the pair ((class-logit "
+                             "tensor names, ...), (box tensor names, ...)) of the final tensors)")
+        if not (isinstance(outputs, tuple) and len(outputs) == 2 and all(
+                isinstance(g, tuple) and g and all(isinstance(n, str) for n in g) for g in outputs)):
+            raise ValueError(f"{what}.outputs must be a pair ((class-logit tensor names, ...), (box tensor names, "
+                             f"...)) of non-empty tuples, got {outputs!r}")
+        if type(self).prepare is UnitDetector.prepare:
+            raise ValueError(f"{what} is not a complete UnitDetector: it does not implement `prepare(x)` "
+                             "(images (B, 3, H, W) in [0, 1] -> the tensor 'image' the first unit reads)")
+        names = [u.name for u in units]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{what}.units: unit names must be unique, got {names}")
+        produced = {"image"}
+        for u in units:
+            try:
+                self.get_submodule(u.name)
+            except AttributeError:
+                raise ValueError(f"{what}.units: unit {u.name!r} is not a submodule of the model") from None
+            missing = [n for n in u.inputs if n not in produced]
+            if missing:
+                raise ValueError(f"{what}.units: unit {u.name!r} reads {missing}, which no earlier unit writes")
+            produced.add(u.output)
+        missing = [n for group in outputs for n in group if n not in produced]
+        if missing:
+            raise ValueError(f"{what}.outputs names {missing}, which no unit writes")
+
+    # ------------------------------------------------------------------ units
+    @property
+    def unit_names(self) -> tuple[str, ...]:
+        """Reconstruction units, in forward order."""
+        return tuple(u.name for u in self.units)
+
+    def conv_names(self) -> tuple[str, ...]:
+        """Every Conv2d by its stable module path, in forward (unit) order."""
+        names = []
+        for u in self.units:
+            unit = self.get_submodule(u.name)
+            names += [f"{u.name}.{n}" if n else u.name for n, m in unit.named_modules() if isinstance(m, nn.Conv2d)]
+        return tuple(names)
+
+    def unit_index(self, unit: int | str) -> int:
+        """Position of a unit given by index or name; a clear error otherwise."""
+        if isinstance(unit, str):
+            if unit not in self.unit_names:
+                raise ValueError(f"unit={unit!r} is not a unit of this model; allowed: {', '.join(self.unit_names)}")
+            return self.unit_names.index(unit)
+        if not 0 <= unit <= len(self.units):
+            raise ValueError(f"unit={unit} out of range 0..{len(self.units)}")
+        return int(unit)
+
+    def unit_of(self, conv_name: str) -> str:
+        """The unit that contains a conv (by its stable name)."""
+        for u in self.unit_names:
+            if conv_name == u or conv_name.startswith(u + "."):
+                return u
+        raise ValueError(f"conv_name={conv_name!r} is not a conv of this model; see model.conv_names()")
+
+    def live_names(self, unit: int | str) -> tuple[str, ...]:
+        """Names of the tensors alive just before unit ``unit``: produced earlier and read by it or later."""
+        k = self.unit_index(unit)
+        produced = {"image"} | {u.output for u in self.units[:k]}
+        needed = {n for u in self.units[k:] for n in u.inputs} | {n for group in self.outputs for n in group}
+        order = ["image"] + [u.output for u in self.units[:k]]
+        return tuple(n for n in order if n in produced and n in needed)
+
+    def dependents(self, unit: int | str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The later units that read unit ``unit``'s output (directly or through other units), and the others.
+
+        Returns:
+            ``(on, off)``: the indices of the units after ``unit`` that depend on its output, and of those that do
+            not, each in forward order. Re-running ``unit`` with other weights changes only the ``on`` units.
+        """
+        k = self.unit_index(unit)
+        if k == len(self.units):
+            raise ValueError(f"unit={unit} out of range 0..{len(self.units) - 1}")
+        dep, on, off = {self.units[k].output}, [], []
+        for j in range(k + 1, len(self.units)):
+            if any(n in dep for n in self.units[j].inputs):
+                dep.add(self.units[j].output)
+                on.append(j)
+            else:
+                off.append(j)
+        return tuple(on), tuple(off)
+
+    def run(self, env: dict[str, Tensor], start: int | str = 0, stop: int | str | None = None) -> dict[str, Tensor]:
+        """Execute units ``start:stop`` on the named tensors in ``env``; returns the updated (new) dict."""
+        a = self.unit_index(start)
+        b = len(self.units) if stop is None else self.unit_index(stop)
+        env = dict(env)
+        for u in self.units[a:b]:
+            try:
+                args = [env[n] for n in u.inputs]
+            except KeyError as e:
+                raise ValueError(f"unit {u.name!r} needs tensor {e.args[0]!r}; pass the cache of "
+                                 f"model.capture(x, {a})") from None
+            env[u.output] = self.get_submodule(u.name)(*args)
+        return env
+
+    def capture(self, x: Tensor, unit: int | str) -> dict[str, Tensor]:
+        """Run the prefix on images ``x`` and return the live tensors before ``unit`` (see :meth:`live_names`)."""
+        k = self.unit_index(unit)
+        env = self.run({"image": self.prepare(x)}, 0, k)
+        return {n: env[n] for n in self.live_names(k)}
+
+    def forward_from(self, unit: int | str, cache: dict[str, Tensor]) -> DenseOutputs:
+        """Restart the forward at ``unit`` from the live tensors ``cache`` (as returned by :meth:`capture`)."""
+        return self.collect(self.run(cache, unit))
+
+    # ---------------------------------------------------------------- forward
+    def prepare(self, x: Tensor) -> Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] -> the tensor ``"image"`` the first unit reads (a subclass defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement prepare(x)")
+
+    def collect(self, env: dict[str, Tensor]) -> DenseOutputs:
+        """The dense head outputs named by ``outputs`` in the final tensors ``env`` of :meth:`run`."""
+        return DenseOutputs(tuple(env[n] for n in self.outputs[0]), tuple(env[n] for n in self.outputs[1]))
+
+    def forward(self, x: Tensor) -> DenseOutputs:
+        """Raw dense head outputs for images ``x`` ``(B, 3, H, W)`` in [0, 1]."""
+        return self.collect(self.run({"image": self.prepare(x)}))
+
+
+def check_unit_detector(model, name: str = "model") -> None:
+    """Raise a ValueError unless ``model`` is a :class:`UnitDetector` (``name`` is the argument in the message)."""
+    if not isinstance(model, UnitDetector):
+        raise ValueError(f"{name} must be a UnitDetector (a restartable detector: detptq_mini.model.Detector, "
+                         "detptq_mini.adapter.RetinaNetAdapter or another subclass of "
+                         f"detptq_mini.model.UnitDetector); got {type(model).__name__}")
+
+
+class Detector(UnitDetector):
     """The YOLO-style detector (see the module docstring for the architecture and output structure)."""
 
     def __init__(self, config: DetectorConfig = DetectorConfig()):
@@ -221,70 +405,9 @@ class Detector(nn.Module):
         self.outputs = (("cls3", "cls4", "cls5"), ("box3", "box4", "box5"))
         self.to(memory_format=torch.channels_last)
 
-    # ------------------------------------------------------------------ units
-    @property
-    def unit_names(self) -> tuple[str, ...]:
-        """Reconstruction units, in forward order."""
-        return tuple(u.name for u in self.units)
-
-    def conv_names(self) -> tuple[str, ...]:
-        """Every Conv2d by its stable module path, in forward (unit) order."""
-        names = []
-        for u in self.units:
-            unit = self.get_submodule(u.name)
-            names += [f"{u.name}.{n}" if n else u.name for n, m in unit.named_modules() if isinstance(m, nn.Conv2d)]
-        return tuple(names)
-
-    def unit_index(self, unit: int | str) -> int:
-        """Position of a unit given by index or name; a clear error otherwise."""
-        if isinstance(unit, str):
-            if unit not in self.unit_names:
-                raise ValueError(f"unit={unit!r} is not a unit of this model; allowed: {', '.join(self.unit_names)}")
-            return self.unit_names.index(unit)
-        if not 0 <= unit <= len(self.units):
-            raise ValueError(f"unit={unit} out of range 0..{len(self.units)}")
-        return int(unit)
-
-    def unit_of(self, conv_name: str) -> str:
-        """The unit that contains a conv (by its stable name)."""
-        for u in self.unit_names:
-            if conv_name == u or conv_name.startswith(u + "."):
-                return u
-        raise ValueError(f"conv_name={conv_name!r} is not a conv of this model; see model.conv_names()")
-
-    def live_names(self, unit: int | str) -> tuple[str, ...]:
-        """Names of the tensors alive just before unit ``unit``: produced earlier and read by it or later."""
-        k = self.unit_index(unit)
-        produced = {"image"} | {u.output for u in self.units[:k]}
-        needed = {n for u in self.units[k:] for n in u.inputs} | {n for group in self.outputs for n in group}
-        order = ["image"] + [u.output for u in self.units[:k]]
-        return tuple(n for n in order if n in produced and n in needed)
-
-    def run(self, env: dict[str, Tensor], start: int | str = 0, stop: int | str | None = None) -> dict[str, Tensor]:
-        """Execute units ``start:stop`` on the named tensors in ``env``; returns the updated (new) dict."""
-        a = self.unit_index(start)
-        b = len(self.units) if stop is None else self.unit_index(stop)
-        env = dict(env)
-        for u in self.units[a:b]:
-            try:
-                args = [env[n] for n in u.inputs]
-            except KeyError as e:
-                raise ValueError(f"unit {u.name!r} needs tensor {e.args[0]!r}; pass the cache of model.capture(x, {a})") from None
-            env[u.output] = self.get_submodule(u.name)(*args)
-        return env
-
-    def capture(self, x: Tensor, unit: int | str) -> dict[str, Tensor]:
-        """Run the prefix on images ``x`` and return the live tensors before ``unit`` (see :meth:`live_names`)."""
-        k = self.unit_index(unit)
-        env = self.run({"image": self._prepare(x)}, 0, k)
-        return {n: env[n] for n in self.live_names(k)}
-
-    def forward_from(self, unit: int | str, cache: dict[str, Tensor]) -> DenseOutputs:
-        """Restart the forward at ``unit`` from the live tensors ``cache`` (as returned by :meth:`capture`)."""
-        return self._collect(self.run(cache, unit))
-
     # ---------------------------------------------------------------- forward
-    def _prepare(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> Tensor:
+        """Check images ``(B, 3, H, W)``: float, sides multiples of 32; channels-last for the convs."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(x.shape)}")
         if x.shape[-1] % 32 or x.shape[-2] % 32:
@@ -293,17 +416,11 @@ class Detector(nn.Module):
             raise ValueError(f"images must be a float tensor in [0, 1], got dtype {x.dtype}")
         return x.contiguous(memory_format=torch.channels_last)
 
-    def _collect(self, env: dict[str, Tensor]) -> DenseOutputs:
-        return DenseOutputs(tuple(env[n] for n in self.outputs[0]), tuple(env[n] for n in self.outputs[1]))
-
-    def forward(self, x: Tensor) -> DenseOutputs:
-        """Raw dense head outputs for images ``x`` ``(B, 3, H, W)`` in [0, 1]."""
-        return self._collect(self.run({"image": self._prepare(x)}))
-
     @torch.no_grad()
     def detect(self, x: Tensor, score_thresh: float = 0.001, iou_thresh: float = 0.6, max_det: int = 100) -> list[dict[str, Tensor]]:
         """Detections per image: ``{"boxes": (N, 4) xyxy, "scores": (N,), "labels": (N,)}`` after NMS."""
         return postprocess(self(x), score_thresh, iou_thresh, max_det)
+
 
 
 # --------------------------------------------------------------------- decoding

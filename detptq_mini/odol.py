@@ -1,65 +1,31 @@
-"""Task losses for studying quantization: the labelled L_perf and the label-free ODOL.
+"""ODOL, the label-free task loss of DetPTQ (method page, section 4).
 
-``l_perf`` measures what quantization costs the *task*: the detector's own
-training loss (:func:`detptq_mini.train.detection_loss`) against ground-truth
-labels on a labelled split, and ``1 - mAP`` for figures. It needs labels, so it
-is used only to *study* label-free proxies, never to quantize (METHOD.md s. 4).
+``odol`` (Object Detection Output Loss, DetPTQ [paper]) is a distance between the dense head outputs of the FP
+and the quantized detector, ``L_cls + lam * L_loc`` with KL or L2 for classification and L1 or IoU for
+localization (the paper's choice: KL + L1), pinned as on the method page, section 4 [ours]. ``odol_terms``
+returns the two terms separately. An :class:`OdolConfig` names one variant (the modes, ``lam`` and the
+threshold of hard foreground weights); ``odol``, DetPTQ's selection of p and the studies share it.
+:class:`ChunkedOdol` is ODOL over calibration images that come in chunks (several forwards): exactly ``odol``
+for one chunk, the sums combined with the normalisers of the whole set for several.
 
-``odol`` (Object Detection Output Loss, DetPTQ [paper]) is such a proxy: a
-distance between the dense head outputs of the FP and the quantized detector,
-``L_cls + lam * L_loc`` with KL or L2 for classification and L1 or IoU for
-localization (the paper's choice: KL + L1), pinned as METHOD.md s. 4 [ours].
-``odol_terms`` returns the two terms separately.
+No labels are used anywhere here; the labelled task loss ``L_perf`` that ODOL stands in for, and the study of
+how well it does, are in :mod:`detptq_mini.studies`.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checks import check_choice, check_number
-from .data import ShapesDataset
 from .model import STRIDES, DenseOutputs, distances_to_boxes, flatten_levels, make_anchors
-from .train import detection_loss
 
-__all__ = ["l_perf", "l_perf_map", "odol", "odol_terms", "bernoulli_kl_from_logits", "elementwise_iou", "ODOL_VARIANTS",
-           "spearman", "scale_sweep", "sweep_agreement"]
-
-
-def _check_dataset(dataset) -> None:
-    if not isinstance(dataset, ShapesDataset):
-        raise ValueError(f"dataset must be a labelled ShapesDataset, got {type(dataset).__name__}")
-
-
-@torch.no_grad()
-def l_perf(model: nn.Module, dataset: ShapesDataset, batch_size: int = 64, device: str | torch.device = "cpu") -> float:
-    """Mean detection loss of ``model`` against the labels of ``dataset`` (lower is better).
-
-    The mean is over images (each batch's loss weighted by its size), so the value does not depend on
-    ``batch_size``.
-    """
-    _check_dataset(dataset)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for s in range(0, len(dataset), batch_size):
-        x = dataset.images(s, s + batch_size).to(device)
-        targets = [dataset.targets[i] for i in range(s, s + len(x))]
-        total += float(detection_loss(model(x), targets)["loss"]) * len(x)
-    model.train(was_training)
-    return total / len(dataset)
-
-
-def l_perf_map(model: nn.Module, dataset: ShapesDataset, device: str | torch.device = "cpu") -> float:
-    """``1 - mAP50:95`` of ``model`` on ``dataset`` (the mAP view of L_perf, for figures)."""
-    from .evaluate import evaluate_model
-
-    _check_dataset(dataset)
-    return 1.0 - evaluate_model(model, dataset, device=device)["map"]
+__all__ = ["OdolConfig", "ChunkedOdol", "odol", "odol_terms", "bernoulli_kl_from_logits", "elementwise_iou",
+           "ClsMode", "LocMode", "FgMode"]
 
 
 # ------------------------------------------------------------------------ ODOL
@@ -67,6 +33,52 @@ ClsMode = Literal["kl", "l2"]
 LocMode = Literal["l1", "iou"]
 FgMode = Literal["soft", "hard"]
 Reduction = Literal["mean", "sum"]
+
+
+@dataclass(frozen=True)
+class OdolConfig:
+    """One ODOL variant (see :func:`odol` for the definitions); the defaults are the paper's KL + L1, soft weights.
+
+    Attributes:
+        cls: classification distance, ``"kl"`` or ``"l2"``.
+        loc: localization distance, ``"l1"`` or ``"iou"``.
+        fg: foreground weights, ``"soft"`` or ``"hard"``.
+        lam: weight ``lambda >= 0`` of ``L_loc``.
+        fg_threshold: the threshold of ``fg="hard"``, in (0, 1).
+
+    Raises:
+        ValueError: an unknown mode, ``lam`` negative or not finite, ``fg_threshold`` outside (0, 1).
+    """
+
+    cls: ClsMode = "kl"
+    loc: LocMode = "l1"
+    fg: FgMode = "soft"
+    lam: float = 1.0
+    fg_threshold: float = 0.25
+
+    def __post_init__(self):
+        check_choice("cls", self.cls, ClsMode)
+        check_choice("loc", self.loc, LocMode)
+        check_choice("fg", self.fg, FgMode)
+        object.__setattr__(self, "lam", check_number("lam", self.lam, 0))
+        object.__setattr__(self, "fg_threshold",
+                           check_number("fg_threshold", self.fg_threshold, 0, 1, low_open=True, high_open=True))
+
+
+def _config(config: OdolConfig | None, cls, loc, fg, lam, fg_thresh) -> OdolConfig:
+    """The variant of a call: ``config``, or one built from the keyword arguments (not both)."""
+    given = {k: v for k, v in (("cls", cls), ("loc", loc), ("fg", fg), ("lam", lam), ("fg_thresh", fg_thresh))
+             if v is not None}
+    if config is not None:
+        if not isinstance(config, OdolConfig):
+            raise ValueError(f"config must be an OdolConfig, got {type(config).__name__}")
+        if given:
+            raise ValueError(f"pass either config or the keyword arguments cls, loc, fg, lam, fg_thresh, not both "
+                             f"(got config and {', '.join(given)})")
+        return config
+    if fg_thresh is not None:  # checked under its own name (the config calls it fg_threshold)
+        check_number("fg_thresh", fg_thresh, 0, 1, low_open=True, high_open=True)
+    return OdolConfig(**{("fg_threshold" if k == "fg_thresh" else k): v for k, v in given.items()})
 
 
 def _check_outputs(fp_out: DenseOutputs, q_out: DenseOutputs) -> None:
@@ -125,19 +137,17 @@ def elementwise_iou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
     return inter / (area_a + area_b - inter).clamp_min(eps)
 
 
-def odol_terms(fp_out: DenseOutputs, q_out: DenseOutputs, cls: ClsMode = "kl", loc: LocMode = "l1",
-               fg: FgMode = "soft", lam: float = 1.0, fg_thresh: float = 0.25, eps: float = 1e-6,
-               reduction: Reduction = "mean", strides: Sequence[int] = STRIDES) -> dict[str, Tensor]:
+def odol_terms(fp_out: DenseOutputs, q_out: DenseOutputs, cls: ClsMode | None = None, loc: LocMode | None = None,
+               fg: FgMode | None = None, lam: float | None = None, fg_thresh: float | None = None, eps: float = 1e-6,
+               reduction: Reduction = "mean", strides: Sequence[int] = STRIDES, *,
+               config: OdolConfig | None = None) -> dict[str, Tensor]:
     """The two ODOL terms and their sum: ``{"cls": L_cls, "loc": L_loc, "total": L_cls + lam * L_loc}``.
 
     See :func:`odol` for the definition and the arguments; every value is a scalar tensor.
     """
-    check_choice("cls", cls, ClsMode)
-    check_choice("loc", loc, LocMode)
-    check_choice("fg", fg, FgMode)
+    config = _config(config, cls, loc, fg, lam, fg_thresh)
+    cls, loc, fg, lam, fg_thresh = config.cls, config.loc, config.fg, config.lam, config.fg_threshold
     check_choice("reduction", reduction, Reduction)
-    check_number("lam", lam, 0)
-    check_number("fg_thresh", fg_thresh, 0, 1, low_open=True, high_open=True)
     check_number("eps", eps, 0, low_open=True)
     _check_outputs(fp_out, q_out)
     if loc == "iou" and len(strides) != len(fp_out.cls):
@@ -181,13 +191,14 @@ def odol_terms(fp_out: DenseOutputs, q_out: DenseOutputs, cls: ClsMode = "kl", l
     return {"cls": l_cls, "loc": l_loc, "total": l_cls + lam * l_loc}
 
 
-def odol(fp_out: DenseOutputs, q_out: DenseOutputs, cls: ClsMode = "kl", loc: LocMode = "l1",
-         fg: FgMode = "soft", lam: float = 1.0, fg_thresh: float = 0.25, eps: float = 1e-6,
-         reduction: Reduction = "mean", strides: Sequence[int] = STRIDES) -> Tensor:
+def odol(fp_out: DenseOutputs, q_out: DenseOutputs, cls: ClsMode | None = None, loc: LocMode | None = None,
+         fg: FgMode | None = None, lam: float | None = None, fg_thresh: float | None = None, eps: float = 1e-6,
+         reduction: Reduction = "mean", strides: Sequence[int] = STRIDES, *,
+         config: OdolConfig | None = None) -> Tensor:
     """Object Detection Output Loss: a label-free distance from the FP detector's outputs to the quantized ones.
 
-    ``ODOL = L_cls + lam * L_loc`` on the dense, pre-NMS head outputs of every level [paper], pinned as in
-    METHOD.md s. 4 [ours]. With ``A`` the locations of all levels, ``K`` the classes,
+    ``ODOL = L_cls + lam * L_loc`` on the dense, pre-NMS head outputs of every level [paper], pinned as on the
+    method page, section 4 [ours]. With ``A`` the locations of all levels, ``K`` the classes,
     ``p_fp, p_q = sigmoid(logits)`` of shape ``(B, A, K)`` and ``b_fp, b_q`` the ltrb distances in stride
     units ``(B, A, 4)`` (the decoder's input), and ``i`` running over the ``B * A`` locations:
 
@@ -210,140 +221,74 @@ def odol(fp_out: DenseOutputs, q_out: DenseOutputs, cls: ClsMode = "kl", loc: Lo
         fp_out: outputs of the FP detector, a :class:`~detptq_mini.model.DenseOutputs` with per level class
             logits ``(B, K, H_l, W_l)`` and ltrb distances ``(B, 4, H_l, W_l)``.
         q_out: outputs of the quantized detector, the same structure and shapes.
-        cls: classification distance, ``"kl"`` or ``"l2"``.
-        loc: localization distance, ``"l1"`` or ``"iou"``.
-        fg: foreground weights, ``"soft"`` or ``"hard"``.
-        lam: weight ``lambda >= 0`` of ``L_loc``.
-        fg_thresh: threshold of ``fg="hard"``, in (0, 1).
+        cls: classification distance, ``"kl"`` (the default) or ``"l2"``.
+        loc: localization distance, ``"l1"`` (the default) or ``"iou"``.
+        fg: foreground weights, ``"soft"`` (the default) or ``"hard"``.
+        lam: weight ``lambda >= 0`` of ``L_loc`` (default 1.0).
+        fg_thresh: threshold of ``fg="hard"``, in (0, 1) (default 0.25).
         eps: floor of the IoU's union (squared pixels), so two empty boxes give IoU 0, not NaN.
         reduction: ``"mean"`` (the pinned definition) or ``"sum"``: ``L_cls`` summed instead of averaged over
             locations and ``L_loc`` left as the weighted sum ``sum_i w_i d_i`` (not divided by ``sum_i w_i``),
             e.g. to accumulate over calibration batches.
         strides: the stride of each level, used only to decode boxes for ``loc="iou"`` (the IoU does not
             depend on them, but the decoded boxes do); defaults to the shipped detector's ``(8, 16, 32)``.
+        config: the variant as an :class:`OdolConfig`, instead of ``cls``, ``loc``, ``fg``, ``lam`` and
+            ``fg_thresh`` (giving both is an error).
 
     Returns:
         The scalar ``ODOL`` (use :func:`odol_terms` for ``L_cls`` and ``L_loc`` separately).
 
     Raises:
-        ValueError: an unknown mode, ``lam`` negative or not finite, ``fg_thresh`` outside (0, 1), outputs
-            whose structure or shapes differ, or a NaN/inf in them.
+        ValueError: an unknown mode, ``lam`` negative or not finite, ``fg_thresh`` outside (0, 1), ``config``
+            together with a keyword argument of the variant, outputs whose structure or shapes differ, or a NaN/inf
+            in them.
     """
-    return odol_terms(fp_out, q_out, cls, loc, fg, lam, fg_thresh, eps, reduction, strides)["total"]
+    return odol_terms(fp_out, q_out, cls, loc, fg, lam, fg_thresh, eps, reduction, strides, config=config)["total"]
 
 
-# ------------------------------------------------------ the scale-sweep study
-ODOL_VARIANTS: tuple[tuple[str, str], ...] = (("kl", "l1"), ("kl", "iou"), ("l2", "l1"), ("l2", "iou"))
+class ChunkedOdol:
+    """ODOL of quantized outputs against fixed FP outputs, over calibration images that come in chunks.
 
-
-def _ranks(v: Tensor) -> Tensor:
-    """Average ranks (ties share their mean rank), for Spearman's correlation."""
-    v = v.double()
-    order = v.argsort()
-    ranks = torch.empty_like(v)
-    ranks[order] = torch.arange(len(v), dtype=torch.float64)
-    for value in v.unique():  # average the ranks of ties
-        tie = v == value
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def spearman(a: Sequence[float] | Tensor, b: Sequence[float] | Tensor) -> float:
-    """Spearman's rank correlation of two equally long sequences (0.0 if either is constant)."""
-    ra, rb = _ranks(torch.as_tensor(a)), _ranks(torch.as_tensor(b))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den > 0 else 0.0
-
-
-@torch.no_grad()
-def scale_sweep(qmodel: nn.Module, layer: str, dataset: ShapesDataset, ratios: Sequence[float],
-                variants: Sequence[tuple[str, str]] = ODOL_VARIANTS, fg: FgMode = "soft", lam: float = 1.0) -> dict:
-    """Sweep one layer's scales and record ``L_perf`` and every ODOL variant (the paper's ODOL experiment).
-
-    Only ``layer`` is quantized (its weight and input quantizers, at their configured bits); every other
-    quantizer is off (FP). At ratio ``r`` the layer's scales are ``r`` times its min-max scales (weights per
-    output channel, symmetric; the input activation's range ``(r lo, r hi)``), so ``r = 1`` is min-max. The
-    FP prefix before the layer's unit is computed once (``capture``) and every candidate runs only the rest.
+    With one chunk it is exactly :func:`odol`. With several (one forward per chunk, e.g. to bound memory) each
+    chunk's sums (``reduction="sum"``) are added and divided by the normalisers of the whole set: ``L_cls`` by
+    the number of locations of all chunks, ``L_loc`` by the sum of the foreground weights of all chunks (0 if
+    that sum is 0), so that the value is ODOL on the concatenated chunks up to float rounding. The normalisers
+    depend only on the FP outputs and are computed once.
 
     Args:
-        qmodel: a quantized detector (see :func:`detptq_mini.quant.quantize_model`); its quantization state is
-            restored afterwards.
-        layer: the quantized conv to sweep (a name of ``quant_layers(qmodel)``).
-        dataset: labelled images: ``L_perf`` uses their labels; ODOL uses only the images.
-        ratios: the candidate ratios ``r > 0``.
-        variants: ``(cls, loc)`` pairs of ODOL to record.
+        fp_outs: the FP detector's outputs, one :class:`~detptq_mini.model.DenseOutputs` per chunk.
+        config: the ODOL variant.
 
-    Returns:
-        ``{"ratios": [...], "l_perf": [...], "odol": {"kl+l1": [...], ...}, "fp_l_perf": float}``.
+    Raises:
+        ValueError: no chunks, or ``config`` not an :class:`OdolConfig`.
     """
-    from .lp import minmax_scale
-    from .quant import collect_activations, qparams_from_range, quant_layers
 
-    _check_dataset(dataset)
-    layers = quant_layers(qmodel)
-    if layer not in layers:
-        raise ValueError(f"layer={layer!r} is not a quantized conv; allowed: {', '.join(layers)}")
-    ratios = [float(r) for r in ratios]
-    if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
-        raise ValueError(f"ratios={ratios!r} must be a non-empty sequence of numbers > 0")
-    for c, l in variants:
-        check_choice("cls", c, ClsMode)
-        check_choice("loc", l, LocMode)
-    q = layers[layer]
-    wq, aq = q.weight_quantizer, q.input_quantizer
-    x, targets = dataset.images(), dataset.targets
-    act = collect_activations(qmodel, x, [layer])[layer]
-    lo, hi = float(act.min()), float(act.max())
-    w_scale, _ = minmax_scale(q.conv.weight.detach(), wq.bits, axis=wq.axis, symmetric=wq.symmetric)
-    saved = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in layers.items()}
-    w_saved = (wq.scale.clone(), wq.zero_point.clone(), aq.scale.clone(), aq.zero_point.clone(),
-               bool(wq.calibrated), bool(aq.calibrated))
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        for m in layers.values():
-            m.set_quant_state(False, False)
-        unit = qmodel.unit_of(layer)
-        cache = qmodel.capture(x, unit)
-        fp_out = qmodel.forward_from(unit, cache)
-        fp_l_perf = float(detection_loss(fp_out, targets)["loss"])
-        q.set_quant_state(True, True)
-        out = {"ratios": ratios, "l_perf": [], "odol": {f"{c}+{l}": [] for c, l in variants}, "fp_l_perf": fp_l_perf}
-        for r in ratios:
-            wq.set_qparams(w_scale * r, torch.zeros_like(wq.zero_point))
-            aq.set_qparams(*qparams_from_range(r * lo, r * hi, aq.bits, aq.symmetric))
-            q_out = qmodel.forward_from(unit, cache)
-            out["l_perf"].append(float(detection_loss(q_out, targets)["loss"]))
-            for c, l in variants:
-                out["odol"][f"{c}+{l}"].append(float(odol(fp_out, q_out, cls=c, loc=l, fg=fg, lam=lam)))
-    finally:
-        for n, (w_on, a_on) in saved.items():
-            layers[n].set_quant_state(w_on, a_on)
-        with torch.no_grad():
-            wq.scale.copy_(w_saved[0]); wq.zero_point.copy_(w_saved[1])  # noqa: E702
-            aq.scale.copy_(w_saved[2]); aq.zero_point.copy_(w_saved[3])  # noqa: E702
-            wq.calibrated.fill_(w_saved[4]); aq.calibrated.fill_(w_saved[5])  # noqa: E702
-        qmodel.train(was_training)
-    return out
+    def __init__(self, fp_outs: Sequence[DenseOutputs], config: OdolConfig = OdolConfig()):
+        if not isinstance(config, OdolConfig):
+            raise ValueError(f"config must be an OdolConfig, got {type(config).__name__}")
+        fp_outs = list(fp_outs)
+        if not fp_outs:
+            raise ValueError("fp_outs is empty: give the FP outputs of at least one chunk")
+        self.fp_outs, self.config = fp_outs, config
+        if len(fp_outs) > 1:  # the normalisers of the mean (locations) and of L_loc (foreground weights)
+            self.locations = sum(int(o.cls[0].shape[0]) * sum(c.shape[-1] * c.shape[-2] for c in o.cls)
+                                 for o in fp_outs)
+            fg_w = []
+            for o in fp_outs:
+                p = torch.cat([c.flatten(2) for c in o.cls], dim=2).sigmoid().amax(1)
+                fg_w.append(((p > config.fg_threshold).to(p.dtype) if config.fg == "hard" else p).sum())
+            self.w_sum = float(sum(fg_w))
 
-
-def sweep_agreement(sweeps: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """How well each ODOL variant tracks ``L_perf`` over the sweeps of several layers.
-
-    For each variant: ``argmin_distance``, the mean over layers of ``|r*_ODOL - r*_Lperf|`` (in ratio units,
-    i.e. relative to the min-max scale), and ``spearman``, the mean rank correlation of the two curves.
-    """
-    variants = next(iter(sweeps.values()))["odol"].keys()
-    result = {}
-    for v in variants:
-        dist, corr = [], []
-        for sw in sweeps.values():
-            r = sw["ratios"]
-            best_perf = r[min(range(len(r)), key=lambda i: sw["l_perf"][i])]
-            best_odol = r[min(range(len(r)), key=lambda i: sw["odol"][v][i])]
-            dist.append(abs(best_odol - best_perf))
-            corr.append(spearman(sw["odol"][v], sw["l_perf"]))
-        result[v] = {"argmin_distance": sum(dist) / len(dist), "spearman": sum(corr) / len(corr)}
-    return result
+    def __call__(self, q_outs: Sequence[DenseOutputs]) -> float:
+        """ODOL of the quantized outputs ``q_outs`` (one per chunk, in the order of the FP outputs)."""
+        q_outs = list(q_outs)
+        if len(q_outs) != len(self.fp_outs):
+            raise ValueError(f"q_outs has {len(q_outs)} chunks but the FP outputs have {len(self.fp_outs)}")
+        if len(self.fp_outs) == 1:
+            return float(odol_terms(self.fp_outs[0], q_outs[0], config=self.config)["total"])
+        cls_sum = loc_sum = 0.0
+        for f, q in zip(self.fp_outs, q_outs):
+            t = odol_terms(f, q, reduction="sum", config=self.config)
+            cls_sum += float(t["cls"])
+            loc_sum += float(t["loc"])
+        return cls_sum / self.locations + self.config.lam * (loc_sum / self.w_sum if self.w_sum > 0 else 0.0)

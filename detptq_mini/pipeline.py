@@ -31,7 +31,7 @@ from torch import nn
 
 from .checks import check_bits, check_bool, check_choice, check_images, check_int, check_number, check_ps
 from .detptq import Granularity, Rest, select_p
-from .odol import ClsMode, FgMode, LocMode
+from .odol import ClsMode, FgMode, LocMode, OdolConfig
 from .lp import P_DEFAULT, apply_scales, search_model_scales
 from .quant import QuantConfig, calibrate_minmax, fold_bn, quant_layers, quantize_model
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
@@ -218,9 +218,9 @@ def _detptq(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress: b
     search_ps = tuple(dict.fromkeys(cfg.ps + (2.0,)))
     scales = search_model_scales(qmodel, images, search_ps, grid=cfg.grid, max_elements=cfg.max_elements,
                                  seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    odol = OdolConfig(cls=cfg.odol_cls, loc=cfg.odol_loc, fg=cfg.odol_fg, lam=cfg.odol_lam)
     return select_p(qmodel, images[:n], scales, ps=cfg.ps, granularity=cfg.granularity, separate=cfg.separate,
-                    rest=cfg.rest, cls=cfg.odol_cls, loc=cfg.odol_loc, fg=cfg.odol_fg, lam=cfg.odol_lam,
-                    batch_size=cfg.select_batch_size, progress=progress, rest_p=2.0)
+                    rest=cfg.rest, odol=odol, batch_size=cfg.select_batch_size, progress=progress, rest_p=2.0)
 
 
 def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_bits: int = 4,

@@ -29,7 +29,7 @@ or, in DetPTQ mode, the p chosen for that unit by :func:`detptq_mini.detptq.sele
 granularity, whose ``s_p*`` are also the unit's starting scales [ours, method page, section 6]. Every method runs
 through :func:`reconstruct`; only ``p`` (per unit) and ``quant_prob`` differ.
 
-:func:`rounding_ablation` is the paper's check that learned rounding does not move the best p.
+The paper's check that learned rounding does not move the best p is :func:`detptq_mini.studies.rounding_ablation`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal, Sequence, get_args
 
 import torch
@@ -45,17 +45,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import adaround, qdrop
-from .checks import check_choice, check_images, check_int, check_number, check_ps
-from .detptq import _PROTOCOL
-from .lp import P_DEFAULT, LayerScales
-from .odol import odol
-from .quant import QuantConv2d, eval_mode, quant_layers, quantization_off
+from .checks import check_choice, check_images, check_int, check_number
+from .model import check_unit_detector
+from .quant import QuantConv2d, eval_mode, quant_layers
 
 LossNorm = Literal["none", "before"]
 LOSS_NORMS: tuple[str, ...] = get_args(LossNorm)
 
-__all__ = ["LOSS_NORMS", "ReconConfig", "UnitHistory", "ReconHistory", "lp_loss", "reconstruct_unit", "reconstruct",
-           "rounding_ablation", "RoundingAblation"]
+__all__ = ["LOSS_NORMS", "ReconConfig", "UnitHistory", "ReconHistory", "lp_loss", "reconstruct_unit", "reconstruct"]
 
 
 # ------------------------------------------------------------------ config
@@ -283,13 +280,6 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
 
 
 # ------------------------------------------------------------------ the model
-def _check_protocol(model: nn.Module, name: str) -> None:
-    missing = [a for a in _PROTOCOL if not hasattr(model, a)]
-    if missing:
-        raise ValueError(f"{name} must be a restartable detector (with {', '.join(_PROTOCOL)}); it lacks "
-                         f"{', '.join(missing)}")
-
-
 def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconConfig = ReconConfig(),
                 unit_p: dict[str, float] | None = None, units: Iterable[str] | None = None,
                 progress: bool = False) -> ReconHistory:
@@ -310,8 +300,8 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
     Returns:
         a :class:`ReconHistory` (per-unit loss curves, before/after losses, times).
     """
-    _check_protocol(qmodel, "qmodel")
-    _check_protocol(fp_model, "fp_model")
+    check_unit_detector(qmodel, "qmodel")
+    check_unit_detector(fp_model, "fp_model")
     if not isinstance(config, ReconConfig):
         raise ValueError(f"config must be a ReconConfig, got {type(config).__name__}")
     if tuple(u.name for u in qmodel.units) != tuple(u.name for u in fp_model.units):
@@ -365,114 +355,3 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
             t_cache += time.perf_counter() - t
     hist.seconds = {"cache": t_cache, "optimise": t_opt, "total": t_cache + t_opt}
     return hist
-
-
-# ------------------------------------------------------------------ the V ablation
-@dataclass
-class RoundingAblation:
-    """ODOL per candidate p of each layer, with the scale alone and with the scale plus learned rounding.
-
-    Attributes:
-        scale: ``{layer: {p: ODOL}}`` with ``s_p*`` and round-to-nearest.
-        rounding: ``{layer: {p: ODOL}}`` with ``s_p*`` and a short AdaRound of the layer (Lp loss with that p).
-        config: the settings (JSON-ready).
-    """
-
-    scale: dict[str, dict[float, float]]
-    rounding: dict[str, dict[float, float]]
-    config: dict
-
-    def best(self, kind: str = "scale") -> dict[str, float]:
-        """The p with the lowest ODOL per layer (``kind`` ``"scale"`` or ``"rounding"``)."""
-        check_choice("kind", kind, ("scale", "rounding"))
-        table = self.scale if kind == "scale" else self.rounding
-        return {layer: min(row, key=row.get) for layer, row in table.items()}
-
-    def moved(self) -> dict[str, bool]:
-        """Per layer: does learned rounding move the best p?"""
-        a, b = self.best("scale"), self.best("rounding")
-        return {layer: a[layer] != b[layer] for layer in a}
-
-
-def rounding_ablation(qmodel: nn.Module, images, scales: dict[str, LayerScales], layers: Sequence[str],
-                      ps: Iterable[float] = P_DEFAULT, iters: int = 200, config: ReconConfig | None = None,
-                      progress: bool = False) -> RoundingAblation:
-    """The paper's V ablation: does adding learned rounding to the p search change the best p?
-
-    One layer at a time, everything else FP (the "quantize this layer" view of DetPTQ's selection): for each
-    ``p``, quantize the layer with ``s_p*`` and measure ODOL (KL + L1) on ``images``; then start again from
-    ``s_p*``, run ``iters`` steps of AdaRound on that layer alone (inputs: the layer's FP inputs; target:
-    its FP output; loss: Lp with the same p; step sizes fixed, every element quantized) and measure ODOL
-    again. ``qmodel`` is restored afterwards (weights, scales, quantizer states).
-
-    Args:
-        qmodel: a quantized restartable detector whose quantizers are calibrated or covered by ``scales``.
-        images: calibration images.
-        scales: :func:`~detptq_mini.lp.search_model_scales` output covering ``ps`` for ``layers``.
-        layers: the quantized layers to study.
-        ps: candidate p.
-        iters: AdaRound steps per (layer, p).
-        config: reconstruction settings (``iters`` is taken from the argument; ``quant_prob`` is set to 1
-            and ``lr_act`` to 0).
-        progress: a tqdm bar over the layers.
-    """
-    _check_protocol(qmodel, "qmodel")
-    ps = check_ps(ps)
-    all_layers = quant_layers(qmodel)
-    layers = [layers] if isinstance(layers, str) else list(layers)
-    bad = [n for n in layers if n not in all_layers]
-    if bad or not layers:
-        raise ValueError(f"layers={bad or layers!r}: give quantized layer names; allowed: {', '.join(all_layers)}")
-    for n in layers:
-        if n not in scales or any(p not in scales[n].weight or p not in scales[n].act for p in ps):
-            raise ValueError(f"scales lacks layer {n!r} or one of ps={list(ps)}: search them first")
-    base = ReconConfig() if config is None else config
-    cfg = replace(base, iters=check_int("iters", iters, 1), quant_prob=1.0, lr_act=0.0)
-    images = check_images(images, "images").to(next(qmodel.parameters()).device)
-    saved = {k: v.clone() for k, v in qmodel.state_dict().items()}
-    states = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in all_layers.items()}
-    out_scale: dict[str, dict[float, float]] = {}
-    out_round: dict[str, dict[float, float]] = {}
-    it = layers
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(layers, desc="rounding ablation", unit="layer")
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        with torch.no_grad(), quantization_off(qmodel):
-            fp_out = qmodel(images)
-        for name in it:
-            layer = all_layers[name]
-            unit = qmodel.unit_of(name)
-            for m in all_layers.values():
-                m.set_quant_state(False, False)
-            with torch.no_grad():
-                cache = qmodel.capture(images, unit)
-                x_in = []
-                hook = layer.register_forward_pre_hook(lambda mod, args: x_in.append(args[0].detach()))
-                qmodel.forward_from(unit, cache)
-                hook.remove()
-                x_fp = x_in[0]
-                y_fp = layer(x_fp)
-            weight0 = layer.conv.weight.detach().clone()
-            layer.set_quant_state(True, True)
-            out_scale[name], out_round[name] = {}, {}
-            for p in ps:
-                layer.weight_quantizer.set_qparams(*scales[name].weight[p])
-                layer.input_quantizer.set_qparams(*scales[name].act[p])
-                with torch.no_grad():
-                    out_scale[name][p] = float(odol(fp_out, qmodel.forward_from(unit, cache)))
-                with torch.enable_grad():
-                    reconstruct_unit(layer, [x_fp], [x_fp], y_fp, p, cfg, name)
-                with torch.no_grad():
-                    out_round[name][p] = float(odol(fp_out, qmodel.forward_from(unit, cache)))
-                    layer.conv.weight.copy_(weight0)
-    finally:
-        qmodel.load_state_dict(saved)
-        for n, (w, a) in states.items():
-            all_layers[n].set_quant_state(w, a)
-        qmodel.train(was_training)
-    config_out = {"layers": layers, "ps": list(ps), "iters": iters, "images": int(images.shape[0]),
-                  "recon": cfg.to_dict()}
-    return RoundingAblation(out_scale, out_round, config_out)

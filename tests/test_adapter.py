@@ -17,7 +17,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from detptq_mini.adapter import RetinaNetAdapter, freeze_batchnorm
 from detptq_mini.detptq import select_p
 from detptq_mini.lp import search_model_scales
-from detptq_mini.model import Detector, DenseOutputs
+from detptq_mini.model import DenseOutputs, Detector, UnitDetector
 from detptq_mini.odol import odol, odol_terms
 from detptq_mini.pipeline import run_ptq
 from detptq_mini.quant import QuantConfig, collect_activations, fold_bn, quant_layers, quantize_model
@@ -91,6 +91,15 @@ def test_detect_equals_torchvision(retinanet, images):
             assert torch.equal(g[key], r[key]), key
 
 
+def test_the_adapter_is_a_unit_detector(adapter, images):
+    """The adapter declares units, outputs and prepare; the restartable forward is the base class's."""
+    assert isinstance(adapter, UnitDetector)
+    for name in ("run", "capture", "forward_from", "collect", "forward", "live_names", "dependents", "conv_names"):
+        assert getattr(type(adapter), name) is getattr(UnitDetector, name), name
+    on, off = adapter.dependents("fpn.p7")
+    assert [adapter.units[j].name for j in on] == ["head.cls", "head.box"] and off == ()
+
+
 def test_adapter_does_not_modify_or_share_the_input_model(retinanet, adapter):
     ids = {id(p) for p in retinanet.parameters()}
     assert not ids & {id(p) for p in adapter.parameters()}
@@ -100,7 +109,7 @@ def test_adapter_does_not_modify_or_share_the_input_model(retinanet, adapter):
 @torch.no_grad()
 def test_units_are_modules_giving_their_output_tensor(adapter, images):
     """Reconstruction's contract: get_submodule(unit.name)(*inputs) is the unit's single output tensor."""
-    env = adapter.run({"image": adapter._prepare(images)})
+    env = adapter.run({"image": adapter.prepare(images)})
     assert adapter.capture(images, 0).keys() == {"image"}
     names = [u.name for u in adapter.units]
     assert len(set(names)) == len(names) and names[0] == "body.stem" and names[-2:] == ["head.cls", "head.box"]
@@ -122,7 +131,7 @@ def test_forward_from_a_middle_unit_equals_the_full_forward(adapter, images, uni
     again = adapter.forward_from(unit, cache)
     assert torch.equal(again.cls[0], full.cls[0]) and torch.equal(again.box[0], full.box[0])
     k = adapter.unit_index(unit)
-    env = adapter.run(adapter.run({"image": adapter._prepare(images)}, 0, k), k)
+    env = adapter.run(adapter.run({"image": adapter.prepare(images)}, 0, k), k)
     assert torch.equal(env["cls"], full.cls[0])
 
 

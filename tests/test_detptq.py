@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from detptq_mini.checkpoint import load_quantized, save_quantized
 from detptq_mini.data import ShapesDataset
@@ -183,15 +184,13 @@ def test_scales_are_searched_when_not_given_and_progress_bar(qmodel, scales, cal
 @pytest.mark.parametrize("kwargs, word", [
     (dict(granularity="block"), "granularity"),
     (dict(rest="half"), "rest"),
-    (dict(cls="ce"), "cls"),
-    (dict(loc="giou"), "loc"),
-    (dict(fg="maybe"), "fg"),
+    (dict(odol="kl"), "odol must be an OdolConfig"),
     (dict(ps=()), "ps"),
     (dict(ps=(0.0, 2.0)), "ps"),
-    (dict(lam=-1.0), "lam"),
     (dict(batch_size=0), "batch_size"),
     (dict(separate="yes"), "separate"),
-    (dict(layers=["backbone.nope"]), "layers"),
+    (dict(layers=["backbone.nope"]), r"layers has \['backbone.nope'\] that are not quantized layers"),
+    (dict(layers=[]), "layers=.* is empty"),
     (dict(ps=(1.5,)), "lack p"),
     (dict(images=torch.zeros(0, 3, 128, 128)), "empty"),
     (dict(images=torch.zeros(2, 1, 128, 128)), "images"),
@@ -206,6 +205,13 @@ def test_bad_arguments(qmodel, scales, calib, kwargs, word):
 def test_an_fp_model_is_refused(pretrained, calib):
     with pytest.raises(ValueError, match="QuantConv2d"):
         select_p(pretrained, calib.images(), ps=PS)
+
+
+def test_a_module_that_is_not_a_unit_detector_is_refused(calib):
+    plain = quantize_model(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    message = r"qmodel must be a UnitDetector \(a restartable detector: .*\); got Sequential"
+    with pytest.raises(ValueError, match=message):
+        select_p(plain, calib.images(), ps=PS)
 
 
 # ------------------------------------------------------------------ pipeline and command line

@@ -2,7 +2,10 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detptq_mini.model import STRIDES, DenseOutputs, Detector, decode, postprocess
+from torch import nn
+
+from detptq_mini.model import (STRIDES, DenseOutputs, Detector, Unit, UnitDetector, check_unit_detector, decode,
+                               postprocess)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,81 @@ def test_restart_needs_the_right_cache(model):
     cache = model.capture(x, "neck.td4")
     with pytest.raises(ValueError, match="needs tensor"):
         model.forward_from("neck.bu4", cache)
+
+
+class _Tiny(UnitDetector):
+    """A two-unit detector: a conv, then class and box convs; ``drop`` leaves one piece out."""
+
+    def __init__(self, drop: str | None = None, units=None):
+        super().__init__()
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+        self.cls = nn.Conv2d(8, 2, 1)
+        self.box = nn.Conv2d(8, 4, 1)
+        if drop != "units":
+            self.units = units or (Unit("body", ("image",), "f"), Unit("cls", ("f",), "c"), Unit("box", ("f",), "b"))
+        if drop != "outputs":
+            self.outputs = (("c",), ("b",))
+
+    def prepare(self, x):
+        return x
+
+
+class _NoPrepare(_Tiny):
+    prepare = UnitDetector.prepare  # left abstract
+
+
+class _Later(_Tiny):
+    """A subclass whose own __init__ sets the pieces after its parent's: checked once, when it is complete."""
+
+    def __init__(self):
+        super().__init__(drop="units")
+        self.units = (Unit("body", ("image",), "f"), Unit("cls", ("f",), "c"), Unit("box", ("f",), "b"))
+
+
+def test_unit_detector_gives_the_restartable_forward():
+    tiny = _Later()
+    x = torch.rand(1, 3, 8, 8)
+    out = tiny(x)
+    assert isinstance(out, DenseOutputs) and out.cls[0].shape == (1, 2, 8, 8) and out.box[0].shape == (1, 4, 8, 8)
+    assert torch.equal(tiny.forward_from("cls", tiny.capture(x, "cls")).box[0], out.box[0])
+    assert tiny.dependents("body") == ((1, 2), ()) and tiny.dependents("cls") == ((), (2,))
+    assert tiny.conv_names() == ("body", "cls", "box") and tiny.unit_of("cls") == "cls"
+
+
+def test_detector_dependents(model):
+    on, off = model.dependents("neck.td3")  # n3 feeds the stride-8 head, down3, bu4, ..., not the rest
+    names = [model.units[j].name for j in on]
+    assert names == ["neck.down3", "neck.bu4", "neck.down4", "neck.bu5", "head.p3.cls", "head.p3.box",
+                     "head.p4.cls", "head.p4.box", "head.p5.cls", "head.p5.box"]
+    assert off == ()
+    on, off = model.dependents("head.p3.cls")
+    assert on == () and off == tuple(range(17, 22))
+    with pytest.raises(ValueError, match="unit="):
+        model.dependents(len(model.units))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _Tiny(drop="units"), "_Tiny is not a complete UnitDetector: it sets no `units`"),
+    (lambda: _Tiny(drop="outputs"), "_Tiny is not a complete UnitDetector: it sets no `outputs`"),
+    (lambda: _NoPrepare(), "_NoPrepare is not a complete UnitDetector: it does not implement `prepare"),
+    (lambda: _Tiny(units=[Unit("body", ("image",), "f")]), r"_Tiny.units must be a non-empty tuple of Unit"),
+    (lambda: _Tiny(units=(Unit("body", ("image",), "f"), Unit("head", ("f",), "c"), Unit("box", ("f",), "b"))),
+     "unit 'head' is not a submodule"),
+    (lambda: _Tiny(units=(Unit("body", ("image",), "f"), Unit("cls", ("g",), "c"), Unit("box", ("f",), "b"))),
+     r"unit 'cls' reads \['g'\], which no earlier unit writes"),
+    (lambda: _Tiny(units=(Unit("body", ("image",), "f"), Unit("cls", ("f",), "c"), Unit("box", ("f",), "x"))),
+     r"_Tiny.outputs names \['b'\], which no unit writes"),
+])
+def test_an_incomplete_unit_detector_fails_when_built(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_detector_is_a_unit_detector_and_others_are_refused(model):
+    assert isinstance(model, UnitDetector)
+    check_unit_detector(model)
+    with pytest.raises(ValueError, match="qmodel must be a UnitDetector .*restartable detector.*got Sequential"):
+        check_unit_detector(nn.Sequential(nn.Conv2d(3, 3, 1)), "qmodel")
 
 
 def _dense_from_boxes(boxes, labels, scores, k=4, size=128, levels=None):

@@ -1,4 +1,5 @@
-"""ODOL (METHOD.md s. 4): definitions against hand computations and oracles, invariances, gradients, errors."""
+"""ODOL (method page, section 4): definitions against hand computations and oracles, invariances, gradients, errors;
+the OdolConfig of a variant and ODOL over chunks."""
 
 import itertools
 import math
@@ -8,7 +9,7 @@ import torch
 from torchvision.ops import box_iou
 
 from detptq_mini.model import DenseOutputs, Detector, decode
-from detptq_mini.odol import elementwise_iou, odol, odol_terms
+from detptq_mini.odol import ChunkedOdol, OdolConfig, elementwise_iou, odol, odol_terms
 
 COMBOS = list(itertools.product(("kl", "l2"), ("l1", "iou"), ("soft", "hard")))
 SHAPES = ((16, 16), (8, 8), (4, 4))
@@ -231,3 +232,77 @@ def test_bad_arguments_name_the_argument(kwargs, name):
         odol(out, clone(out), **kwargs)
     if name in ("cls=", "loc=", "fg=", "reduction="):
         assert "allowed" in str(e.value)
+
+
+# ---------------------------------------------------------------- the config
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cls": "kl2"}, "cls='kl2' is not allowed; allowed: 'kl', 'l2'"),
+    ({"loc": "giou"}, "loc='giou' is not allowed; allowed: 'l1', 'iou'"),
+    ({"fg": "top1"}, "fg='top1' is not allowed; allowed: 'soft', 'hard'"),
+    ({"lam": -1.0}, "lam=-1.0 must be a finite number >= 0"),
+    ({"lam": float("nan")}, "lam=nan must be"),
+    ({"fg_threshold": 1.0}, r"fg_threshold=1.0 must be a finite number in \(0, 1\)"),
+    ({"fg_threshold": 0.0}, "fg_threshold=0.0 must be"),
+])
+def test_odol_config_is_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OdolConfig(**kwargs)
+
+
+def test_odol_config_is_frozen_and_has_the_paper_defaults():
+    c = OdolConfig()
+    assert (c.cls, c.loc, c.fg, c.lam, c.fg_threshold) == ("kl", "l1", "soft", 1.0, 0.25)
+    with pytest.raises(AttributeError):
+        c.lam = 2.0
+
+
+@pytest.mark.parametrize("cls,loc,fg", COMBOS)
+def test_config_equals_the_keyword_arguments(cls, loc, fg):
+    fp = random_outputs()
+    q = perturbed(fp)
+    a = odol_terms(fp, q, cls=cls, loc=loc, fg=fg, lam=0.5, fg_thresh=0.4)
+    b = odol_terms(fp, q, config=OdolConfig(cls=cls, loc=loc, fg=fg, lam=0.5, fg_threshold=0.4))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(odol(fp, q, cls=cls, loc=loc, fg=fg), odol(fp, q, config=OdolConfig(cls, loc, fg)))
+
+
+def test_config_and_keyword_arguments_together_are_an_error():
+    out = random_outputs(shapes=((4, 4),))
+    with pytest.raises(ValueError, match="either config or the keyword arguments .*got config and loc"):
+        odol(out, clone(out), loc="iou", config=OdolConfig())
+    with pytest.raises(ValueError, match="config must be an OdolConfig"):
+        odol(out, clone(out), config={"cls": "kl"})
+
+
+# ------------------------------------------------------------ over chunks
+def _cat(outs):
+    return DenseOutputs(tuple(torch.cat(t) for t in zip(*[o.cls for o in outs])),
+                        tuple(torch.cat(t) for t in zip(*[o.box for o in outs])))
+
+
+@pytest.mark.parametrize("cls,loc,fg", COMBOS)
+def test_chunked_odol_is_odol_on_one_chunk_and_on_the_concatenation(cls, loc, fg):
+    torch.manual_seed(0)
+    config = OdolConfig(cls=cls, loc=loc, fg=fg, lam=0.7)
+    fp = [random_outputs(b=b) for b in (3, 1, 2)]
+    q = [perturbed(o) for o in fp]
+    one = ChunkedOdol(fp[:1], config)
+    assert one(q[:1]) == float(odol(fp[0], q[0], config=config))  # exactly odol
+    many = ChunkedOdol(fp, config)
+    assert many(q) == pytest.approx(float(odol(_cat(fp), _cat(q), config=config)), rel=1e-5)
+
+
+def test_chunked_odol_without_foreground_and_bad_arguments():
+    fp = [random_outputs(b=1, shapes=((4, 4),)) for _ in range(2)]
+    for o in fp:
+        for c in o.cls:
+            c.fill_(-10.0)  # no location above the hard threshold: L_loc is 0, as in odol
+    q = [perturbed(o) for o in fp]
+    config = OdolConfig(fg="hard")
+    assert ChunkedOdol(fp, config)(q) == pytest.approx(float(odol(_cat(fp), _cat(q), config=config)), rel=1e-5)
+    with pytest.raises(ValueError, match="fp_outs is empty"):
+        ChunkedOdol([])
+    with pytest.raises(ValueError, match="config must be an OdolConfig"):
+        ChunkedOdol(fp, "kl")
+    with pytest.raises(ValueError, match="q_outs has 1 chunks but the FP outputs have 2"):
+        ChunkedOdol(fp)(q[:1])

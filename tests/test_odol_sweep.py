@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from detptq_mini.data import ShapesDataset
-from detptq_mini.odol import l_perf, scale_sweep, spearman, sweep_agreement
+from detptq_mini.odol import OdolConfig
+from detptq_mini.studies import l_perf, scale_sweep, spearman, sweep_agreement
 from detptq_mini.quant import QuantConfig, quant_layers, quantize_model
 
 
@@ -39,7 +40,9 @@ def test_sweep_records_every_metric_and_matches_a_full_forward(sweep):
 def test_sweep_restores_the_model_state(pretrained):
     q = quantize_model(pretrained, QuantConfig(w_bits=4, a_bits=4))
     before = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in quant_layers(q).items()}
-    scale_sweep(q, "neck.td3.cv1.conv", ShapesDataset("val", 4, seed=0), [0.5, 1.0], variants=[("kl", "l1")])
+    sw = scale_sweep(q, "neck.td3.cv1.conv", ShapesDataset("val", 4, seed=0), [0.5, 1.0], variants=[("kl", "l1")],
+                     config=OdolConfig(fg="hard", lam=0.5))
+    assert list(sw["odol"]) == ["kl+l1"] and len(sw["odol"]["kl+l1"]) == 2
     after = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in quant_layers(q).items()}
     assert before == after
     assert not bool(quant_layers(q)["neck.td3.cv1.conv"].input_quantizer.calibrated)
@@ -56,7 +59,7 @@ def test_agreement_summary():
 def test_bad_arguments(pretrained):
     q = quantize_model(pretrained, QuantConfig())
     ds = ShapesDataset("val", 2, seed=0)
-    with pytest.raises(ValueError, match="layer="):
+    with pytest.raises(ValueError, match=r"layer has \['nope'\] that are not quantized layers"):
         scale_sweep(q, "nope", ds, [1.0])
     with pytest.raises(ValueError, match="ratios="):
         scale_sweep(q, "neck.td3.cv1.conv", ds, [0.0])
@@ -64,3 +67,5 @@ def test_bad_arguments(pretrained):
         scale_sweep(q, "neck.td3.cv1.conv", ds, [1.0], variants=[("kl2", "l1")])
     with pytest.raises(ValueError, match="labelled"):
         scale_sweep(q, "neck.td3.cv1.conv", torch.zeros(2, 3, 128, 128), [1.0])
+    with pytest.raises(ValueError, match="config must be an OdolConfig"):
+        scale_sweep(q, "neck.td3.cv1.conv", ds, [1.0], config={"fg": "hard"})

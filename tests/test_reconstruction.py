@@ -14,7 +14,8 @@ from detptq_mini.pipeline import PTQConfig, run_ptq
 from detptq_mini.qdrop import QDropQuantizer
 from detptq_mini.quant import (QuantConfig, QuantConv2d, Quantizer, calibrate_minmax, fake_quantize, fold_bn,
                                qparams_from_range, quant_layers, quantize_model)
-from detptq_mini.reconstruction import ReconConfig, lp_loss, reconstruct, reconstruct_unit, rounding_ablation
+from detptq_mini.reconstruction import ReconConfig, lp_loss, reconstruct, reconstruct_unit
+from detptq_mini.studies import rounding_ablation
 
 
 @pytest.fixture(scope="module")

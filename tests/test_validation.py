@@ -15,7 +15,7 @@ from detptq_mini.checkpoint import WEIGHTS_DIR, load_checkpoint, load_quantized,
 from detptq_mini.checks import check_images
 from detptq_mini.data import ShapesDataset
 from detptq_mini.lp import lp_error, lp_scale_search
-from detptq_mini.odol import odol
+from detptq_mini.odol import OdolConfig, odol
 from detptq_mini.pipeline import PTQConfig, run_ptq
 from detptq_mini.quant import QuantConfig, fake_quantize, quantize_model, set_quant_state
 
@@ -79,6 +79,8 @@ LIBRARY = {
     "unknown method": (lambda m: run_ptq(m, IMG, "magic"), "method='magic' is not a method; allowed: minmax, lp"),
     "unknown option": (lambda m: run_ptq(m, IMG, "minmax", colour="red"), "unknown option.*colour"),
     "unknown odol variant": (lambda m: odol(m(IMG), m(IMG), cls="kl2"), "cls='kl2' is not allowed; allowed: 'kl', 'l2'"),
+    "unknown odol variant (OdolConfig)": (lambda m: OdolConfig(cls="kl2"),
+                                          "cls='kl2' is not allowed; allowed: 'kl', 'l2'"),
     "unknown odol variant (run_ptq)": (lambda m: PTQConfig(method="detptq", odol_loc="giou"),
                                        "odol_loc='giou' is not allowed; allowed: 'l1', 'iou'"),
     "unknown layer": (lambda m: set_quant_state(quantize_model(m), False, layers=["backbone.nope"]),
