@@ -57,7 +57,7 @@ def test_suites():
         assert len({c.key for c in cells}) == len(cells), name  # keys unique in every suite
 
 
-def test_full_suite_has_exactly_the_issues_cells():
+def test_full_suite_has_exactly_the_comparisons_cells():
     full = SUITES["full"]
     bits = [(8, 8), (4, 8), (4, 4), (3, 3)]
     # best fixed p is no cell: the Lp rows of every p in P_DEFAULT; p = 2.4 is a cell of its own
@@ -144,7 +144,7 @@ def test_quantize_odol_options_match_the_library_and_are_validated(capsys):
 def test_code_version_is_the_checkouts_commit():
     import pathlib
 
-    root = pathlib.Path(benchmark.__file__).resolve().parent.parent
+    root = pathlib.Path(benchmark.__file__).resolve().parents[2]  # detptq_mini/benchmark/__init__.py -> the checkout
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     if head.returncode != 0:
         pytest.skip("not a git checkout")

@@ -1,0 +1,294 @@
+"""Running the benchmark: one subprocess per cell, resumable, every run logged.
+
+:func:`run_suite` runs a named suite (or any list of cells) one cell per subprocess (:func:`run_cell`), so that each
+cell's wall time and peak memory (its own ``ru_maxrss``, read with ``os.wait4``) are its own, and after every finished
+cell rewrites the result file atomically::
+
+    {"suite": "full", "machine": {...}, "runs": [{"command": ..., ...}],
+     "cells": {"lp-p2.5-W4A4-s0-c256-v500": {record}, ...}}
+
+with the markdown of :func:`detptq_mini.benchmark.report.to_markdown` next to it. Cells already in the file with
+``"status": "ok"`` are skipped, so an interrupted run resumes where it stopped (in the same session or a later one). A
+failed cell (nonzero exit) is recorded with the last line of its stderr, is not counted as done (the next run retries
+it), and the run goes on with the next cell. Cells equal to a done cell of another result file can be copied from it
+(``reuse``). Every run logs its command and the code's commit (:func:`code_version`) in the file's ``runs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checks import shown
+from ..utils import atomic_write_json, atomic_write_text
+from .report import to_markdown
+from .suites import Cell, is_done, select_cells, suite_cells
+
+__all__ = ["cell_args", "run_cell", "code_version", "machine_info", "load_results", "SuiteRun", "run_suite"]
+
+
+def cell_args(cell: Cell, device: str = "cpu") -> list[str]:
+    """The ``detptq-mini`` arguments of a cell (``quantize ... --json``)."""
+    args = ["quantize", "--method", cell.method, "--w-bits", str(cell.w_bits), "--a-bits", str(cell.a_bits),
+            "--seed", str(cell.seed), "--calib", str(cell.calib), "--val", str(cell.val)]
+    if cell.p is not None:
+        args += ["--p", f"{cell.p:g}"]
+    if cell.iters is not None:
+        args += ["--iters", str(cell.iters)]
+    if cell.lr_v is not None:
+        args += ["--lr-v", f"{cell.lr_v:g}"]
+    if cell.lr_act is not None:
+        args += ["--lr-act", f"{cell.lr_act:g}"]
+    return [*args, *cell.extra, "--device", str(device), "--json"]
+
+
+def _maxrss_mb(ru_maxrss: int) -> float:
+    return ru_maxrss / 2**20 if sys.platform == "darwin" else ru_maxrss / 2**10  # bytes on macOS, KiB elsewhere
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def run_cell(cell: Cell, device: str = "cpu") -> dict:
+    """Run one cell in a fresh ``python -m detptq_mini.cli`` process; return its record.
+
+    The record holds ``key``, ``cell`` (the fields), ``status`` (``"ok"`` or ``"failed"``), ``returncode``,
+    ``wall_seconds``, ``cpu_seconds``, ``peak_rss_mb`` (the child's own peak resident memory, from ``os.wait4``) and
+    ``load_avg`` (the machine's 1, 5 and 15 minute load averages when the cell ended: the cell itself adds about its
+    thread count, so a higher 15-minute load says the machine was shared and the wall time is inflated),
+    then every field of the command's JSON output (``map``, ``map50``, ``fp_map``, ``ratio_to_fp``, ``config``,
+    ``chosen_p``, ...) when it succeeded, or ``error`` (the last line of its stderr) when it failed.
+    """
+    cmd = [sys.executable, "-m", "detptq_mini.cli", *cell_args(cell, device)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)  # the child's own rusage, unlike RUSAGE_CHILDREN
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.perf_counter() - t0
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    rec = {"key": cell.key, "cell": asdict(cell), "status": "ok", "returncode": rc, "wall_seconds": round(wall, 3),
+           "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_mb": round(_maxrss_mb(ru.ru_maxrss), 1),
+           "load_avg": _load_avg()}
+    result = None
+    if rc == 0:
+        try:
+            result = json.loads(stdout.strip().splitlines()[-1])
+            if not isinstance(result, dict):
+                raise ValueError
+        except (ValueError, IndexError):
+            result, stderr = None, f"exit 0 but no JSON object on stdout: {stdout.strip()[-200:]!r}"
+    if result is None:
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        rec["status"] = "failed"
+        rec["error"] = lines[-1].strip() if lines else f"exit status {rc} with an empty stderr"
+    else:
+        for k, v in result.items():
+            rec.setdefault(k, v)  # the harness's own fields win over a same-named output field
+    return rec
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def code_version() -> str | None:
+    """The git commit of the library's checkout, with ``"+dirty"`` if it has uncommitted changes (None outside git).
+
+    Logged with every run of a suite: a file made over several sessions says which code made which cells.
+    """
+    root = Path(__file__).resolve().parents[2]  # the checkout: detptq_mini/benchmark/runner.py -> its root
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine_info() -> dict:
+    """Where the numbers were measured: platform, CPU model and count, memory, Python, torch version and threads."""
+    return {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_model(),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(), "memory_gb": _memory_gb(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def load_results(path: str | os.PathLike, argument: str = "out") -> dict | None:
+    """The result file at ``path`` (None if missing), checked for the ``{"suite", "machine", "cells"}`` layout.
+
+    ``argument`` names the path in errors (``out``, ``reuse``).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{shown(argument, str(path))} is not a JSON file ({e}); move it away or choose another "
+                         "file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), dict) or "suite" not in data:
+        raise ValueError(f"{shown(argument, str(path))} is not a benchmark result file (no 'suite' and 'cells')")
+    return data
+
+
+@dataclass
+class SuiteRun:
+    """What :func:`run_suite` did: the results as written, and which cells ran, were reused, skipped, failed."""
+
+    results: dict
+    out_path: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        """One line: cells run, reused (when any), skipped, failed."""
+        reused = f"{len(self.reused)} reused, " if self.reused else ""
+        return (f"benchmark {self.results['suite']}: {len(self.ran)} run, {reused}{len(self.skipped)} skipped, "
+                f"{len(self.failed)} failed in {self.seconds:.4g} s -> {self.out_path}")
+
+
+
+def _reusable(reuse) -> dict[str, dict]:
+    """key -> a copy of its successful record in the first of the ``reuse`` files that holds it."""
+    paths = [reuse] if isinstance(reuse, (str, os.PathLike)) else list(reuse or ())
+    found: dict[str, dict] = {}
+    for path in paths:
+        data = load_results(path, "reuse")
+        if data is None:
+            raise ValueError(f"reuse={str(path)!r} does not exist; it must be a result file of another run")
+        for key, rec in data["cells"].items():
+            if is_done(rec) and key not in found:
+                rec = dict(rec)
+                rec.setdefault("machine", data.get("machine"))  # the record says where it was measured
+                rec["reused_from"] = str(path)
+                found[key] = rec
+    return found
+
+
+def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False, only: str | None = None,
+              device: str = "cpu", reuse=(), command: str | None = None, exclude: str | None = None) -> SuiteRun:
+    """Run every cell of a suite not already done in ``out_path``, one subprocess each; resumable.
+
+    Args:
+        name_or_cells: a key of :data:`SUITES`, or a list of :class:`Cell` (the suite is then called ``"custom"``).
+        out_path: the JSON result file (its directory must exist). Loaded if present (it must be of the same suite);
+            rewritten atomically after every cell, with a markdown table (:func:`to_markdown`) next to it.
+        progress: show a tqdm progress bar (on stderr).
+        only: run only the cells whose key contains this substring.
+        exclude: skip the cells whose key contains this substring (e.g. ``"-i"``: the reconstruction cells).
+        device: passed to each cell's ``--device``.
+        reuse: result files (a path or a list of paths) of other runs: a cell to do whose key is there with
+            ``"status": "ok"`` is copied from there instead of run (the key fixes every option of the command, so
+            it is the same measurement); the copy keeps its measurements and ``machine`` and says
+            ``"reused_from"``. E.g. the ``ablations`` cells that equal ``full`` cells.
+        command: how this run was started, logged in the file's ``runs`` (the command line passes its own;
+            default: a description of this call).
+
+    Returns:
+        a :class:`SuiteRun` (``.failed`` non-empty if any cell failed; those cells are retried by the next run).
+
+    Every run that does at least one cell appends ``{"command", "started", "code", "seconds", "ran", "reused",
+    "failed"}`` to the file's ``runs`` (updated after every cell; ``code`` is :func:`code_version`), so a file made
+    over several sessions says how, and with which code.
+    """
+    t0 = time.perf_counter()
+    name, cells = select_cells(name_or_cells, only, exclude)
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise ValueError(f"out_path={str(out_path)!r}: directory {str(out_path.parent)!r} does not exist")
+    reusable = _reusable(reuse)
+    machine = machine_info()
+    data = load_results(out_path)
+    if data is None:
+        data = {"suite": name, "machine": machine, "runs": [], "cells": {}}
+    elif data["suite"] != name:
+        raise ValueError(f"out_path={str(out_path)!r} holds suite {data['suite']!r}, not {name!r}; choose another out")
+    all_keys = [c.key for c in suite_cells(name_or_cells)[1]]
+    done = [c for c in cells if is_done(data["cells"].get(c.key))]
+    todo = [c for c in cells if not is_done(data["cells"].get(c.key))]
+    run = SuiteRun(results=data, out_path=out_path, skipped=[c.key for c in done])
+    if command is None:
+        filters = "".join(f", {a}={v!r}" for a, v in (("only", only), ("exclude", exclude)) if v is not None)
+        command = f"python: run_suite({name!r}{filters})"
+    entry = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "code": code_version(), "seconds": 0.0, "ran": 0, "reused": 0, "failed": 0}
+    runs = list(data.get("runs") or [])
+    bar = tqdm(todo, desc=f"benchmark {name}", unit="cell", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.key)
+        if cell.key in reusable:
+            rec = reusable[cell.key]
+            run.reused.append(cell.key)
+        else:
+            rec = run_cell(cell, device=device)
+            if data.get("machine") != machine:
+                rec["machine"] = machine  # resumed on another machine: say so on the cells measured here
+            (run.ran if rec["status"] == "ok" else run.failed).append(cell.key)
+        cells_now = dict(data["cells"])
+        cells_now[cell.key] = rec
+        entry.update(seconds=round(time.perf_counter() - t0, 1), ran=len(run.ran), reused=len(run.reused),
+                     failed=len(run.failed))
+        data = {"suite": name, "machine": data.get("machine", machine), "runs": [*runs, dict(entry)],
+                "cells": _ordered(cells_now, all_keys)}
+        atomic_write_json(out_path, data)
+        atomic_write_text(out_path.with_suffix(".md"), to_markdown(data))  # a stopped run leaves both in step
+        run.results = data
+    bar.close()
+    if out_path.exists() and not todo:
+        atomic_write_text(out_path.with_suffix(".md"), to_markdown(data))
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def _ordered(cells: dict, order: list[str]) -> dict:
+    """Cells in the suite's order, then any others (kept from earlier runs) sorted by key."""
+    pos = {k: i for i, k in enumerate(order)}
+    return {k: cells[k] for k in sorted(cells, key=lambda k: (0, pos[k], "") if k in pos else (1, 0, k))}
+
+

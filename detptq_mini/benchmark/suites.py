@@ -1,0 +1,288 @@
+"""The benchmark's cells and named suites: what to run, not how.
+
+A :class:`Cell` is one ``detptq-mini quantize ... --json`` run (method x bits x calibration seed, with its options);
+its :attr:`Cell.key` names it in a result file. :data:`SUITES` holds the named suites: ``full`` (the main comparison:
+every method x W8A8/W4A8/W4A4/W3A3 x 3 seeds), ``ablations`` (ODOL combination, 8-bit conventions, QDrop
+probability), ``loss-norm`` (the W4A4 reconstruction settings with and without each unit's loss divided by its value
+before reconstruction), ``simple`` (chapter 6's table) and ``quick`` (every method on a tiny slice, about a minute).
+Decisions of ``full``, stated in the book too:
+
+* "best fixed p" is no cell of its own: the Lp cells cover every p of ``P_DEFAULT`` at every bits, and the report
+  (:func:`~detptq_mini.benchmark.report.summarize`) picks per bits the p with the best mean over seeds, an oracle
+  choice made on the val set; Lp with p = 2.4 (not in ``P_DEFAULT``) is a cell of its own.
+* every method calibrates on the same 256 images (the setting of the long reconstruction runs,
+  ``benchmarks/results/reconstruction_runs.json``); mAP on the 500 val images.
+* BRECQ, QDrop and DetPTQ+QDrop run at W4A8, W4A4 and W3A3 (W8A8 needs no reconstruction) with one budget per bits,
+  :data:`RECON_ITERS`, at the learning rates :data:`RECON_LR`.
+* cheap cells come first, then the reconstruction cells of seed 0, then of seeds 1 and 2: a partial run is a table.
+
+:func:`select_cells` picks a suite's cells by key substring; :func:`is_done` tells a successful cell's record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..checks import check_int, check_number, shown
+from ..lp import P_DEFAULT
+
+__all__ = ["Cell", "FULL_BITS", "SEEDS", "FULL_CALIB", "FULL_VAL", "RECON_ITERS", "RECON_LR", "RECON_METHODS",
+           "LP_EXTRA_P", "ODOL_COMBOS", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "SUITES", "bits_pair",
+           "suite_cells", "select_cells", "is_done"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One benchmark cell: ``detptq-mini quantize`` with these options.
+
+    Attributes:
+        method: a ``quantize --method`` (not checked here: an unknown method makes a failed cell).
+        w_bits, a_bits: bit widths (not range-checked here: the child reports bad values, the cell fails).
+        seed: the calibration seed (the ``seed`` of the calib split).
+        p: the fixed p (``--p``), or None.
+        calib: number of calibration images.
+        val: number of val images for the mAP.
+        iters: ``--iters`` for the reconstruction methods, or None (the option is then not passed).
+        lr_v, lr_act: ``--lr-v`` and ``--lr-act`` (the reconstruction's Adam learning rates), or None (the library's
+            defaults).
+        extra: further ``quantize`` arguments, e.g. ``("--no-8bit-stem",)``.
+    """
+
+    method: str
+    w_bits: int
+    a_bits: int
+    seed: int = 0
+    p: float | None = None
+    calib: int = 64
+    val: int = 500
+    iters: int | None = None
+    lr_v: float | None = None
+    lr_act: float | None = None
+    extra: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.method, str) or not self.method or any(c.isspace() for c in self.method):
+            raise ValueError(f"method={self.method!r} must be a non-empty method name without spaces")
+        for name in ("w_bits", "a_bits", "seed", "calib", "val", "iters"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), allow_none=name == "iters"))
+        for name in ("p", "lr_v", "lr_act"):
+            object.__setattr__(self, name, check_number(name, getattr(self, name), allow_none=True))
+        extra = tuple(self.extra) if isinstance(self.extra, (list, tuple)) else self.extra
+        if not isinstance(extra, tuple) or not all(isinstance(a, str) for a in extra):
+            raise ValueError(f"extra={self.extra!r} must be a tuple of strings (command-line arguments)")
+        object.__setattr__(self, "extra", extra)
+
+    @property
+    def bits(self) -> str:
+        """``"W4A4"``."""
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    @property
+    def key(self) -> str:
+        """A stable, readable id, e.g. ``"lp-p2.5-W4A4-s0-c64-v500"`` (``-i<iters>``, ``-lrv<lr_v>``,
+        ``-lra<lr_act>`` and ``+<arg>`` when set)."""
+        parts = [self.method]
+        if self.p is not None:
+            parts.append(f"p{self.p:g}")
+        parts += [self.bits, f"s{self.seed}", f"c{self.calib}", f"v{self.val}"]
+        if self.iters is not None:
+            parts.append(f"i{self.iters}")
+        if self.lr_v is not None:
+            parts.append(f"lrv{self.lr_v:g}")
+        if self.lr_act is not None:
+            parts.append(f"lra{self.lr_act:g}")
+        key = "-".join(parts)
+        for a in self.extra:
+            key += "+" + a.lstrip("-")
+        return key
+
+
+def _simple_suite() -> list[Cell]:
+    """Bits, then method (min-max, Lp with p = 1..4.5, DetPTQ), then seed: a table reads top to bottom."""
+    variants = [("minmax", None), *(("lp", p) for p in P_DEFAULT), ("detptq", None)]
+    return [Cell(method, w, a, seed, p=p) for w, a in ((4, 4), (4, 8)) for method, p in variants for seed in (0, 1, 2)]
+
+
+#: Bit widths of the ``full`` comparison, in table order.
+FULL_BITS: tuple[tuple[int, int], ...] = ((8, 8), (4, 8), (4, 4), (3, 3))
+#: Calibration seeds of ``full`` and ``ablations``.
+SEEDS: tuple[int, ...] = (0, 1, 2)
+#: Calibration images of every cell of ``full`` and ``ablations`` (the setting of the long reconstruction runs,
+#: ``benchmarks/results/reconstruction_runs.json``, used for every method so that the rows compare on the same data),
+#: and val images of the mAP.
+FULL_CALIB = 256
+FULL_VAL = 500
+#: The reconstruction budget (``--iters``, steps per unit) of each bits column: one budget for BRECQ, QDrop and
+#: DetPTQ+QDrop alike. The bits named here are the ones that get reconstruction cells (W8A8 needs none). 1,000 steps
+#: at the learning rates of :data:`RECON_LR` is the best W4A4 setting of the long reconstruction runs
+#: (``benchmarks/results/reconstruction_runs.json``, runs R1 and R5: 63.4 % of FP for DetPTQ+QDrop, beating 2,000 steps
+#: at the library's default rates, 57.6 %) and costs half as much.
+RECON_ITERS: dict[str, int] = {"W4A8": 1000, "W4A4": 1000, "W3A3": 1000}
+#: The Adam learning rates (``--lr-v``, ``--lr-act``) of every reconstruction cell of ``full`` and ``ablations``:
+#: 10x the library's defaults (1e-3, 4e-5: the reference implementations' rates, sized for 20,000 steps).
+RECON_LR: tuple[float, float] = (0.01, 0.001)
+#: The reconstruction methods, in table order.
+RECON_METHODS: tuple[str, ...] = ("brecq", "qdrop", "detptq-qdrop")
+#: The fixed p of range search common in the literature; a cell of its own (it is not in ``P_DEFAULT``).
+LP_EXTRA_P = 2.4
+#: The ODOL combinations (classification, localization) of the selection ablation; the first is the default.
+ODOL_COMBOS: tuple[tuple[str, str], ...] = (("kl", "l1"), ("kl", "iou"), ("l2", "l1"), ("l2", "iou"))
+#: DetPTQ+QDrop with every activation element quantized during reconstruction (BRECQ's setting).
+QUANT_PROB_ONE: tuple[str, ...] = ("--quant-prob", "1")
+#: The 8-bit conventions turned off in the ablation: stem alone, prediction convs alone, both.
+EIGHT_BIT_OFF: tuple[tuple[str, ...], ...] = (("--no-8bit-stem",), ("--no-8bit-pred",),
+                                              ("--no-8bit-stem", "--no-8bit-pred"))
+#: Each unit's reconstruction loss divided by its value before reconstruction (the ``loss-norm`` experiment).
+LOSS_NORM_BEFORE: tuple[str, ...] = ("--loss-norm", "before")
+
+
+def bits_pair(bits: str) -> tuple[int, int]:
+    """``"W4A8"`` -> ``(4, 8)``: the weight and activation bits of a bits column (as :attr:`Cell.bits` writes it)."""
+    w, a = bits[1:].split("A")
+    return int(w), int(a)
+
+
+def _recon_opts(bits: str) -> dict:
+    """The reconstruction budget of a bits column as :class:`Cell` fields (``iters``, ``lr_v``, ``lr_act``)."""
+    return {"iters": RECON_ITERS[bits], "lr_v": RECON_LR[0], "lr_act": RECON_LR[1]}
+
+
+def _full_suite() -> list[Cell]:
+    """The full comparison, cheap cells first so that a partial run is already a table.
+
+    Order: every simple cell (min-max, Lp with each p in ``P_DEFAULT`` and with p = 2.4, DetPTQ simple) for every
+    bits of :data:`FULL_BITS` and seed; then the reconstruction cells (BRECQ, QDrop, DetPTQ+QDrop at the bits of
+    :data:`RECON_ITERS`, each at its budget) of seed 0, then of seed 1, then of seed 2.
+    """
+    opts = {"calib": FULL_CALIB, "val": FULL_VAL}
+    simple = [("minmax", None), *(("lp", p) for p in P_DEFAULT), ("lp", LP_EXTRA_P), ("detptq", None)]
+    cells = [Cell(m, w, a, s, p=p, **opts) for w, a in FULL_BITS for m, p in simple for s in SEEDS]
+    cells += [Cell(m, *bits_pair(bits), s, **_recon_opts(bits), **opts)
+              for s in SEEDS for bits in RECON_ITERS for m in RECON_METHODS]
+    return cells
+
+
+def _ablation_suite() -> list[Cell]:
+    """The ablations, cheap cells first (W4A4, the informative bits, before W4A8), then the reconstruction cells seed
+    by seed.
+
+    * ODOL combination of DetPTQ's selection at W4A4 and W4A8: KL+L1 (the default: the plain ``detptq`` cell, the
+      same as in ``full``), KL+IoU, L2+L1, L2+IoU (``--odol-cls``, ``--odol-loc``).
+    * 8-bit conventions at W4A4: DetPTQ simple with the stem, the prediction convs, or both at the target bits
+      (on: the plain cell above); DetPTQ+QDrop with both off, against the plain cell (on).
+    * QDrop probability at W4A4: QDrop (0.5) against BRECQ (1.0), same scales, budget and loss; and DetPTQ+QDrop
+      at 0.5 (the plain cell) against 1.0 (``--quant-prob 1``: DetPTQ's p inside BRECQ).
+
+    Every setting but the ablated one is that of ``full`` (calibration images, val images, budget), so the cells
+    equal to a ``full`` cell have its key and can be copied from its result file (``--reuse``).
+    """
+    opts = {"calib": FULL_CALIB, "val": FULL_VAL}
+    odol = [() if (c, l) == ODOL_COMBOS[0] else ("--odol-cls", c, "--odol-loc", l) for c, l in ODOL_COMBOS]
+    cells = [Cell("detptq", 4, 4, s, extra=e, **opts) for e in odol for s in SEEDS]
+    cells += [Cell("detptq", 4, 4, s, extra=e, **opts) for e in EIGHT_BIT_OFF for s in SEEDS]
+    cells += [Cell("detptq", 4, 8, s, extra=e, **opts) for e in odol for s in SEEDS]
+    opts.update(_recon_opts("W4A4"))
+    for s in SEEDS:
+        cells += [Cell("brecq", 4, 4, s, **opts), Cell("qdrop", 4, 4, s, **opts), Cell("detptq-qdrop", 4, 4, s, **opts),
+                  Cell("detptq-qdrop", 4, 4, s, extra=QUANT_PROB_ONE, **opts),
+                  Cell("detptq-qdrop", 4, 4, s, extra=EIGHT_BIT_OFF[-1], **opts)]
+    return cells
+
+
+def _loss_norm_suite() -> list[Cell]:
+    """The loss-scale experiment at W4A4, seed by seed: does DetPTQ's per-unit p lose to p = 2 inside reconstruction
+    because the Lp loss's scale (which spans orders of magnitude across units and p) moves its balance with
+    AdaRound's regulariser, whose weight ``lam`` is fixed?
+
+    For each seed, the four reconstruction settings of ``full`` and ``ablations`` at W4A4 (BRECQ; DetPTQ+QDrop at
+    ``--quant-prob 1``, DetPTQ's p inside BRECQ; QDrop; DetPTQ+QDrop) as they are (cells equal to those of ``full``
+    and ``ablations``: copy them with ``--reuse``), then the same four with ``--loss-norm before``.
+    """
+    opts = {"calib": FULL_CALIB, "val": FULL_VAL, **_recon_opts("W4A4")}
+    settings = [("brecq", ()), ("detptq-qdrop", QUANT_PROB_ONE), ("qdrop", ()), ("detptq-qdrop", ())]
+    return [Cell(m, 4, 4, s, extra=e + norm, **opts)
+            for s in SEEDS for norm in ((), LOSS_NORM_BEFORE) for m, e in settings]
+
+
+def _quick_suite() -> list[Cell]:
+    """Every method kind once on a tiny slice (8 calibration images, 50 val images, 5 reconstruction steps)."""
+    opts = {"calib": 8, "val": 50}
+    return [Cell("minmax", 4, 8, 0, **opts), Cell("lp", 4, 8, 0, p=2.0, **opts),
+            Cell("detptq", 4, 8, 0, extra=("--odol-cls", "l2", "--odol-loc", "iou"), **opts),
+            Cell("brecq", 4, 4, 0, iters=5, **opts), Cell("qdrop", 4, 4, 0, iters=5, **opts),
+            Cell("detptq-qdrop", 4, 4, 0, iters=5, extra=EIGHT_BIT_OFF[-1], **opts)]
+
+
+#: The named suites (``benchmarks/README.md`` has their cell counts and costs).
+#:
+#: * ``full`` (159 cells): min-max, Lp with every p in ``P_DEFAULT`` = {1, ..., 4.5} and with p = 2.4, DetPTQ simple,
+#:   BRECQ, QDrop and DetPTQ+QDrop at W8A8, W4A8, W4A4, W3A3 with calibration seeds 0, 1, 2; 256 calibration
+#:   images for every method, mAP on the 500 val images. Reconstruction only below 8 bits, at the budget of
+#:   :data:`RECON_ITERS` for its bits and the learning rates :data:`RECON_LR`. "Best fixed p" is not a cell: the
+#:   report's :func:`~detptq_mini.benchmark.report.summarize` picks, per bits, the p of ``P_DEFAULT`` with the best
+#:   mean mAP over seeds (an oracle choice made on the val set).
+#: * ``ablations`` (48 cells): see :func:`_ablation_suite`; the p-with-and-without-V ablation is the script
+#:   ``benchmarks/rounding_ablation.py``.
+#: * ``loss-norm`` (24 cells): see :func:`_loss_norm_suite`.
+#: * ``simple`` (60 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
+#:   calibration images (the chapter 6 table).
+#: * ``quick`` (6 cells): every method once on a tiny slice, a smoke test of the harness (about a minute).
+SUITES: dict[str, list[Cell]] = {
+    "simple": _simple_suite(),
+    "full": _full_suite(),
+    "ablations": _ablation_suite(),
+    "loss-norm": _loss_norm_suite(),
+    "quick": _quick_suite(),
+}
+
+
+def is_done(rec) -> bool:
+    """Whether ``rec`` is the record of a successful cell (a dict with ``"status": "ok"``): a run skips such a cell,
+    the report counts it; any other value (a failed cell's record, None for a missing one) is not done."""
+    return isinstance(rec, dict) and rec.get("status") == "ok"
+
+
+def suite_cells(name_or_cells) -> tuple[str, list[Cell]]:
+    """The suite's name and all its cells: a key of :data:`SUITES`, or a non-empty list of :class:`Cell` (named
+    ``"custom"``). Unlike :func:`select_cells`, no filter and no check that the keys are unique."""
+    if isinstance(name_or_cells, str):
+        if name_or_cells not in SUITES:
+            raise ValueError(f"suite={name_or_cells!r} is not a suite; allowed: {', '.join(SUITES)}")
+        return name_or_cells, list(SUITES[name_or_cells])
+    cells = list(name_or_cells)
+    if not cells or not all(isinstance(c, Cell) for c in cells):
+        raise ValueError("name_or_cells must be a suite name or a non-empty list of Cell")
+    return "custom", cells
+
+
+def select_cells(name_or_cells, only: str | None = None, exclude: str | None = None,
+                 argument_names: dict[str, str] | None = None) -> tuple[str, list[Cell]]:
+    """The suite's name and cells, keeping those whose key contains ``only`` and not ``exclude`` (error if none is
+    left), e.g. ``exclude="-i"``: every cell but the reconstruction cells.
+
+    ``argument_names`` renames ``only`` and ``exclude`` in errors: the CLI passes ``{"only": "--only", "exclude":
+    "--exclude"}``. A name that starts with ``-`` (a command-line flag) is written ``--only 'W4A4'``, as the CLI's own
+    errors; the others ``only='W4A4'``.
+    """
+    names = {"only": "only", "exclude": "exclude", **(argument_names or {})}
+
+    def show(arg: str, value) -> str:
+        return shown(names[arg], value)
+
+    name, cells = suite_cells(name_or_cells)
+    keys = [c.key for c in cells]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the cells' keys are not unique: each cell must differ")
+    for arg, value in (("only", only), ("exclude", exclude)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{show(arg, value)} must be a non-empty substring of cell keys or None")
+    if only is not None:
+        cells = [c for c in cells if only in c.key]
+    if exclude is not None:
+        cells = [c for c in cells if exclude not in c.key]
+    if not cells:
+        what = " and ".join(show(a, v) for a, v in (("only", only), ("exclude", exclude)) if v is not None)
+        raise ValueError(f"{what} leaves no cell of suite {name!r} (see `detptq-mini benchmark --list`)")
+    return name, cells
+
+
