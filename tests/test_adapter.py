@@ -1,4 +1,4 @@
-"""The RetinaNet adapter: torchvision's RetinaNet through the restartable-detector protocol.
+"""The RetinaNet adapter: torchvision's RetinaNet as a UnitDetector (the restartable-detector base class).
 
 torchvision is the oracle: the adapter's dense outputs and detections must equal the RetinaNet's own, its
 units must restart the forward exactly, BN folding must handle the ``FrozenBatchNorm2d`` of a RetinaNet with
