@@ -23,7 +23,7 @@ PKG = Path(detptq_mini.__file__).parent
 ORDER = (
     "checks", "utils", "data", "model", "adapter", "quant", "lp", "evaluate", "odol", "detptq", "adaround", "qdrop",
     "reconstruction", "checkpoint", "pipeline", "train", "studies", "export", "viz",
-    "benchmark.suites", "benchmark.runner", "benchmark.report", "benchmark", "cli",
+    "benchmark.suites", "benchmark.report", "benchmark.runner", "benchmark", "cli",
 )
 
 
@@ -165,3 +165,25 @@ def test_nothing_cites_a_file_outside_the_repository():
     bad = [f"{f.relative_to(root)}: {n}" for f in files for n in needles
            if f != Path(__file__) and n in f.read_text()]
     assert not bad, "\n".join(bad)
+
+
+def _table_modules(text: str, heading: str) -> list[str]:
+    """The module names in the first column of the table after ``heading`` (backticked, `a`, `b` or `pkg/`)."""
+    rows = text[text.index(heading):].split("\n\n| module |", 1)[1].split("\n\n", 1)[0].splitlines()
+    names = []
+    for row in rows[2:]:
+        first = row.split("|")[1]
+        names += [n.strip("/") for n in first.split("`")[1::2]]
+    return names
+
+
+@pytest.mark.parametrize("page, heading", [("README.md", "### The library, module by module"),
+                                           ("book/method.md", "## Where each piece lives")])
+def test_the_module_maps_match_the_code(page, heading):
+    """README's module table and the method page's map name every module of the package, each once, in the
+    data-flow order of ORDER."""
+    text = (PKG.parent / page).read_text()
+    listed = _table_modules(text, heading)
+    top_level = [m for m in ORDER if "." not in m]
+    assert listed == top_level, f"{page}: {listed} != {top_level}"
+    assert set(top_level) == {m.split(".")[0] for m in MODULES if m}
