@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
-from .benchmark import SUITES, load_results, run_suite, select_cells
+from . import benchmark  # used as benchmark.X, so that tests can stand in for benchmark.run_suite
 from .checkpoint import WEIGHTS_DIR, load_any, load_pretrained, pretrained_info, save_quantized
 from .data import ShapesDataset
 from .evaluate import evaluate_model
@@ -223,10 +223,10 @@ def _cmd_benchmark(args) -> int:
     if args.quick and args.suite not in (None, "quick"):
         raise UsageError(f"--quick is --suite quick; it cannot be combined with --suite {args.suite}")
     suite = "quick" if args.quick else args.suite or "simple"
-    if suite not in SUITES:
-        raise UsageError(f"--suite {suite!r} is not a suite; allowed: {', '.join(SUITES)}")
+    if suite not in benchmark.SUITES:
+        raise UsageError(f"--suite {suite!r} is not a suite; allowed: {', '.join(benchmark.SUITES)}")
     try:
-        _, cells = select_cells(suite, args.only, args.exclude, {"only": "--only", "exclude": "--exclude"})
+        _, cells = benchmark.select_cells(suite, args.only, args.exclude, {"only": "--only", "exclude": "--exclude"})
     except ValueError as e:
         raise UsageError(str(e)) from None
     resolve_device(args.device)
@@ -238,13 +238,14 @@ def _cmd_benchmark(args) -> int:
             raise UsageError(f"--reuse {path!r} does not exist; it must be the result JSON of another run")
         if Path(path).resolve() == out.resolve():
             raise UsageError(f"--reuse {path!r} is the --out file itself")
-        load_results(path, "--reuse")
+        benchmark.load_results(path, "--reuse")
     if args.list:
-        done = (load_results(out) or {"cells": {}})["cells"]
+        done = (benchmark.load_results(out) or {"cells": {}})["cells"]
         status = [done[c.key]["status"] if c.key in done else "todo" for c in cells]
         for c, st in zip(cells, status):
             print(f"{c.key}\t{st}")
-        what = f"{len(cells)} of {len(SUITES[suite])} cells" if len(cells) < len(SUITES[suite]) else f"{len(cells)} cells"
+        total = len(benchmark.SUITES[suite])
+        what = f"{len(cells)} of {total} cells" if len(cells) < total else f"{len(cells)} cells"
         print(f"suite {suite}: {what}, {status.count('ok')} ok, {status.count('failed')} failed, "
               f"{status.count('todo')} todo")
         return 0
@@ -257,8 +258,8 @@ def _cmd_benchmark(args) -> int:
         command += ["--reuse", path]
     if args.device != "cpu":
         command += ["--device", args.device]
-    run = run_suite(suite, out, progress=args.progress, only=args.only, device=args.device, reuse=args.reuse or (),
-                    command=shlex.join(command), exclude=args.exclude)
+    run = benchmark.run_suite(suite, out, progress=args.progress, only=args.only, device=args.device,
+                              reuse=args.reuse or (), command=shlex.join(command), exclude=args.exclude)
     for key in run.failed:
         print(f"detptq-mini: cell {key} failed: {run.results['cells'][key].get('error', '')}", file=sys.stderr)
     print(run.summary())
