@@ -23,7 +23,7 @@ from .export import (OnnxDetector, check_exportable, check_layers, compare_outpu
                      onnx_session, qdq_summary, to_float)
 from .odol import ClsMode, LocMode
 from .pipeline import METHODS, RECON_METHODS, run_ptq
-from .reconstruction import LOSS_NORMS
+from .reconstruction import LOSS_NORMS, QDROP_INPUTS
 from .train import TrainConfig, train
 from .utils import resolve_device
 
@@ -90,13 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize the shipped model with a PTQ method and evaluate it")
     q.add_argument("--method", required=True,
-                   help="minmax | lp | detptq | brecq | qdrop | detptq-qdrop (see `detptq_mini.pipeline.METHODS`)")
+                   help="minmax | lp | detptq | brecq | joint | qdrop | detptq-qdrop (see `detptq_mini.pipeline.METHODS`)")
     q.add_argument("--w-bits", type=int, required=True, help="weight bits, 2..8")
     q.add_argument("--a-bits", type=int, required=True, help="activation bits, 2..8")
     q.add_argument("--p", type=float, default=None,
-                   help="the fixed p of lp, brecq and qdrop (default 2.0); an error with detptq*, which choose p themselves")
+                   help="the fixed p of lp, brecq, joint and qdrop (default 2.0); an error with detptq*, which choose p "
+                        "themselves")
     q.add_argument("--iters", type=_positive_int, default=None,
-                   help="reconstruction steps per unit for brecq | qdrop | detptq-qdrop (default 2000)")
+                   help="reconstruction steps per unit for brecq | joint | qdrop | detptq-qdrop (default 2000; brecq: of "
+                        "its first stage)")
     q.add_argument("--lr-v", type=float, default=None,
                    help="reconstruction: Adam learning rate of AdaRound's rounding variables (default 1e-3)")
     q.add_argument("--lr-act", type=float, default=None,
@@ -104,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant-prob", type=float, default=None,
                    help="qdrop | detptq-qdrop: probability that an activation element is quantized during "
                         "reconstruction (default 0.5)")
+    q.add_argument("--qdrop-input", choices=QDROP_INPUTS, default=None,
+                   help="qdrop | detptq-qdrop: 'one-coin' (default: the reference's one coin per element at a unit's "
+                        "input) or 'two-coin' (the earlier scheme, an ablation)")
+    q.add_argument("--act-iters", type=int, default=None,
+                   help="brecq: steps per unit of the second stage, the step sizes (default --iters / 4); 0 skips it")
+    q.add_argument("--act-p", type=float, default=None,
+                   help="brecq: the p of the second stage's loss (default 2.4, the reference's)")
     q.add_argument("--loss-norm", choices=_LOSS_NORMS, default=None,
                    help="reconstruction: 'before' divides each unit's Lp loss by its value before reconstruction "
                         "(an experiment; default 'none', BRECQ's loss as it is)")
@@ -183,6 +192,11 @@ def _cmd_quantize(args) -> dict:
     if args.loss_norm is not None and args.method not in RECON_METHODS:
         raise UsageError(f"--loss-norm is only for --method {' | '.join(RECON_METHODS)} (the reconstruction "
                          f"methods), not {args.method}")
+    for flag, methods in (("qdrop_input", ("qdrop", "detptq-qdrop")), ("act_iters", ("brecq",)), ("act_p", ("brecq",))):
+        if getattr(args, flag) is not None and args.method not in methods:
+            raise UsageError(f"--{flag.replace('_', '-')} is only for --method {' | '.join(methods)}, not {args.method}")
+    if args.act_iters is not None and args.act_iters < 0:
+        raise UsageError(f"--act-iters {args.act_iters} must be >= 0")
     if args.out is not None:
         _check_out_dir(args.out, "--out")
     if args.batch_size is not None and args.batch_size > args.calib:
@@ -194,7 +208,7 @@ def _cmd_quantize(args) -> dict:
     options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred}
     # flag (its argparse name) -> run_ptq option; the same name but for --loss-norm
     names = {name: name for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act", "odol_cls",
-                                     "odol_loc")} | {"loss_norm": "recon_loss_norm"}
+                                     "odol_loc", "qdrop_input", "act_iters", "act_p")} | {"loss_norm": "recon_loss_norm"}
     for flag, option in names.items():
         if getattr(args, flag) is not None:
             options[option] = getattr(args, flag)

@@ -7,12 +7,17 @@ Methods available now:
 * ``"detptq"``: the same search for every p of ``ps``, then DetPTQ's per-layer (or per-unit) choice of p by
   ODOL (:func:`detptq_mini.detptq.select_p`; options ``granularity``, ``separate``, ``rest``, ``odol_*``,
   ``select_images``);
-* ``"brecq"``, ``"qdrop"``: the ``"lp"`` scales with a fixed p (default 2), then block reconstruction
-  (:func:`detptq_mini.reconstruction.reconstruct`) with the Lp loss of the same p; BRECQ quantizes every
-  activation element during reconstruction (``quant_prob = 1``), QDrop half of them (``quant_prob = 0.5``);
+* ``"brecq"``, ``"joint"``, ``"qdrop"``: the ``"lp"`` scales with a fixed p (default 2), then block
+  reconstruction (:func:`detptq_mini.reconstruction.reconstruct`) with the Lp loss of the same p:
+  ``"brecq"`` as published (two passes: the rounding of every unit with the activations in float, then the
+  step sizes with every activation quantized: ``stages = 2``, options ``act_iters``, ``act_p``);
+  ``"joint"`` learns the rounding and the step sizes together with every activation element quantized
+  (QDrop's scheme at ``quant_prob = 1``); ``"qdrop"`` quantizes each element with probability ``quant_prob``
+  (default 0.5), with the reference's one coin at a unit's input (``qdrop_input="one-coin"``; the earlier
+  ``"two-coin"`` scheme is an ablation);
 * ``"detptq-qdrop"``: DetPTQ's choice of p per reconstruction unit, then QDrop reconstruction of each unit
   from its ``s_p*`` with the Lp loss of its own p (options ``iters``, ``recon_batch_size``, ``quant_prob``,
-  ``round_lam``, ``lr_v``, ``lr_act``, ``recon_loss_norm`` for the three reconstruction methods).
+  ``round_lam``, ``lr_v``, ``lr_act``, ``recon_loss_norm``, ``qdrop_input`` for the reconstruction methods).
 
 The input model is never modified: a BN-folded, quantized copy is returned. Activation ranges are
 searched on the FP activations (quantizers disabled) of the calibration images, sampled to at most
@@ -38,14 +43,20 @@ from .reconstruction import ReconConfig, ReconHistory, reconstruct
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images"]
 
-Method = Literal["minmax", "lp", "detptq", "brecq", "qdrop", "detptq-qdrop"]
+Method = Literal["minmax", "lp", "detptq", "brecq", "joint", "qdrop", "detptq-qdrop"]
 METHODS: tuple[str, ...] = get_args(Method)
-RECON_METHODS: tuple[str, ...] = ("brecq", "qdrop", "detptq-qdrop")
-FIXED_P_METHODS: tuple[str, ...] = ("lp", "brecq", "qdrop")
-_QUANT_PROB = {"brecq": 1.0, "qdrop": 0.5, "detptq-qdrop": 0.5}
+RECON_METHODS: tuple[str, ...] = ("brecq", "joint", "qdrop", "detptq-qdrop")
+FIXED_P_METHODS: tuple[str, ...] = ("lp", "brecq", "joint", "qdrop")
+QDROP_METHODS: tuple[str, ...] = ("qdrop", "detptq-qdrop")
+# each reconstruction method's own settings (the others are ReconConfig's defaults); BRECQ's step-size rate is its
+# reference's (4e-4), the others' QDrop's (ReconConfig's default, 4e-5)
+_METHOD_RECON = {"brecq": {"quant_prob": 1.0, "stages": 2, "lr_act": 4e-4}, "joint": {"quant_prob": 1.0},
+                 "qdrop": {"quant_prob": 0.5}, "detptq-qdrop": {"quant_prob": 0.5}}
 # the reconstruction options of PTQConfig and the ReconConfig field each one sets (p and seed are shared options)
 _RECON_OPTIONS = (("iters", "iters"), ("recon_batch_size", "batch_size"), ("quant_prob", "quant_prob"),
-                  ("round_lam", "lam"), ("lr_v", "lr_v"), ("lr_act", "lr_act"), ("recon_loss_norm", "loss_norm"))
+                  ("round_lam", "lam"), ("lr_v", "lr_v"), ("lr_act", "lr_act"), ("recon_loss_norm", "loss_norm"),
+                  ("qdrop_input", "qdrop_input"), ("stages", "stages"), ("act_iters", "act_iters"),
+                  ("act_p", "act_p"))
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,13 @@ class PTQConfig:
         iters: reconstruction steps per unit (the reconstruction methods).
         recon_batch_size: samples per reconstruction step.
         quant_prob: probability that an activation element is quantized during reconstruction (default: 1.0
-            for ``"brecq"``, 0.5 for ``"qdrop"`` and ``"detptq-qdrop"``; BRECQ is 1.0 by definition).
+            for ``"brecq"`` and ``"joint"``, which require it, 0.5 for ``"qdrop"`` and ``"detptq-qdrop"``).
+        qdrop_input: ``"qdrop"``, ``"detptq-qdrop"``: ``"one-coin"`` (default, the reference) or ``"two-coin"``
+            (the earlier scheme, an ablation); see :class:`~detptq_mini.reconstruction.ReconConfig`.
+        stages: set by the method, recorded in the report: 2 for ``"brecq"`` (weights, then step sizes), 1 for
+            the others (giving another value is an error).
+        act_iters, act_p: ``"brecq"``'s second stage: steps per unit (default ``iters // 4``) and the p of its
+            loss (default 2.4, the reference's).
         round_lam: weight of AdaRound's rounding regulariser.
         lr_v, lr_act: Adam learning rates of the rounding variables and of the activation step sizes.
         recon_loss_norm: ``"none"`` (default) or ``"before"``: each unit's Lp loss divided by its value before
@@ -108,6 +125,10 @@ class PTQConfig:
     lr_v: float | None = None
     lr_act: float | None = None
     recon_loss_norm: str | None = None
+    qdrop_input: str | None = None
+    stages: int | None = None
+    act_iters: int | None = None
+    act_p: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -159,20 +180,33 @@ class PTQConfig:
                 raise ValueError(f"option(s) {', '.join(given)} only apply to the reconstruction methods "
                                  f"{', '.join(RECON_METHODS)}, not method={self.method!r}")
             return
-        if self.method == "brecq" and self.quant_prob not in (None, 1, 1.0):
-            raise ValueError(f"quant_prob={self.quant_prob!r}: BRECQ quantizes every activation element "
-                             "(quant_prob=1.0); use method 'qdrop' for another probability")
+        own = _METHOD_RECON[self.method]
+        if self.method in ("brecq", "joint") and self.quant_prob not in (None, 1, 1.0):
+            raise ValueError(f"quant_prob={self.quant_prob!r}: method={self.method!r} quantizes every activation "
+                             "element (quant_prob=1.0); use method 'qdrop' for another probability")
+        if self.stages is not None and self.stages != own.get("stages", 1):
+            raise ValueError(f"stages={self.stages!r}: method={self.method!r} has {own.get('stages', 1)} stage(s); "
+                             "choose the method ('brecq': 2, the others: 1)")
+        for option, methods in (("qdrop_input", QDROP_METHODS), ("act_iters", ("brecq",)), ("act_p", ("brecq",))):
+            if getattr(self, option) is not None and self.method not in methods:
+                raise ValueError(f"{option} only applies to the method(s) {', '.join(methods)}, "
+                                 f"not method={self.method!r}")
         values = {key: getattr(self, option) for option, key in _RECON_OPTIONS if getattr(self, option) is not None}
-        resolved = ReconConfig(**{"quant_prob": _QUANT_PROB[self.method], **values})  # the others: its defaults
+        resolved = ReconConfig(**{**own, **values})  # the others: its defaults
         for option, key in _RECON_OPTIONS:
             object.__setattr__(self, option, getattr(resolved, key))
+        if self.method not in QDROP_METHODS:
+            object.__setattr__(self, "qdrop_input", None)  # no coin is tossed: the option means nothing here
+        if self.method != "brecq":
+            object.__setattr__(self, "act_iters", None)
+            object.__setattr__(self, "act_p", None)
 
     def recon_config(self) -> ReconConfig:
         """The :class:`~detptq_mini.reconstruction.ReconConfig` of a reconstruction method."""
         if self.method not in RECON_METHODS:
             raise ValueError(f"method={self.method!r} does no reconstruction")
-        return ReconConfig(**{key: getattr(self, option) for option, key in _RECON_OPTIONS},
-                           p=2.0 if self.p is None else self.p, seed=self.seed)
+        values = {key: getattr(self, option) for option, key in _RECON_OPTIONS if getattr(self, option) is not None}
+        return ReconConfig(**values, p=2.0 if self.p is None else self.p, seed=self.seed)
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, stem_8bit=self.stem_8bit, pred_8bit=self.pred_8bit)

@@ -15,37 +15,46 @@ How this code does it:
   ``1 / sqrt(features * qmax)``, zero point fixed) and multiplies by a 0/1 keep mask:
   ``x_hat * keep + x * (1 - keep)`` (:func:`mixed_fake_quantize`, one fused autograd function in float
   arithmetic: the clipped STE on kept elements, the identity on the others, and the step size's gradient
-  summed over kept elements only). A disabled inner quantizer passes its input through.
-* The masks are *not* drawn fresh per element and step [ours]: a :class:`MaskPool` draws ``size`` (128)
-  per-sample masks once, on its first call (again only if the shape or dtype changes), and each call gives
-  each sample of the batch a mask picked at random from that pool. Within one unit's reconstruction each
-  quantizer thus uses at most 128 distinct masks, each element kept with probability ``quant_prob``.
-  (Drawing a random number per element costs about as much as the convolution itself on a CPU.)
-* The unit's *input* is mixed too (:class:`InputMix`, used by
-  :func:`detptq_mini.reconstruction.reconstruct_unit`): each element is the quantized-prefix input (the
-  output of the already reconstructed, quantized units before it, not passed through this unit's
-  quantizers yet) with probability ``quant_prob`` and the FP model's input otherwise, with masks from a pool
-  of its own. The mixed input then meets the unit's first :class:`QDropQuantizer` like any activation, with
-  an independent mask: where it reaches a quantized conv unchanged (the first conv, or after the neck's
-  nearest upsampling and concat), an element is the quantized-prefix value quantized with probability
-  ``quant_prob ** 2``, the FP value quantized or the quantized-prefix value in float with ``quant_prob *
-  (1 - quant_prob)`` each, and the FP value in float with ``(1 - quant_prob) ** 2``. For the first unit both
-  inputs are the images, so its mix changes nothing (but still draws its masks).
-* All the masks of a unit (its input mixes and every :class:`QDropQuantizer`) and its batch sampling share
-  one generator, seeded from ``(seed, unit name)``, so a run is reproducible; with ``quant_prob = 1`` no
-  mask is drawn at all.
+  summed over kept elements only). A disabled inner quantizer passes its input through. Before every
+  forward the step size is made positive the reference's way (``abs``, then at least ``eps``), so a step
+  that an optimiser pushes below zero comes back instead of sticking at a clamp.
+* The keep masks are fresh random numbers per element and step, as in the reference (:func:`draw_keep`: 16
+  random bits per element, so ``quant_prob`` is honoured to 1/65536; four elements per 64-bit draw, which
+  makes a mask about 2.5x cheaper than ``torch.rand``).
+* The unit's *input* gets one coin per element (:class:`InputCoin`, the reference's
+  ``where(rand < p, quant_inp, fp_inp)``): kept, the element is the quantized-prefix input, quantized by
+  the consuming conv's input quantizer (our quantizers sit at conv inputs, so the prefix's output is not
+  quantized yet); dropped, it is the FP input, left in float. The coin is carried to every quantizer that
+  reads input elements unchanged, also through shape-only operations (split, concatenation, nearest
+  upsampling): :class:`InputCoin` finds which elements of which conv input are copies of which unit-input
+  elements by running the unit once on coded inputs, and hands those quantizers the same coin instead of a
+  coin of their own. One input element read by several convs is kept or dropped for all of them alike,
+  each kept copy quantized by its own conv's quantizer. Elements computed inside the unit get their
+  quantizer's own coin.
+* ``qdrop_input="two-coin"`` keeps the earlier scheme as a named ablation [ours]: :class:`InputMix` mixes
+  the quantized-prefix and the FP input element-wise, and then the first quantizer tosses a coin of its
+  own, so an element is ``Q(x_q)``, ``x_q``, ``Q(x_fp)`` or ``x_fp`` (the middle two exist in neither
+  model); its masks come from a :class:`MaskPool` of 128 reused per-sample masks.
+* All the masks of a unit and its batch sampling share one generator, seeded from ``(seed, unit name)``,
+  so a run is reproducible; with ``quant_prob = 1`` no mask is drawn at all.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .quant import QuantConv2d, Quantizer
 
-__all__ = ["mixed_fake_quantize", "MaskPool", "InputMix", "QDropQuantizer", "attach", "finish"]
+__all__ = ["EPS", "mixed_fake_quantize", "draw_keep", "MaskPool", "InputMix", "InputCoin", "QDropQuantizer",
+           "attach", "finish"]
+
+#: The smallest step size (float32 machine epsilon, as the reference's LSQ quantizer).
+EPS = float(torch.finfo(torch.float32).eps)
+MaskMode = Literal["fresh", "pool"]
 
 
 class _MixedFakeQuantize(torch.autograd.Function):
@@ -107,6 +116,47 @@ def mixed_fake_quantize(x: Tensor, scale: Tensor, zero_point: float, qmin: int, 
     return _MixedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, keep, grad_factor)
 
 
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as ``(batch, elements)`` in its memory order (channels-last for a 4-d channels-last tensor): a view
+    when ``x`` is contiguous in that order."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], -1)
+
+
+def _unrows(rows: Tensor, like_shape: Sequence[int], channels_last: bool) -> Tensor:
+    """The inverse of :func:`_rows` for a tensor of shape ``like_shape`` (batch from ``rows``)."""
+    if channels_last:
+        _, c, h, w = like_shape
+        return rows.view(rows.shape[0], h, w, c).permute(0, 3, 1, 2)
+    return rows.view((rows.shape[0],) + tuple(like_shape[1:]))
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def draw_keep(rows: int, cols: int, prob: float, generator: torch.Generator | None, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> Tensor:
+    """A fresh ``(rows, cols)`` keep mask: 1 with probability ``prob`` (to 1/65536), else 0, in ``dtype``.
+
+    Each element gets 16 fresh random bits (four per 64-bit draw of ``generator``), compared with
+    ``prob * 65536``: about 2.5x cheaper on a CPU than ``torch.rand(...) < prob``, with the same meaning.
+    """
+    if prob >= 1 or prob <= 0:  # (the int16 comparison below cannot express 1; nothing random to draw)
+        return torch.full((rows, cols), float(prob >= 1), dtype=dtype, device=device)
+    n = rows * cols
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64, device=device)
+    threshold = round(prob * 65536) - 32768  # int16 values are uniform on [-32768, 32767]
+    return bits.view(torch.int16)[:n].view(rows, cols).lt(threshold).to(dtype)
+
+
+def _fresh_like(x: Tensor, prob: float, generator: torch.Generator | None) -> Tensor:
+    """A fresh keep mask of ``x``'s shape, dtype and memory order."""
+    rows = draw_keep(x.shape[0], x[0].numel(), prob, generator, x.dtype, x.device)
+    return _unrows(rows, x.shape, _is_channels_last(x))
+
+
 class MaskPool:
     """Random keep masks (1 with probability ``prob``, else 0) for batches of one tensor shape.
 
@@ -156,6 +206,116 @@ class InputMix:
         return torch.addcmul(x_q[idx].mul_(keep), fp, keep.neg_().add_(1.0))
 
 
+class InputCoin:
+    """QDrop's coin at a unit's input, as the reference tosses it: one coin per input element.
+
+    Built once per unit (before its quantizers are swapped): the unit is run on two coded versions of one
+    sample of its inputs (each element holding its own index, in two different orders), and a forward
+    pre-hook on each of its :class:`~detptq_mini.quant.QuantConv2d` layers records which elements of the
+    layer's input are exact copies of which unit-input elements (both codes agree). Those are the elements
+    that reach the layer through shape-only operations (the unit's input itself, a split, a concatenation,
+    a nearest upsampling). Calling the coin on a batch:
+
+    * draws a fresh keep mask per input element (probability ``prob``, :func:`draw_keep`);
+    * returns the mixed inputs: the quantized-prefix input where kept, the FP input where dropped;
+    * hands each layer that reads input elements a keep mask for its own input (:attr:`QDropQuantizer.coin`):
+      the input's coin on the copied elements, a fresh coin of the layer's own on the others.
+
+    So a kept element reaches the conv as ``Q(x_q)`` and a dropped one as ``x_fp``, never ``x_q`` unquantized
+    nor ``Q(x_fp)``. ``prob >= 1`` returns the quantized-prefix inputs and draws nothing.
+
+    Args:
+        module: the unit, called as ``module(*inputs)``, with plain (deterministic) quantizers.
+        layers: the unit's quantized layers by name.
+        example: one tensor per unit input (only shapes, dtype and memory order are used).
+        prob: the probability that an element is kept (quantized).
+        generator: the random stream of the masks.
+    """
+
+    def __init__(self, module: nn.Module, layers: dict[str, QuantConv2d], example: Sequence[Tensor], prob: float,
+                 generator: torch.Generator | None):
+        self.prob, self.generator = prob, generator
+        self.shapes = [tuple(t.shape) for t in example]
+        self.channels_last = [_is_channels_last(t) for t in example]
+        self.sizes = [t[0].numel() for t in example]
+        #: per layer: (positions in the layer's input rows that copy an input element, the source positions in
+        #: the concatenated input rows, the layer input's sample shape, its memory order, all copied?)
+        self.maps: dict[str, tuple[Tensor, Tensor, tuple[int, ...], bool, bool]] = {}
+        self.quantizers: dict[str, QDropQuantizer] = {}
+        if prob < 1:
+            self._probe(module, layers, example)
+
+    @torch.no_grad()
+    def _probe(self, module: nn.Module, layers: dict[str, QuantConv2d], example: Sequence[Tensor]) -> None:
+        total = sum(self.sizes)
+        if total >= 2**24:  # codes must be exact in float32
+            raise ValueError(f"the unit's inputs hold {total} elements per sample; InputCoin codes at most 2**24")
+        g = torch.Generator().manual_seed(0)
+        perms = (torch.randperm(total, generator=g), torch.randperm(total, generator=g))
+        # three codings of every element's index: ascending, permuted and negative (a ReLU breaks it), permuted
+        codings = ((torch.arange(total) + 1).float(), -(perms[0] + 1).float(), (perms[1] + 1).float())
+        seen: dict[str, list[tuple[Tensor, tuple[int, ...], bool]]] = {name: [] for name in layers}
+
+        def hook(name):
+            def record(module, args):
+                x = args[0]
+                seen[name].append((_rows(x)[0].clone(), tuple(x.shape[1:]), _is_channels_last(x)))
+            return record
+
+        hooks = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+        try:
+            for values in codings:
+                values = values.to(example[0].dtype)
+                inputs, start = [], 0
+                for t, size, cl in zip(example, self.sizes, self.channels_last):
+                    rows = values[start:start + size].view(1, size).to(t.device)
+                    inputs.append(_unrows(rows, (1,) + tuple(t.shape[1:]), cl).contiguous(
+                        memory_format=torch.channels_last if cl else torch.contiguous_format))
+                    start += size
+                module(*inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, got in seen.items():
+            if len(got) != len(codings):
+                continue  # a layer the unit did not run (or ran more than once): it keeps its own coin
+            (a, shape, cl), (b, _, _), (c, _, _) = got
+            code = a.round()
+            src = (code - 1).long()
+            valid = (code == a) & (src >= 0) & (src < total)
+            src_safe = src.clamp(0, total - 1)
+            direct = valid & (codings[1][src_safe].to(b.dtype) == b) & (codings[2][src_safe].to(c.dtype) == c)
+            if not bool(direct.any()):
+                continue
+            where = direct.nonzero().flatten()
+            self.maps[name] = (where, src[where], shape, cl, bool(direct.all()))
+
+    def bind(self, quantizers: dict[str, "QDropQuantizer"]) -> None:
+        """The :class:`QDropQuantizer` of each layer (after :func:`attach`) that the coin hands its masks to."""
+        self.quantizers = {name: quantizers[name] for name in self.maps if name in quantizers}
+
+    def __call__(self, x_q: Sequence[Tensor], x_fp: Sequence[Tensor], idx: Tensor) -> list[Tensor]:
+        """The batch ``idx`` of the mixed inputs; sets the coin of every bound quantizer for the next forward."""
+        if self.prob >= 1:
+            return [t[idx] for t in x_q]
+        qs, fps = [t[idx] for t in x_q], [t[idx] for t in x_fp]
+        keep = draw_keep(len(idx), sum(self.sizes), self.prob, self.generator, qs[0].dtype, qs[0].device)
+        mixed, start = [], 0
+        for q, fp, size in zip(qs, fps, self.sizes):
+            k = _unrows(keep[:, start:start + size], q.shape, _is_channels_last(q))
+            mixed.append(torch.addcmul(q.mul_(k), fp, 1.0 - k))  # exactly q or fp (a product with 0 or 1 is exact)
+            start += size
+        for name, quantizer in self.quantizers.items():
+            where, src, shape, cl, full = self.maps[name]
+            if full:
+                rows = keep[:, src]
+            else:
+                rows = draw_keep(len(idx), math.prod(shape), self.prob, self.generator, keep.dtype, keep.device)
+                rows[:, where] = keep[:, src]
+            quantizer.coin = _unrows(rows, (len(idx),) + shape, cl)
+        return mixed
+
+
 class QDropQuantizer(nn.Module):
     """An activation quantizer for reconstruction: a learnable step size (LSQ) and QDrop's random keep.
 
@@ -164,14 +324,20 @@ class QDropQuantizer(nn.Module):
     each quantized element with probability ``quant_prob`` and the FP value otherwise
     (:func:`mixed_fake_quantize`). The step size's gradient is scaled by LSQ's ``1 / sqrt(features * qmax)``
     (``features``: the elements of one sample). A disabled inner quantizer passes ``x`` through.
-    The masks come from a :class:`MaskPool` of ``pool`` per-sample masks [ours].
+
+    The keep mask of a forward is, in this order: :attr:`coin` when an :class:`InputCoin` has set it (used
+    once), else a fresh mask (``masks="fresh"``, :func:`draw_keep`) or one from a :class:`MaskPool` of ``pool``
+    per-sample masks (``masks="pool"``, the two-coin ablation [ours]). A learnable step size is made positive
+    before every forward (``abs``, then at least :data:`EPS`), as the reference's LSQ quantizer does.
     """
 
     def __init__(self, quantizer: Quantizer, quant_prob: float, generator: torch.Generator | None,
-                 learn_scale: bool = True, pool: int = 128):
+                 learn_scale: bool = True, pool: int = 128, masks: MaskMode = "fresh"):
         super().__init__()
         if not isinstance(quantizer, Quantizer) or quantizer.axis is not None:
             raise ValueError("quantizer must be a per-tensor Quantizer")
+        if masks not in ("fresh", "pool"):
+            raise ValueError(f"masks={masks!r} is not a mask mode; allowed: fresh, pool")
         self.inner = quantizer
         scale = quantizer.scale.detach().clone()
         if learn_scale:
@@ -180,26 +346,44 @@ class QDropQuantizer(nn.Module):
             self.register_buffer("scale", scale)
         self.zero = float(quantizer.zero_point)
         self.quant_prob = quant_prob
+        self.generator = generator
+        self.mode = masks
         self.masks = MaskPool(quant_prob, generator, pool)
         self.drop = True
+        #: the keep mask of the next forward, set by an :class:`InputCoin` (None: this quantizer's own coin)
+        self.coin: Tensor | None = None
+
+    def _keep(self, x: Tensor) -> Tensor | None:
+        coin, self.coin = self.coin, None
+        if coin is not None:
+            if coin.shape != x.shape:
+                raise RuntimeError(f"the input coin's mask has shape {tuple(coin.shape)}, the input {tuple(x.shape)}")
+            return coin
+        if not self.drop or self.quant_prob >= 1:
+            return None
+        return self.masks(x) if self.mode == "pool" else _fresh_like(x, self.quant_prob, self.generator)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.inner.enabled:
+            self.coin = None
             return x
-        s = self.scale.clamp_min(1e-8)
-        keep = self.masks(x) if self.drop and self.quant_prob < 1 else None
+        if isinstance(self.scale, nn.Parameter):
+            with torch.no_grad():
+                self.scale.abs_().clamp_(min=EPS)
+        keep = self._keep(x)
         g = 1.0 / math.sqrt(x[0].numel() * self.inner.qmax)
-        return mixed_fake_quantize(x, s, self.zero, self.inner.qmin, self.inner.qmax, keep, g)
+        return mixed_fake_quantize(x, self.scale, self.zero, self.inner.qmin, self.inner.qmax, keep, g)
 
     @torch.no_grad()
     def finish(self) -> None:
         """Write the learned step size into the inner quantizer (zero point unchanged); drop the mask pool."""
-        self.inner.set_qparams(self.scale.detach().clamp_min(1e-8), self.inner.zero_point)
+        self.inner.set_qparams(self.scale.detach().abs().clamp_min(EPS), self.inner.zero_point)
         self.masks.pool = None
+        self.coin = None
 
 
 def attach(layer: QuantConv2d, quant_prob: float, generator: torch.Generator | None,
-           learn_scale: bool = True) -> QDropQuantizer:
+           learn_scale: bool = True, masks: MaskMode = "fresh") -> QDropQuantizer:
     """Swap a :class:`QDropQuantizer` in for ``layer``'s input quantizer (kept as its ``inner``).
 
     Args:
@@ -207,6 +391,8 @@ def attach(layer: QuantConv2d, quant_prob: float, generator: torch.Generator | N
         quant_prob: probability that an element is quantized.
         generator: the random stream of the masks.
         learn_scale: make the step size an ``nn.Parameter`` (else a fixed buffer).
+        masks: ``"fresh"`` random numbers per element and step (the reference), or ``"pool"`` (see
+            :class:`MaskPool`).
 
     Returns:
         the attached :class:`QDropQuantizer`.
@@ -215,7 +401,7 @@ def attach(layer: QuantConv2d, quant_prob: float, generator: torch.Generator | N
         raise ValueError(f"layer must be a QuantConv2d, got {type(layer).__name__}")
     if isinstance(layer.input_quantizer, QDropQuantizer):
         raise ValueError("layer already has a QDropQuantizer attached; call finish(layer) first")
-    drop = QDropQuantizer(layer.input_quantizer, quant_prob, generator, learn_scale=learn_scale)
+    drop = QDropQuantizer(layer.input_quantizer, quant_prob, generator, learn_scale=learn_scale, masks=masks)
     layer.input_quantizer = drop
     return drop
 

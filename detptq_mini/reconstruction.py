@@ -15,11 +15,13 @@ the quantized network one unit at a time so that each unit's output matches the 
 
   (the Lp reconstruction loss summed over channels, as BRECQ's ``lp_loss``), batch ``batch_size``; with
   ``loss_norm="before"`` the first term is divided by its value before reconstruction (an experiment of ours);
-* QDrop [Wei et al. 2022] (:mod:`detptq_mini.qdrop`): during reconstruction each activation element is
-  quantized with probability ``quant_prob`` and left FP otherwise, at every input quantizer of the unit, and
-  the unit's input is itself an element-wise mix of the quantized-prefix input (probability ``quant_prob``)
-  and the FP input. BRECQ [Li et al. 2021] is ``quant_prob = 1``: always quantized, always the
-  quantized-prefix input.
+* three schedules (``ReconConfig.stages``, ``quant_prob``): ``joint`` learns rounding and step sizes together
+  with every activation element quantized; QDrop [Wei et al. 2022] (:mod:`detptq_mini.qdrop`) quantizes each
+  activation element with probability ``quant_prob`` during reconstruction and leaves it FP otherwise, with
+  the reference's one coin per element at the unit's input (kept: the quantized-prefix input, quantized;
+  dropped: the FP input); BRECQ [Li et al. 2021] as published (``stages=2``) learns the rounding of every
+  unit with the activations in float first, then the step sizes with the rounding fixed (method page,
+  section 6);
 * at the end of each unit the hard rounding is written into the weights and the learned step sizes into
   the quantizers, and the unit's quantized output (hard, every element quantized) is cached as the next
   unit's quantized-prefix input.
@@ -27,7 +29,7 @@ the quantized network one unit at a time so that each unit's output matches the 
 The p of the loss is ``p`` for every unit (the BRECQ and QDrop baselines: 2; StablePTQ's 2.4 is an option)
 or, in DetPTQ mode, the p chosen for that unit by :func:`detptq_mini.detptq.select_p` at unit
 granularity, whose ``s_p*`` are also the unit's starting scales [ours, method page, section 6]. Every method runs
-through :func:`reconstruct`; only ``p`` (per unit) and ``quant_prob`` differ.
+through :func:`reconstruct`; only ``p`` (per unit), ``quant_prob`` and ``stages`` differ.
 
 The paper's check that learned rounding does not move the best p is :func:`detptq_mini.studies.rounding_ablation`.
 """
@@ -47,12 +49,16 @@ from tqdm.auto import tqdm
 from . import adaround, qdrop
 from .checks import check_choice, check_images, check_int, check_number
 from .model import check_unit_detector
-from .quant import QuantConv2d, eval_mode, quant_layers
+from .quant import QuantConv2d, eval_mode, quant_layers, quant_state_kept
 
 LossNorm = Literal["none", "before"]
 LOSS_NORMS: tuple[str, ...] = get_args(LossNorm)
+QDropInput = Literal["one-coin", "two-coin"]
+QDROP_INPUTS: tuple[str, ...] = get_args(QDropInput)
+Learn = Literal["both", "weights", "acts"]
+LEARNS: tuple[str, ...] = get_args(Learn)
 
-__all__ = ["LOSS_NORMS", "ReconConfig", "UnitHistory", "ReconHistory", "lp_loss", "reconstruct_unit", "reconstruct"]
+__all__ = ["LOSS_NORMS", "QDROP_INPUTS", "LEARNS", "ReconConfig", "UnitHistory", "ReconHistory", "lp_loss", "reconstruct_unit", "reconstruct"]
 
 
 # ------------------------------------------------------------------ config
@@ -69,7 +75,20 @@ class ReconConfig:
         warmup: fraction of ``iters`` with the regulariser off.
         beta: regulariser temperature ``(start, end)``, annealed linearly after the warm-up.
         quant_prob: probability that an activation element is quantized during reconstruction (QDrop 0.5;
-            1.0 is BRECQ).
+            1.0 quantizes every element, as BRECQ and the joint scheme).
+        qdrop_input: how QDrop treats a unit's input (``quant_prob < 1``): ``"one-coin"`` (the reference: one
+            coin per element, kept -> the quantized-prefix input quantized by its conv's quantizer, dropped ->
+            the FP input in float; fresh random numbers per element) or ``"two-coin"`` (the earlier scheme,
+            kept as an ablation [ours]: see :mod:`detptq_mini.qdrop`).
+        stages: ``1``: the rounding and the step sizes are learned together, per unit (QDrop's scheme; with
+            ``quant_prob = 1`` the "joint" method); ``2``: BRECQ as published: a first pass over every unit
+            learns the rounding with every activation quantizer off (inputs from the weight-quantized prefix),
+            a second pass learns the step sizes with the hard-rounded weights fixed and every activation
+            quantizer on, on the FP model's unit inputs (the reference's ``asym=False``), for ``act_iters``
+            steps at ``lr_act`` with the ``act_p`` loss.
+        act_iters: the second stage's steps per unit (default ``iters // 4``: the reference's 5,000 activation
+            steps to 20,000 weight steps).
+        act_p: the p of the second stage's Lp loss (the reference's default 2.4).
         p: the p of the Lp reconstruction loss, for units without their own p.
         seed: seeds the batch sampling and the QDrop masks (each unit from ``(seed, unit name)``).
         chunk: images per forward when caching (memory only; results do not depend on it).
@@ -91,6 +110,10 @@ class ReconConfig:
     seed: int = 0
     chunk: int = 64
     loss_norm: LossNorm = "none"
+    qdrop_input: QDropInput = "one-coin"
+    stages: int = 1
+    act_iters: int | None = None
+    act_p: float = 2.4
 
     def __post_init__(self):
         for name, low in (("iters", 1), ("batch_size", 1), ("seed", 0), ("chunk", 1)):
@@ -106,6 +129,15 @@ class ReconConfig:
         object.__setattr__(self, "quant_prob", check_number("quant_prob", self.quant_prob, 0, 1, low_open=True))
         object.__setattr__(self, "p", check_number("p", self.p, 0, low_open=True))
         check_choice("loss_norm", self.loss_norm, LossNorm)
+        check_choice("qdrop_input", self.qdrop_input, QDropInput)
+        if self.stages not in (1, 2) or isinstance(self.stages, bool):
+            raise ValueError(f"stages={self.stages!r} must be 1 (joint) or 2 (BRECQ: weights, then step sizes)")
+        if self.stages == 2 and self.quant_prob != 1:
+            raise ValueError(f"quant_prob={self.quant_prob!r}: stages=2 (BRECQ) quantizes every activation element; "
+                             "it needs quant_prob=1.0")
+        act_iters = max(self.iters // 4, 1) if self.act_iters is None else self.act_iters
+        object.__setattr__(self, "act_iters", check_int("act_iters", act_iters, 0))
+        object.__setattr__(self, "act_p", check_number("act_p", self.act_p, 0, low_open=True))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,8 +157,10 @@ class UnitHistory:
         reg: the regulariser term ``lam * f_reg`` of every step (0 in the warm-up).
         before, after: the loss on every cached sample with the quantized-prefix input and every element
             quantized: before (round-to-nearest, the starting scales) and after reconstruction.
+        after_mse: ``after`` with p = 2 (comparable across methods whatever their p).
+        act_loss: BRECQ's second stage (``stages=2``): the loss of every step of the step-size pass.
         flipped: weights whose rounding differs from round-to-nearest at the end, per layer.
-        seconds: wall time of the optimisation.
+        seconds: wall time of the optimisation (both stages).
     """
 
     name: str
@@ -136,12 +170,14 @@ class UnitHistory:
     reg: list[float] = field(default_factory=list)
     before: float = math.nan
     after: float = math.nan
+    after_mse: float = math.nan
+    act_loss: list[float] = field(default_factory=list)
     flipped: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        return {"p": self.p, "before": self.before, "after": self.after, "layers": list(self.layers),
-                "flipped": dict(self.flipped), "seconds": self.seconds}
+        return {"p": self.p, "before": self.before, "after": self.after, "after_mse": self.after_mse,
+                "layers": list(self.layers), "flipped": dict(self.flipped), "seconds": self.seconds}
 
 
 @dataclass
@@ -189,7 +225,7 @@ def _full_loss(module: nn.Module, inputs: Sequence[Tensor], target: Tensor, p: f
 
 def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Tensor], y_fp: Tensor,
                      p: float | None = None, config: ReconConfig = ReconConfig(), name: str = "unit",
-                     progress: bool = False) -> UnitHistory:
+                     progress: bool = False, learn: Learn = "both") -> UnitHistory:
     """Reconstruct one unit in place: learned rounding of its weights and step sizes of its inputs.
 
     Args:
@@ -202,6 +238,9 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
         config: a :class:`ReconConfig`.
         name: the unit's name (seeds its random streams, labels the history).
         progress: a tqdm bar over the steps.
+        learn: ``"both"`` (the rounding and the step sizes, ``config.iters`` steps), ``"weights"`` (the rounding
+            only: BRECQ's first stage, run with the activation quantizers off) or ``"acts"`` (the step sizes only,
+            ``config.act_iters`` steps at ``config.lr_act``, no regulariser: BRECQ's second stage).
 
     Returns:
         a :class:`UnitHistory`. On return the weights hold the hard rounding and the quantizers the learned
@@ -209,6 +248,7 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
     """
     if not isinstance(config, ReconConfig):
         raise ValueError(f"config must be a ReconConfig, got {type(config).__name__}")
+    check_choice("learn", learn, Learn)
     p = config.p if p is None else check_number("p", p, 0, low_open=True)
     x_q, x_fp = list(x_q), list(x_fp)
     if not x_q or len(x_q) != len(x_fp):
@@ -225,35 +265,48 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
     hist.before = _full_loss(module, x_q, y_fp, p, config.chunk)
     # loss_norm="before": every unit's loss starts at 1 (a unit already exact, before == 0, is left as it is)
     norm = 1.0 / hist.before if config.loss_norm == "before" and hist.before > 0 else 1.0
+    iters = config.act_iters if learn == "acts" else config.iters
+    prob = config.quant_prob if learn == "both" else 1.0
+    one_coin = prob < 1 and config.qdrop_input == "one-coin"
+    # the reference's coin at the unit's input, found on the plain quantizers (before any is swapped)
+    coin = qdrop.InputCoin(module, layers, x_q, prob, gen) if one_coin else None
 
     t0 = time.perf_counter()
     adas, drops = {}, {}
     try:
         for lname, layer in layers.items():
-            if layer.weight_quantizer.enabled:
+            if learn != "acts" and layer.weight_quantizer.enabled:
                 adas[lname] = adaround.attach(layer)
-            drops[lname] = qdrop.attach(layer, config.quant_prob, gen, learn_scale=config.lr_act > 0)
+            if learn != "weights":
+                drops[lname] = qdrop.attach(layer, prob, gen, learn_scale=config.lr_act > 0,
+                                            masks="fresh" if one_coin else "pool")
         fused = device.type in ("cpu", "cuda")  # one fused kernel per step: 2-3x cheaper than the loop on CPU
         opt_v = torch.optim.Adam([a.v for a in adas.values()], lr=config.lr_v, fused=fused) if adas else None
         scales = [d.scale for d in drops.values() if isinstance(d.scale, nn.Parameter)]
         opt_s = torch.optim.Adam(scales, lr=config.lr_act, fused=fused) if scales else None
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=config.iters, eta_min=0) if scales else None
-        mixes = [qdrop.InputMix(config.quant_prob, gen) for _ in x_q]
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=iters, eta_min=0) if scales else None
+        if coin is not None:
+            coin.bind(drops)
+            mixes = None
+        else:  # quant_prob = 1: the quantized-prefix input; "two-coin": the earlier element-wise mix
+            mixes = [qdrop.InputMix(prob, gen) for _ in x_q]
         bs = min(config.batch_size, n)
-        steps = range(config.iters)
+        steps = range(iters)
         if progress:
             steps = tqdm(steps, desc=f"reconstruct {name}", unit="it", leave=False)
         for step in steps:
             idx = torch.randperm(n, generator=gen, device=device)[:bs]
-            # the input mix: quantized-prefix input where kept, FP input elsewhere (quant_prob = 1: x_q[idx])
-            inputs = [mix(a, b, idx) for a, b, mix in zip(x_q, x_fp, mixes)]
+            if coin is not None:
+                inputs = coin(x_q, x_fp, idx)
+            else:
+                inputs = [mix(a, b, idx) for a, b, mix in zip(x_q, x_fp, mixes)]
             rec = lp_loss(module(*inputs), y_fp[idx], p)
             if norm != 1.0:
                 rec = rec * norm
-            beta = adaround.beta_at(step, config.iters, config.warmup, *config.beta)
+            beta = adaround.beta_at(step, iters, config.warmup, *config.beta) if adas else None
             loss = rec
             reg = 0.0
-            if beta is not None and adas and config.lam > 0:
+            if beta is not None and config.lam > 0:
                 reg_t = config.lam * sum(adaround.round_regularizer(a.v, beta) for a in adas.values())
                 loss = rec + reg_t
                 reg = float(reg_t.detach())
@@ -276,6 +329,7 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
                 qdrop.finish(layer)
     hist.seconds = time.perf_counter() - t0
     hist.after = _full_loss(module, x_q, y_fp, p, config.chunk)
+    hist.after_mse = hist.after if p == 2 else _full_loss(module, x_q, y_fp, 2.0, config.chunk)
     return hist
 
 
@@ -326,32 +380,76 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
     device = next(qmodel.parameters()).device
     images = images.to(device)
     hist = ReconHistory(config)
-    t_cache = t_opt = 0.0
-    with eval_mode(qmodel), eval_mode(fp_model):  # gradients only inside reconstruct_unit
-        env_q = qmodel.capture(images, 0)
-        env_fp = fp_model.capture(images, 0)
-        steps = list(enumerate(qmodel.units))
+    times = {"cache": 0.0, "optimise": 0.0}
+
+    def one_pass(learn: Learn, inputs: str, desc: str) -> None:
+        """Every unit in order: reconstruct it (``learn``) on its ``inputs`` ("quantized" prefix or "fp")."""
+        walk = _walk(qmodel, fp_model, images, config.chunk, times)
         if progress:
-            steps = tqdm(steps, desc="reconstruction", unit="unit")
-        for k, u in steps:
-            t = time.perf_counter()
-            mod_q, mod_fp = qmodel.get_submodule(u.name), fp_model.get_submodule(u.name)
-            x_q, x_fp = [env_q[n] for n in u.inputs], [env_fp[n] for n in u.inputs]
-            y_fp = _apply(mod_fp, x_fp, config.chunk)
-            t_cache += time.perf_counter() - t
-            if u.name in todo and _unit_layers(mod_q, u.name):
-                with torch.enable_grad():
-                    h = reconstruct_unit(mod_q, x_q, x_fp, y_fp, unit_p.get(u.name, config.p), config, u.name,
-                                         progress=False)
+            walk = tqdm(walk, desc=desc, unit="unit", total=len(names))
+        for u, mod_q, x_q, x_fp, y_fp in walk:
+            if u.name not in todo or not _unit_layers(mod_q, u.name):
+                continue
+            p = config.act_p if learn == "acts" else unit_p.get(u.name, config.p)
+            with torch.enable_grad():
+                h = reconstruct_unit(mod_q, x_fp if inputs == "fp" else x_q, x_fp, y_fp, p, config, u.name,
+                                     learn=learn)
+            times["optimise"] += h.seconds
+            if learn == "acts":  # BRECQ's second stage: its curve and time join the first stage's history
+                first = hist.units[u.name]
+                first.act_loss, first.seconds = h.loss, first.seconds + h.seconds
+            else:
                 hist.units[u.name] = h
-                t_opt += h.seconds
-            t = time.perf_counter()
-            env_q[u.output] = _apply(mod_q, x_q, config.chunk)
-            env_fp[u.output] = y_fp
-            live = set(qmodel.live_names(k + 1)) if k + 1 < len(qmodel.units) else set()
-            for env in (env_q, env_fp):
-                for key in [key for key in env if key not in live]:
-                    del env[key]
-            t_cache += time.perf_counter() - t
-    hist.seconds = {"cache": t_cache, "optimise": t_opt, "total": t_cache + t_opt}
+
+    with eval_mode(qmodel), eval_mode(fp_model):  # gradients only inside reconstruct_unit
+        if config.stages == 1:
+            one_pass("both", "quantized", "reconstruction")
+        else:  # BRECQ: the rounding of every unit with the activations in float, then the step sizes
+            before = _unit_losses(qmodel, fp_model, images, todo, unit_p, config, times)
+            with quant_state_kept(qmodel) as layers:
+                for layer in layers.values():
+                    layer.set_quant_state(None, False)
+                one_pass("weights", "quantized", "reconstruction: weights")
+            if config.act_iters > 0 and config.lr_act > 0:
+                one_pass("acts", "fp", "reconstruction: step sizes")
+            after = _unit_losses(qmodel, fp_model, images, todo, unit_p, config, times)
+            for name, h in hist.units.items():  # the losses of the whole model, every element quantized
+                h.before, (h.after, h.after_mse) = before[name][0], after[name]
+    hist.seconds = {"cache": times["cache"], "optimise": times["optimise"],
+                    "total": times["cache"] + times["optimise"]}
     return hist
+
+
+def _walk(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, chunk: int, times: dict):
+    """Yield ``(unit, its quantized module, x_q, x_fp, y_fp)`` for every unit in order; after the consumer is done
+    with a unit, its quantized output (with the unit as it is then) becomes the next units' quantized-prefix input.
+    Cache time is added to ``times["cache"]``."""
+    env_q = qmodel.capture(images, 0)
+    env_fp = fp_model.capture(images, 0)
+    for k, u in enumerate(qmodel.units):
+        t = time.perf_counter()
+        mod_q, mod_fp = qmodel.get_submodule(u.name), fp_model.get_submodule(u.name)
+        x_q, x_fp = [env_q[n] for n in u.inputs], [env_fp[n] for n in u.inputs]
+        y_fp = _apply(mod_fp, x_fp, chunk)
+        times["cache"] += time.perf_counter() - t
+        yield u, mod_q, x_q, x_fp, y_fp
+        t = time.perf_counter()
+        env_q[u.output] = _apply(mod_q, x_q, chunk)
+        env_fp[u.output] = y_fp
+        live = set(qmodel.live_names(k + 1)) if k + 1 < len(qmodel.units) else set()
+        for env in (env_q, env_fp):
+            for key in [key for key in env if key not in live]:
+                del env[key]
+        times["cache"] += time.perf_counter() - t
+
+
+def _unit_losses(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, todo: set, unit_p: dict,
+                 config: ReconConfig, times: dict) -> dict[str, tuple[float, float]]:
+    """Per unit to reconstruct: its loss (own p, and p = 2) with the quantized-prefix input, every element quantized."""
+    out = {}
+    for u, mod_q, x_q, _, y_fp in _walk(qmodel, fp_model, images, config.chunk, times):
+        if u.name in todo and _unit_layers(mod_q, u.name):
+            p = unit_p.get(u.name, config.p)
+            own = _full_loss(mod_q, x_q, y_fp, p, config.chunk)
+            out[u.name] = (own, own if p == 2 else _full_loss(mod_q, x_q, y_fp, 2.0, config.chunk))
+    return out

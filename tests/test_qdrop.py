@@ -10,6 +10,7 @@ from torch import nn
 from detptq_mini import qdrop
 from detptq_mini.qdrop import InputMix, MaskPool, QDropQuantizer, mixed_fake_quantize
 from detptq_mini.quant import QuantConv2d, Quantizer, fake_quantize, qparams_from_range
+from detptq_mini.reconstruction import ReconConfig, reconstruct_unit
 
 S, Z, QMIN, QMAX = 0.3, 3.0, 0, 15
 
@@ -244,3 +245,141 @@ def test_attach_and_finish_swap_the_input_quantizer():
         qdrop.finish(layer)
     with pytest.raises(ValueError, match="QuantConv2d"):
         qdrop.attach(nn.Conv2d(3, 4, 1), 0.5, None)
+
+
+# ------------------------------------------------------------------ fresh masks and the input coin (the reference's)
+@pytest.mark.parametrize("prob", [0.25, 0.5, 0.9, 1.0])
+def test_draw_keep_rate_is_prob_and_fresh_every_call(prob):
+    gen = torch.Generator().manual_seed(0)
+    a = qdrop.draw_keep(64, 1000, prob, gen)
+    b = qdrop.draw_keep(64, 1000, prob, gen)
+    assert a.shape == (64, 1000) and a.dtype == torch.float32
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    assert a.mean().item() == pytest.approx(prob, abs=0.005)  # 64,000 draws: std of the mean <= 0.002
+    if prob < 1:
+        assert not torch.equal(a, b)  # fresh numbers, no pool
+        # no structure across samples or elements: rows and columns are independent draws
+        assert a.mean(1).std().item() == pytest.approx(math.sqrt(prob * (1 - prob) / 1000), rel=0.3)
+    assert torch.equal(qdrop.draw_keep(4, 7, prob, torch.Generator().manual_seed(3)),
+                       qdrop.draw_keep(4, 7, prob, torch.Generator().manual_seed(3)))
+
+
+def _const_layer(cin, cout, step=0.3):
+    layer = QuantConv2d(nn.Conv2d(cin, cout, 1), w_bits=4, a_bits=4)
+    layer.weight_quantizer.set_qparams(torch.full((cout,), 0.05), torch.zeros(cout, dtype=torch.int32))
+    layer.input_quantizer.set_qparams(torch.tensor(step), torch.tensor(0, dtype=torch.int32))
+    return layer
+
+
+def _spy(layer, seen, name):
+    """Record what the conv itself receives (after the input quantizer), call by call."""
+    conv_forward = layer.conv._conv_forward
+
+    def record(x, w, b):
+        seen.setdefault(name, []).append(x.detach().clone())
+        return conv_forward(x, w, b)
+    layer.conv._conv_forward = record
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+X_Q, X_FP, STEP = 0.44, 0.61, 0.3  # neither on the grid of step 0.3: Q(x_q) = 0.3, Q(x_fp) = 0.6
+
+
+@pytest.mark.parametrize("prob", [0.5, 0.8, 1.0])
+def test_one_coin_conv_sees_quantized_prefix_input_quantized_or_fp_input_in_float(prob):
+    """The reference's coin: the conv's training-step input is Q(x_q) with probability quant_prob and x_fp
+    otherwise, never x_q unquantized nor Q(x_fp)."""
+    layer, seen = _const_layer(4, 4), {}
+    _spy(layer, seen, "conv")
+    n = 32
+    x_q, x_fp = _cl(torch.full((n, 4, 8, 8), X_Q)), _cl(torch.full((n, 4, 8, 8), X_FP))
+    cfg = ReconConfig(iters=6, batch_size=16, quant_prob=prob, lr_act=0.0)  # fixed step: Q is fixed
+    calls_before = 0
+    reconstruct_unit(layer, [x_q], [x_fp], torch.zeros(n, 4, 8, 8), config=cfg, name="conv")
+    steps = seen["conv"][-7:-1]  # the six training steps (after them: the "after" loss on every sample)
+    assert len(seen["conv"]) >= 8 + calls_before
+    q_q = fake_quantize(torch.tensor(X_Q), STEP, 0, 0, 15).item()
+    values = torch.cat([s.flatten() for s in steps])
+    is_qq = values == q_q
+    is_fp = values == torch.tensor(X_FP)
+    assert bool((is_qq | is_fp).all()), values.unique()
+    assert is_qq.float().mean().item() == pytest.approx(prob, abs=0.02)  # 24,576 elements
+
+
+class _Neck(nn.Module):
+    """A neck-like unit: two inputs, a nearest upsampling and a concatenation before the first conv, a computed
+    input (SiLU of a conv) before the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _const_layer(6, 4), _const_layer(4, 4)
+
+    def forward(self, x1, x2):
+        up = torch.nn.functional.interpolate(x1, scale_factor=2, mode="nearest")
+        return self.b(torch.nn.functional.silu(self.a(torch.cat([up, x2], 1))))
+
+
+def test_one_coin_goes_through_shape_only_operations_and_not_into_computed_inputs():
+    unit, seen = _Neck(), {}
+    _spy(unit.a, seen, "a")
+    n = 32
+    x_q = [_cl(torch.full((n, 2, 4, 4), X_Q)), _cl(torch.full((n, 4, 8, 8), X_Q))]
+    x_fp = [_cl(torch.full((n, 2, 4, 4), X_FP)), _cl(torch.full((n, 4, 8, 8), X_FP))]
+    coin = qdrop.InputCoin(unit, {"a": unit.a, "b": unit.b}, x_q, 0.5, torch.Generator().manual_seed(0))
+    assert set(coin.maps) == {"a"}  # b reads a computed tensor: it keeps a coin of its own
+    where, src, shape, channels_last, full = coin.maps["a"]
+    assert full and shape == (6, 8, 8) and channels_last
+    # the upsampled channels read each source element four times (2x2 nearest)
+    assert torch.bincount(src, minlength=2 * 4 * 4 + 4 * 8 * 8)[: 2 * 4 * 4].eq(4).all()
+    cfg = ReconConfig(iters=4, batch_size=16, quant_prob=0.5, lr_act=0.0)
+    reconstruct_unit(unit, x_q, x_fp, torch.zeros(n, 4, 8, 8), config=cfg, name="neck")
+    q_q = fake_quantize(torch.tensor(X_Q), STEP, 0, 0, 15).item()
+    for x in seen["a"][-5:-1]:
+        assert bool(((x == q_q) | (x == torch.tensor(X_FP))).all())
+        up = x[:, :2]  # an upsampled element and its three copies took the same coin
+        assert torch.equal(up[:, :, 0::2, 0::2], up[:, :, 1::2, 1::2])
+
+
+def test_two_coin_ablation_still_mixes_four_states():
+    """The earlier scheme (kept as a named ablation): the input mix and the quantizer's own coin are independent,
+    so the conv sees Q(x_q), x_q, Q(x_fp) and x_fp."""
+    layer, seen = _const_layer(4, 4), {}
+    _spy(layer, seen, "conv")
+    n = 32
+    x_q, x_fp = _cl(torch.full((n, 4, 8, 8), X_Q)), _cl(torch.full((n, 4, 8, 8), X_FP))
+    cfg = ReconConfig(iters=4, batch_size=16, quant_prob=0.5, lr_act=0.0, qdrop_input="two-coin")
+    reconstruct_unit(layer, [x_q], [x_fp], torch.zeros(n, 4, 8, 8), config=cfg, name="conv")
+    values = torch.cat([s.flatten() for s in seen["conv"][-5:-1]])
+    states = {round(v, 4) for v in values.unique().tolist()}
+    assert states == {0.3, 0.44, 0.6, 0.61}
+
+
+def test_step_size_pushed_below_zero_recovers():
+    """The step size stays positive the reference's way (abs, then at least eps): a step an optimiser pushes below
+    zero comes back and keeps learning, where a clamp at a floor would leave it stuck without gradient."""
+    q = _quantizer(lo=0.0, hi=3.0, bits=4)
+    d = QDropQuantizer(q, 1.0, None)
+    x = torch.rand(256, 8) * 3
+    target = fake_quantize(x, 0.2, 0, 0, 15)
+    opt = torch.optim.SGD([d.scale], lr=1.0)
+    with torch.no_grad():
+        d.scale.fill_(-0.05)  # pushed below zero
+    losses = []
+    for _ in range(60):
+        loss = (d(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    d(x)
+    assert d.scale.item() > 0
+    assert losses[-1] < 0.5 * losses[0]
+    d.finish()
+    assert q.scale.item() > 0 and q.scale.item() == pytest.approx(d.scale.item())
+    with torch.no_grad():
+        d.scale.fill_(-1e-12)
+    d(x)
+    assert d.scale.item() == pytest.approx(qdrop.EPS)

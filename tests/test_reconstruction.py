@@ -147,6 +147,46 @@ def test_reconstruct_only_some_units(pretrained, minmax_w4a4, calib):
     assert changed and all(k.startswith("neck.down4.") for k in changed)
 
 
+def test_brecq_two_stages_weights_with_activations_off_then_step_sizes(pretrained, minmax_w4a4, calib, monkeypatch):
+    """BRECQ as published: a pass over the units learns the rounding with every activation quantizer off, then a
+    second pass learns only the step sizes (weights fixed) on the FP model's unit inputs."""
+    import detptq_mini.reconstruction as rec
+
+    calls = []
+    real = rec.reconstruct_unit
+
+    def spy(module, x_q, x_fp, y_fp, p=None, config=None, name="unit", progress=False, learn="both"):
+        acts_on = [m.input_quantizer.enabled for m in rec._unit_layers(module, name).values()]
+        calls.append((name, learn, p, all(a is x for a, x in zip(x_q, x_fp)), acts_on))
+        return real(module, x_q, x_fp, y_fp, p, config, name, progress, learn)
+
+    monkeypatch.setattr(rec, "reconstruct_unit", spy)
+    units = ["backbone.c2f2", "neck.td3"]
+    fp, images = fold_bn(pretrained), calib.images()
+    q = copy.deepcopy(minmax_w4a4)
+    scales0 = {n: m.input_quantizer.scale.clone() for n, m in quant_layers(q).items()}
+    weights0 = {n: m.conv.weight.clone() for n, m in quant_layers(q).items()}
+    cfg = ReconConfig(iters=4, batch_size=4, quant_prob=1.0, stages=2, act_iters=3, lr_act=1e-2)
+    hist = reconstruct(q, fp, images, cfg, units=units)
+    assert [(c[0], c[1]) for c in calls] == [(u, "weights") for u in units] + [(u, "acts") for u in units]
+    for name, learn, p, fp_input, acts_on in calls:
+        if learn == "weights":  # activations off, quantized-prefix input, the config's p
+            assert not any(acts_on) and p == 2.0 and (name == units[0] or not fp_input)
+        else:  # activations on, the FP input (the reference's asym=False), the second stage's p
+            assert all(acts_on) and p == 2.4 and fp_input
+    for u in units:
+        h = hist.units[u]
+        assert len(h.loss) == 4 and len(h.act_loss) == 3 and h.before > 0 and h.after_mse > 0
+    changed = [n for n, m in quant_layers(q).items() if not torch.equal(m.input_quantizer.scale, scales0[n])]
+    assert changed and all(n.startswith(tuple(units)) for n in changed)
+    assert all(m.input_quantizer.enabled for m in quant_layers(q).values())  # the quantizers are back on
+    # act_iters=0: the step sizes are left as they are, the rounding is learned
+    q2 = copy.deepcopy(minmax_w4a4)
+    reconstruct(q2, fp, images, ReconConfig(iters=4, batch_size=4, stages=2, quant_prob=1.0, act_iters=0), units=units)
+    assert all(torch.equal(m.input_quantizer.scale, scales0[n]) for n, m in quant_layers(q2).items())
+    assert any(not torch.equal(m.conv.weight, weights0[n]) for n, m in quant_layers(q2).items())
+
+
 def test_reconstruct_bad_arguments(pretrained, minmax_w4a4, calib):
     fp, images, cfg = fold_bn(pretrained), calib.images(), ReconConfig(iters=1)
     with pytest.raises(ValueError, match="unit_p"):
@@ -183,14 +223,22 @@ def test_rounding_ablation_tables_and_restores_the_model(minmax_w4a4, calib):
 
 
 # ------------------------------------------------------------------ run_ptq
-@pytest.mark.parametrize("method, prob", [("brecq", 1.0), ("qdrop", 0.5), ("detptq-qdrop", 0.5)])
-def test_reconstruction_methods_through_run_ptq(pretrained, calib, method, prob):
+@pytest.mark.parametrize("method, prob, stages", [("brecq", 1.0, 2), ("joint", 1.0, 1), ("qdrop", 0.5, 1),
+                                                  ("detptq-qdrop", 0.5, 1)])
+def test_reconstruction_methods_through_run_ptq(pretrained, calib, method, prob, stages):
     opts = dict(iters=2, recon_batch_size=4, max_elements=2**12)
     if method == "detptq-qdrop":
         opts.update(ps=(2.0, 3.0))
     res = run_ptq(pretrained, calib, method, 4, 4, **opts)
     r = res.report
     assert r["config"]["quant_prob"] == prob and r["config"]["iters"] == 2
+    assert r["config"]["stages"] == stages == r["reconstruction"]["config"]["stages"]
+    assert r["config"]["qdrop_input"] == ("one-coin" if prob < 1 else None)
+    if method == "brecq":  # the second stage: a quarter of the steps (at least 1), p = 2.4, the reference's rate
+        assert (r["config"]["act_iters"], r["config"]["act_p"], r["config"]["lr_act"]) == (1, 2.4, 4e-4)
+        assert all(len(h.act_loss) == 1 for h in res.history.units.values())
+    else:
+        assert r["config"]["act_iters"] is None and all(not h.act_loss for h in res.history.units.values())
     assert set(r["reconstruction"]["units"]) == set(pretrained.unit_names)
     assert res.history is not None and len(res.history.units["neck.td4"].loss) == 2
     assert len(r["chosen_p"]) == 63
@@ -207,7 +255,14 @@ def test_reconstruction_methods_through_run_ptq(pretrained, calib, method, prob)
 
 @pytest.mark.parametrize("kwargs, word", [
     (dict(method="detptq-qdrop", p=2.0), "takes no p"),
-    (dict(method="brecq", quant_prob=0.5), "BRECQ"),
+    (dict(method="brecq", quant_prob=0.5), "method='brecq' quantizes every activation element"),
+    (dict(method="joint", quant_prob=0.5), "method='joint' quantizes every activation element"),
+    (dict(method="brecq", stages=1), "method='brecq' has 2 stage"),
+    (dict(method="qdrop", stages=2), "method='qdrop' has 1 stage"),
+    (dict(method="brecq", qdrop_input="two-coin"), "qdrop_input only applies to the method.s. qdrop, detptq-qdrop"),
+    (dict(method="qdrop", qdrop_input="three"), "qdrop_input='three' is not allowed"),
+    (dict(method="qdrop", act_iters=5), "act_iters only applies to the method.s. brecq"),
+    (dict(method="brecq", act_p=0), "act_p"),
     (dict(method="minmax", iters=10), "only apply to the reconstruction methods"),
     (dict(method="lp", quant_prob=0.5), "only apply to the reconstruction methods"),
     (dict(method="detptq-qdrop", granularity="layer"), "granularity must be 'unit'"),
@@ -225,7 +280,11 @@ def test_bad_reconstruction_options(kwargs, word):
 def test_reconstruction_defaults_are_resolved_in_the_config():
     cfg = PTQConfig(method="qdrop")
     assert (cfg.iters, cfg.recon_batch_size, cfg.quant_prob, cfg.round_lam, cfg.p) == (2000, 32, 0.5, 0.01, 2.0)
-    assert PTQConfig(method="brecq").quant_prob == 1.0
+    assert PTQConfig(method="brecq").quant_prob == 1.0 == PTQConfig(method="joint").quant_prob
+    brecq = PTQConfig(method="brecq", iters=1000)
+    assert (brecq.stages, brecq.act_iters, brecq.act_p, brecq.lr_act) == (2, 250, 2.4, 4e-4)
+    assert PTQConfig(method="joint").stages == 1 and PTQConfig(method="joint").lr_act == 4e-5
+    assert PTQConfig(method="qdrop").qdrop_input == "one-coin" == ReconConfig().qdrop_input
     assert PTQConfig(method="detptq").granularity == "layer"
     assert PTQConfig(method="detptq-qdrop").granularity == "unit"
     assert PTQConfig(method="minmax").iters is None
@@ -251,12 +310,28 @@ def test_cli_quantize_with_reconstruction(capsys):
     assert out["timings"]["reconstruction"] > 0
 
 
+def test_cli_quantize_brecq_runs_the_two_stage_method(capsys):
+    from detptq_mini.cli import main
+    import json
+
+    code = main(["quantize", "--method", "brecq", "--w-bits", "4", "--a-bits", "4", "--iters", "4",
+                 "--calib", "8", "--val", "16", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = out["reconstruction"]["config"]
+    assert out["method"] == "brecq" and out["config"]["stages"] == 2 == cfg["stages"]
+    assert (cfg["act_iters"], cfg["act_p"], cfg["lr_act"], cfg["quant_prob"]) == (1, 2.4, 4e-4, 1.0)
+
+
 @pytest.mark.parametrize("args, word", [
     (["--method", "minmax", "--iters", "5"], "only apply to the reconstruction methods"),
     (["--method", "detptq-qdrop", "--p", "2"], "--p is not allowed"),
-    (["--method", "brecq", "--quant-prob", "0.5"], "BRECQ"),
+    (["--method", "brecq", "--quant-prob", "0.5"], "method='brecq' quantizes every activation element"),
+    (["--method", "joint", "--qdrop-input", "two-coin"], "--qdrop-input is only for --method qdrop | detptq-qdrop"),
+    (["--method", "qdrop", "--act-iters", "5"], "--act-iters is only for --method brecq"),
+    (["--method", "brecq", "--act-iters", "-1"], "--act-iters -1 must be >= 0"),
     (["--method", "qdrop", "--iters", "0"], "must be > 0"),
-    (["--method", "lp", "--loss-norm", "before"], "--loss-norm is only for --method brecq | qdrop | detptq-qdrop"),
+    (["--method", "lp", "--loss-norm", "before"], "--loss-norm is only for --method brecq | joint | qdrop | detptq-qdrop"),
     (["--method", "brecq", "--loss-norm", "max"], "invalid choice: 'max'"),
 ])
 def test_cli_reconstruction_bad_input_is_one_line_and_exit_2(args, word):

@@ -27,7 +27,8 @@ from ..checks import check_int, check_number, shown
 from ..lp import P_DEFAULT
 
 __all__ = ["Cell", "FULL_BITS", "SEEDS", "FULL_CALIB", "FULL_VAL", "RECON_ITERS", "RECON_LR", "RECON_METHODS",
-           "LP_EXTRA_P", "ODOL_COMBOS", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "SUITES", "bits_pair",
+           "LP_EXTRA_P", "ODOL_COMBOS", "HEAD_FP", "TWO_COIN", "BRECQ_LR_ACT", "QDROP_PROBS",
+           "LONG_ITERS", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "SUITES", "bits_pair",
            "suite_cells", "select_cells", "is_done"]
 
 
@@ -204,6 +205,49 @@ def _loss_norm_suite() -> list[Cell]:
             for s in SEEDS for norm in ((), LOSS_NORM_BEFORE) for m, e in settings]
 
 
+#: The extra arguments of the reconstruction experiments' variants.
+HEAD_FP: tuple[str, ...] = ("--protocol", "head-fp")
+TWO_COIN: tuple[str, ...] = ("--qdrop-input", "two-coin")
+#: BRECQ's second-stage rate in the experiments: 10x its reference's 4e-4, as :data:`RECON_LR` is 10x the others'.
+BRECQ_LR_ACT = 0.004
+#: QDrop's keep probabilities of experiment E2 (1.0 is the ``joint`` method: the same code path).
+QDROP_PROBS: tuple[float, ...] = (0.75, 0.9)
+#: The longer budget of experiment E10 (steps per unit).
+LONG_ITERS = 4000
+
+
+def _recon_suite() -> list[Cell]:
+    """The reconstruction experiments at W4A4 (256 calibration images, 500 val images, 1,000 steps per unit at
+    :data:`RECON_LR`), ordered by what they decide: seed 0 of every experiment first, then seeds 1 and 2.
+
+    * E1 the methods: published BRECQ (two stages), joint, QDrop (the reference's one coin), QDrop with the
+      earlier two coins, DetPTQ+QDrop (one coin). The joint and two-coin cells are ``full``'s (copy them with
+      ``--reuse``).
+    * E2 QDrop's keep probability 0.75 and 0.9 (0.5 is E1's QDrop, 1.0 is joint).
+    * E9 the step sizes fixed at their starting scales (``--lr-act 0``): joint, BRECQ (its first stage only) and
+      QDrop.
+    * E8 the ``head-fp`` protocol (the head in FP, as QDrop's COCO code): the E1 methods and DetPTQ simple.
+    * E10 (seed 0 only, last) joint and QDrop at :data:`LONG_ITERS` steps per unit: is the gap the budget's?
+    """
+    opts = {"calib": FULL_CALIB, "val": FULL_VAL}
+    recon = {**opts, **_recon_opts("W4A4")}
+    brecq = {**recon, "lr_act": BRECQ_LR_ACT}
+
+    def seed_cells(s: int) -> list[Cell]:
+        e1 = [Cell("brecq", 4, 4, s, **brecq), Cell("joint", 4, 4, s, **recon), Cell("qdrop", 4, 4, s, **recon),
+              Cell("qdrop", 4, 4, s, extra=TWO_COIN, **recon), Cell("detptq-qdrop", 4, 4, s, **recon)]
+        e2 = [Cell("qdrop", 4, 4, s, extra=("--quant-prob", f"{q:g}"), **recon) for q in QDROP_PROBS]
+        fixed = {**recon, "lr_act": 0.0}
+        e9 = [Cell("joint", 4, 4, s, **fixed), Cell("brecq", 4, 4, s, **fixed), Cell("qdrop", 4, 4, s, **fixed)]
+        e8 = [Cell(c.method, 4, 4, s, lr_v=c.lr_v, lr_act=c.lr_act, iters=c.iters, extra=c.extra + HEAD_FP, **opts)
+              for c in e1] + [Cell("detptq", 4, 4, s, extra=HEAD_FP, **opts)]
+        return e1 + e2 + e9 + e8
+
+    long = {**recon, "iters": LONG_ITERS}
+    return seed_cells(0) + [Cell("joint", 4, 4, 0, **long), Cell("qdrop", 4, 4, 0, **long)] + seed_cells(1) + \
+        seed_cells(2)
+
+
 def _quick_suite() -> list[Cell]:
     """Every method kind once on a tiny slice (8 calibration images, 50 val images, 5 reconstruction steps)."""
     opts = {"calib": 8, "val": 50}
@@ -226,12 +270,14 @@ def _quick_suite() -> list[Cell]:
 #: * ``loss-norm`` (24 cells): see :func:`_loss_norm_suite`.
 #: * ``simple`` (60 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
 #:   calibration images (the chapter 6 table).
+#: * ``recon`` (50 cells, 6 of them copies of ``full``'s joint and two-coin cells): the reconstruction experiments E1, E2, E8, E9, E10 (see :func:`_recon_suite`).
 #: * ``quick`` (6 cells): every method once on a tiny slice, a smoke test of the harness (about a minute).
 SUITES: dict[str, list[Cell]] = {
     "simple": _simple_suite(),
     "full": _full_suite(),
     "ablations": _ablation_suite(),
     "loss-norm": _loss_norm_suite(),
+    "recon": _recon_suite(),
     "quick": _quick_suite(),
 }
 
