@@ -238,9 +238,10 @@ class InputCoin:
         self.shapes = [tuple(t.shape) for t in example]
         self.channels_last = [_is_channels_last(t) for t in example]
         self.sizes = [t[0].numel() for t in example]
-        #: per layer: (positions in the layer's input rows that copy an input element, the source positions in
-        #: the concatenated input rows, the layer input's sample shape, its memory order, all copied?)
-        self.maps: dict[str, tuple[Tensor, Tensor, tuple[int, ...], bool, bool]] = {}
+        #: per layer, per call of the layer in one forward of the unit: (positions in the layer's input rows that
+        #: copy an input element, the source positions in the concatenated input rows, the layer input's sample
+        #: shape, its memory order, all copied?), or None for a call that copies no input element
+        self.maps: dict[str, list[tuple[Tensor, Tensor, tuple[int, ...], bool, bool] | None]] = {}
         self.quantizers: dict[str, QDropQuantizer] = {}
         if prob < 1:
             self._probe(module, layers, example)
@@ -277,18 +278,24 @@ class InputCoin:
             for h in hooks:
                 h.remove()
         for name, got in seen.items():
-            if len(got) != len(codings):
-                continue  # a layer the unit did not run (or ran more than once): it keeps its own coin
-            (a, shape, cl), (b, _, _), (c, _, _) = got
-            code = a.round()
-            src = (code - 1).long()
-            valid = (code == a) & (src >= 0) & (src < total)
-            src_safe = src.clamp(0, total - 1)
-            direct = valid & (codings[1][src_safe].to(b.dtype) == b) & (codings[2][src_safe].to(c.dtype) == c)
-            if not bool(direct.any()):
-                continue
-            where = direct.nonzero().flatten()
-            self.maps[name] = (where, src[where], shape, cl, bool(direct.all()))
+            calls = len(got) // len(codings)
+            if not calls or len(got) % len(codings):
+                continue  # a layer the unit did not run: nothing to hand over
+            per_call = []
+            for k in range(calls):  # a layer run several times per forward (a shared head) has a map per call
+                (a, shape, cl), (b, _, _), (c, _, _) = got[k], got[k + calls], got[k + 2 * calls]
+                code = a.round()
+                src = (code - 1).long()
+                valid = (code == a) & (src >= 0) & (src < total)
+                src_safe = src.clamp(0, total - 1)
+                direct = valid & (codings[1][src_safe].to(b.dtype) == b) & (codings[2][src_safe].to(c.dtype) == c)
+                if bool(direct.any()):
+                    where = direct.nonzero().flatten()
+                    per_call.append((where, src[where], shape, cl, bool(direct.all())))
+                else:
+                    per_call.append(None)  # this call reads computed elements only: its own coin
+            if any(m is not None for m in per_call):
+                self.maps[name] = per_call
 
     def bind(self, quantizers: dict[str, "QDropQuantizer"]) -> None:
         """The :class:`QDropQuantizer` of each layer (after :func:`attach`) that the coin hands its masks to."""
@@ -306,13 +313,19 @@ class InputCoin:
             mixed.append(torch.addcmul(q.mul_(k), fp, 1.0 - k))  # exactly q or fp (a product with 0 or 1 is exact)
             start += size
         for name, quantizer in self.quantizers.items():
-            where, src, shape, cl, full = self.maps[name]
-            if full:
-                rows = keep[:, src]
-            else:
-                rows = draw_keep(len(idx), math.prod(shape), self.prob, self.generator, keep.dtype, keep.device)
-                rows[:, where] = keep[:, src]
-            quantizer.coin = _unrows(rows, (len(idx),) + shape, cl)
+            coins = []
+            for entry in self.maps[name]:
+                if entry is None:
+                    coins.append(None)
+                    continue
+                where, src, shape, cl, full = entry
+                if full:
+                    rows = keep[:, src]
+                else:
+                    rows = draw_keep(len(idx), math.prod(shape), self.prob, self.generator, keep.dtype, keep.device)
+                    rows[:, where] = keep[:, src]
+                coins.append(_unrows(rows, (len(idx),) + shape, cl))
+            quantizer.coin = coins
         return mixed
 
 
@@ -325,8 +338,8 @@ class QDropQuantizer(nn.Module):
     (:func:`mixed_fake_quantize`). The step size's gradient is scaled by LSQ's ``1 / sqrt(features * qmax)``
     (``features``: the elements of one sample). A disabled inner quantizer passes ``x`` through.
 
-    The keep mask of a forward is, in this order: :attr:`coin` when an :class:`InputCoin` has set it (used
-    once), else a fresh mask (``masks="fresh"``, :func:`draw_keep`) or one from a :class:`MaskPool` of ``pool``
+    The keep mask of a call is, in this order: the next entry of :attr:`coin` when an :class:`InputCoin` has
+    set it (each entry used once), else a fresh mask (``masks="fresh"``, :func:`draw_keep`) or one from a :class:`MaskPool` of ``pool``
     per-sample masks (``masks="pool"``, the two-coin ablation [ours]). A learnable step size is made positive
     before every forward (``abs``, then at least :data:`EPS`), as the reference's LSQ quantizer does.
     """
@@ -350,11 +363,12 @@ class QDropQuantizer(nn.Module):
         self.mode = masks
         self.masks = MaskPool(quant_prob, generator, pool)
         self.drop = True
-        #: the keep mask of the next forward, set by an :class:`InputCoin` (None: this quantizer's own coin)
-        self.coin: Tensor | None = None
+        #: the keep masks of the next calls, in order, set by an :class:`InputCoin` (a None entry, or none left:
+        #: this quantizer's own coin)
+        self.coin: list[Tensor | None] | None = None
 
     def _keep(self, x: Tensor) -> Tensor | None:
-        coin, self.coin = self.coin, None
+        coin = self.coin.pop(0) if self.coin else None  # this call's mask from the input coin, in call order
         if coin is not None:
             if coin.shape != x.shape:
                 raise RuntimeError(f"the input coin's mask has shape {tuple(coin.shape)}, the input {tuple(x.shape)}")

@@ -330,7 +330,7 @@ def test_one_coin_goes_through_shape_only_operations_and_not_into_computed_input
     x_fp = [_cl(torch.full((n, 2, 4, 4), X_FP)), _cl(torch.full((n, 4, 8, 8), X_FP))]
     coin = qdrop.InputCoin(unit, {"a": unit.a, "b": unit.b}, x_q, 0.5, torch.Generator().manual_seed(0))
     assert set(coin.maps) == {"a"}  # b reads a computed tensor: it keeps a coin of its own
-    where, src, shape, channels_last, full = coin.maps["a"]
+    (where, src, shape, channels_last, full), = coin.maps["a"]
     assert full and shape == (6, 8, 8) and channels_last
     # the upsampled channels read each source element four times (2x2 nearest)
     assert torch.bincount(src, minlength=2 * 4 * 4 + 4 * 8 * 8)[: 2 * 4 * 4].eq(4).all()
@@ -383,3 +383,32 @@ def test_step_size_pushed_below_zero_recovers():
         d.scale.fill_(-1e-12)
     d(x)
     assert d.scale.item() == pytest.approx(qdrop.EPS)
+
+
+class _Shared(nn.Module):
+    """One conv applied to two inputs (RetinaNet's head shares its subnet across the levels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = _const_layer(4, 4)
+
+    def forward(self, x1, x2):
+        return torch.cat([self.conv(x1).flatten(2), self.conv(x2).flatten(2)], 2)[..., None]
+
+
+def test_one_coin_reaches_a_layer_run_once_per_input():
+    unit, seen = _Shared(), {}
+    _spy(unit.conv, seen, "conv")
+    n = 32
+    x_q = [_cl(torch.full((n, 4, 8, 8), X_Q)), _cl(torch.full((n, 4, 4, 4), X_Q))]
+    x_fp = [_cl(torch.full((n, 4, 8, 8), X_FP)), _cl(torch.full((n, 4, 4, 4), X_FP))]
+    coin = qdrop.InputCoin(unit, {"conv": unit.conv}, x_q, 0.5, torch.Generator().manual_seed(0))
+    maps = coin.maps["conv"]
+    assert [m[2] for m in maps] == [(4, 8, 8), (4, 4, 4)] and all(m[4] for m in maps)
+    cfg = ReconConfig(iters=3, batch_size=16, quant_prob=0.5, lr_act=0.0)
+    reconstruct_unit(unit, x_q, x_fp, torch.zeros(n, 4, 80, 1), config=cfg, name="shared")
+    q_q = fake_quantize(torch.tensor(X_Q), STEP, 0, 0, 15).item()
+    steps = seen["conv"][-8:-2]  # three steps of two calls each (then the "after" loss: two calls)
+    for x in steps:
+        assert bool(((x == q_q) | (x == torch.tensor(X_FP))).all())
+        assert 0.3 < (x == q_q).float().mean().item() < 0.7
