@@ -421,6 +421,7 @@ def test_quick_suite_end_to_end_then_resume(tmp_path):
         assert 0.0 <= rec["map"] <= 1.0 and 0.0 <= rec["map50"] <= 1.0 and rec["fp_map"] > 0
         assert rec["wall_seconds"] > 0 and rec["peak_rss_mb"] > 50
         assert len(rec["load_avg"]) == 3 and all(x >= 0 for x in rec["load_avg"])
+        assert rec["jobs"] == 1 and rec["threads"] >= 1  # one at a time: the child's default threads, as it says
         assert rec["method"] == cell.method and rec["calib_images"] == cell.calib and rec["val_images"] == cell.val
         assert (rec["w_bits"], rec["a_bits"], rec["calib_seed"]) == (cell.w_bits, cell.a_bits, cell.seed)
         cfg, qc = rec["config"], rec["quant_config"]  # the cell's options reached run_ptq
@@ -494,3 +495,185 @@ def test_the_logged_command_reruns_with_a_value_that_starts_with_a_dash(tmp_path
     logged = shlex.split(seen["command"])
     assert logged == ["detptq-mini", "benchmark", "--suite", "full", "--out", str(out), "--only", "W4A4", "--exclude=-i"]
     assert main(logged[1:] + ["--list"]) == 0  # the logged command parses as it was given
+
+
+# --- several cells at once (--jobs) -------------------------------------------------------------------------------
+
+JOB_CELLS = [Cell("minmax", 4, 8, s, calib=8, val=50) for s in range(4)]
+
+
+def _stub_run_cell(log, seconds=None, fail=()):
+    """A stand-in for runner.run_cell: sleeps (the first cell longest, so that cells finish out of order), logs
+    (key, start, end, threads, thread name) and returns a record of run_cell's shape."""
+    import threading
+    from dataclasses import asdict
+
+    seconds = seconds or {c.key: 0.6 if i == 0 else 0.2 for i, c in enumerate(JOB_CELLS)}
+
+    def run_cell(cell, device="cpu", threads=None, children=None):
+        t = time.perf_counter()
+        time.sleep(seconds[cell.key])
+        log.append((cell.key, t, time.perf_counter(), threads, threading.current_thread().name))
+        ok = cell.key not in fail
+        rec = {"key": cell.key, "cell": asdict(cell), "status": "ok" if ok else "failed", "returncode": 0 if ok else 2,
+               "wall_seconds": 1.0, "cpu_seconds": 1.0, "peak_rss_mb": 100.0, "load_avg": [0.0, 0.0, 0.0],
+               "threads": threads or 2}
+        if ok:
+            rec.update(map=0.5, map50=0.6, fp_map=0.9, fp_map50=0.99, ratio_to_fp=0.5 / 0.9)
+        else:
+            rec["error"] = "detptq-mini: error: boom"
+        return rec
+
+    return run_cell
+
+
+def _most_at_once(log) -> int:
+    events = sorted([(t0, 1) for _, t0, _, _, _ in log] + [(t1, -1) for _, _, t1, _, _ in log])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_jobs_runs_cells_at_once_and_writes_the_same_file_in_the_suites_order(tmp_path, monkeypatch, capsys):
+    import threading
+
+    import torch
+
+    from detptq_mini.benchmark import runner
+
+    writers = []
+    real_write = runner.atomic_write_json
+    monkeypatch.setattr(runner, "atomic_write_json",
+                        lambda *a: (writers.append(threading.current_thread() is threading.main_thread()),
+                                    real_write(*a)))
+    files, logs = {}, {}
+    for jobs in (1, 2):
+        logs[jobs] = []
+        monkeypatch.setattr(runner, "run_cell", _stub_run_cell(logs[jobs]))
+        files[jobs] = tmp_path / f"j{jobs}.json"
+        run = run_suite(JOB_CELLS, files[jobs], jobs=jobs, progress=True)
+        assert run.ran == [c.key for c in JOB_CELLS] and run.ok  # the suite's order, not the finishing order
+        assert f"{len(JOB_CELLS)}/{len(JOB_CELLS)}" in capsys.readouterr().err  # the progress bar reached the end
+    assert _most_at_once(logs[1]) == 1 and _most_at_once(logs[2]) == 2
+    assert [k for k, *_ in logs[2]][:2] == [JOB_CELLS[1].key, JOB_CELLS[2].key]  # finished before the first cell
+    assert {t for *_, t, _ in logs[1]} == {None}  # one at a time: the child's threads untouched
+    assert {t for *_, t, _ in logs[2]} == {max(1, torch.get_num_threads() // 2)}
+    assert writers and all(writers)  # one writer: the main thread, after every cell
+    one, two = (load_results(files[j]) for j in (1, 2))
+    assert list(one) == list(two) == ["suite", "machine", "runs", "cells"]
+    assert list(one["cells"]) == list(two["cells"]) == [c.key for c in JOB_CELLS]
+    for key in one["cells"]:
+        a, b = one["cells"][key], two["cells"][key]
+        assert list(a) == list(b) and (a["jobs"], b["jobs"]) == (1, 2)
+        assert {k: v for k, v in a.items() if k not in ("jobs", "threads")} == \
+            {k: v for k, v in b.items() if k not in ("jobs", "threads")}
+    assert [(r["jobs"], r["ran"]) for r in one["runs"]] == [(1, 4)] and two["runs"][0]["jobs"] == 2
+    assert "jobs=2" in two["runs"][0]["command"] and "jobs" not in one["runs"][0]["command"]
+    assert "4 cells ran beside other cells" in (tmp_path / "j2.md").read_text()
+    assert "beside other cells" not in (tmp_path / "j1.md").read_text()
+
+    # resumed: every cell done, nothing runs, the file is left as it is
+    before = files[2].read_bytes()
+    logs[3] = []
+    monkeypatch.setattr(runner, "run_cell", _stub_run_cell(logs[3]))
+    run = run_suite(JOB_CELLS, files[2], jobs=2)
+    assert run.skipped == [c.key for c in JOB_CELLS] and not run.ran and not logs[3]
+    assert files[2].read_bytes() == before
+
+
+def test_jobs_records_a_failed_cell_and_the_next_run_retries_only_it(tmp_path, monkeypatch):
+    from detptq_mini.benchmark import runner
+
+    out = tmp_path / "f.json"
+    log = []
+    monkeypatch.setattr(runner, "run_cell", _stub_run_cell(log, fail={JOB_CELLS[1].key}))
+    run = run_suite(JOB_CELLS, out, jobs=3)
+    assert run.failed == [JOB_CELLS[1].key] and len(run.ran) == 3 and _most_at_once(log) <= 3
+    assert load_results(out)["cells"][JOB_CELLS[1].key]["status"] == "failed"
+    log.clear()
+    monkeypatch.setattr(runner, "run_cell", _stub_run_cell(log))
+    run = run_suite(JOB_CELLS, out, jobs=3)
+    assert [k for k, *_ in log] == run.ran == [JOB_CELLS[1].key] and len(run.skipped) == 3
+    assert list(load_results(out)["cells"]) == [c.key for c in JOB_CELLS]
+
+
+def test_an_interrupted_run_with_jobs_kills_its_children(tmp_path, monkeypatch):
+    import _thread
+    import os
+    import threading
+
+    from detptq_mini.benchmark import runner
+
+    pids = []
+
+    def run_cell(cell, device="cpu", threads=None, children=None):  # a child that would run for a minute
+        proc = subprocess.Popen(["sleep", "60"])
+        pids.append(proc.pid)
+        children.add(proc.pid)
+        try:
+            os.wait4(proc.pid, 0)
+        finally:
+            children.discard(proc.pid)
+        return _stub_run_cell([], seconds={cell.key: 0})(cell)
+
+    monkeypatch.setattr(runner, "run_cell", run_cell)
+    threading.Timer(1.0, _thread.interrupt_main).start()  # as a Ctrl-C
+    out = tmp_path / "i.json"
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(JOB_CELLS, out, jobs=2)
+    assert time.perf_counter() - t0 < 10 and len(pids) == 2  # two children started, both killed and reaped
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not out.exists()  # the killed cells are not recorded
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, "2", True])
+def test_bad_jobs_is_refused(jobs, tmp_path):
+    with pytest.raises(ValueError, match=f"jobs={jobs!r} must be an integer >= 1"):
+        run_suite(JOB_CELLS, tmp_path / "x.json", jobs=jobs)
+
+
+@pytest.mark.parametrize("value, word", [("0", "argument --jobs: 0 must be > 0"),
+                                         ("two", "argument --jobs: 'two' is not an integer"),
+                                         ("1.5", "argument --jobs: '1.5' is not an integer")])
+def test_bad_jobs_on_the_command_line_is_a_usage_error(value, word, tmp_path, capsys):
+    assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json"), "--jobs", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and word in err[0]
+    assert main(["quantize", "--method", "minmax", "--w-bits", "4", "--a-bits", "8", "--threads", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and word.replace("--jobs", "--threads") in err[0]
+
+
+def test_the_cli_passes_jobs_and_logs_it(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_suite(suite, out, **kw):
+        seen.update(kw)
+        return benchmark.SuiteRun(results={"suite": suite, "cells": {}}, out_path=out)
+
+    monkeypatch.setattr(benchmark, "run_suite", fake_run_suite)
+    assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json"), "--jobs", "2"]) == 0
+    assert seen["jobs"] == 2 and seen["command"].endswith("--jobs 2")
+    assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json")]) == 0
+    assert seen["jobs"] == 1 and "--jobs" not in seen["command"]
+
+
+def test_two_real_cells_at_once_each_with_its_share_of_the_threads(tmp_path):
+    """The two cheapest cells of the quick suite, at once: each child runs with T // 2 torch threads (at least 1)
+    and says so."""
+    import torch
+
+    cells = SUITES["quick"][:2]  # min-max and Lp p=2 at W4A8, 8 calibration images, 50 val images
+    assert [c.method for c in cells] == ["minmax", "lp"]
+    run = run_suite(cells, tmp_path / "real.json", jobs=2)
+    assert run.ok and run.ran == [c.key for c in cells]
+    data = load_results(tmp_path / "real.json")
+    for c in cells:
+        rec = data["cells"][c.key]
+        assert rec["status"] == "ok" and rec["jobs"] == 2 and rec["threads"] == max(1, torch.get_num_threads() // 2)
+        assert 0.0 <= rec["map"] <= 1.0

@@ -333,4 +333,8 @@ def to_markdown(results: dict) -> str:
         if others:
             lines.append(f"{others} cells were measured elsewhere (reused or resumed on another machine: their "
                          "`machine` in the JSON).")
+    shared = sum(1 for rec in _cells_of(results).values() if isinstance(rec, dict) and (rec.get("jobs") or 1) > 1)
+    if shared:
+        lines.append(f"{shared} cells ran beside other cells (`--jobs`, each with its share of the threads: their "
+                     "`jobs` and `threads` in the JSON), so their wall times are those of a shared machine.")
     return "\n".join(lines).rstrip("\n") + "\n"
