@@ -39,7 +39,8 @@ from ..utils import atomic_write_json, atomic_write_text
 from .report import to_markdown
 from .suites import Cell, is_done, select_cells, suite_cells
 
-__all__ = ["cell_args", "run_cell", "code_version", "machine_info", "load_results", "SuiteRun", "run_suite"]
+__all__ = ["cell_args", "run_cell", "code_version", "machine_info", "load_results", "SuiteRun", "run_suite",
+           "ordered_cells"]
 
 
 def cell_args(cell: Cell, device: str = "cpu", threads: int | None = None) -> list[str]:
@@ -353,7 +354,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
         entry.update(seconds=round(time.perf_counter() - t0, 1), ran=len(run.ran), reused=len(run.reused),
                      failed=len(run.failed))
         data = {"suite": name, "machine": data.get("machine", machine), "runs": [*runs, dict(entry)],
-                "cells": _ordered(cells_now, all_keys)}
+                "cells": ordered_cells(cells_now, all_keys)}
         atomic_write_json(out_path, data)
         atomic_write_text(out_path.with_suffix(".md"), to_markdown(data))  # a stopped run leaves both in step
         run.results = data
@@ -396,9 +397,24 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     return run
 
 
-def _ordered(cells: dict, order: list[str]) -> dict:
-    """Cells in the suite's order, then any others (kept from earlier runs) sorted by key."""
+def ordered_cells(cells: dict, order: list[str]) -> dict:
+    """A result file's ``cells`` (key -> record) in the suite's ``order`` (its keys), as :func:`run_suite` writes them.
+
+    The suite's cells come first, in its order; a cell renamed after it was run (its record's ``renamed_from``, e.g.
+    by ``tools/migrate_results.py`` when a method was renamed) sits right after the place of the key it was made
+    under, so that a rename moves no cell in the file; any others (kept from earlier runs, e.g. of an earlier
+    budget) follow, sorted by key.
+    """
     pos = {k: i for i, k in enumerate(order)}
-    return {k: cells[k] for k in sorted(cells, key=lambda k: (0, pos[k], "") if k in pos else (1, 0, k))}
+
+    def rank(k: str) -> tuple:
+        if k in pos:
+            return 0, pos[k], 0, ""
+        old = cells[k].get("renamed_from") if isinstance(cells[k], dict) else None
+        if old in pos:
+            return 0, pos[old], 1, k
+        return 1, 0, 0, k
+
+    return {k: cells[k] for k in sorted(cells, key=rank)}
 
 
