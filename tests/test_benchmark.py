@@ -721,3 +721,76 @@ def test_a_renamed_cell_stays_in_the_tables_and_in_its_place():
     assert list(benchmark.ordered_cells(cells, order)) == [first["key"], rec["key"], stale["key"]]
     cells[old.key] = {"key": old.key}  # the suite's own cell of that key comes first, the renamed one right after
     assert list(benchmark.ordered_cells(cells, order)) == [first["key"], old.key, rec["key"], stale["key"]]
+
+
+def _migrate_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "migrate_results.py"
+    spec = importlib.util.spec_from_file_location("migrate_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_migrate_results_renames_only_cells_made_before_the_change_and_is_idempotent(tmp_path):
+    mig = _migrate_module()
+    opts = {"iters": 10, "lr": (0.01, 0.001)}
+    recs = [_rec("brecq", 0, 0.8, **opts), _rec("qdrop", 0, 0.5, **opts),
+            _rec("detptq-qdrop", 0, 0.4, extra=("--loss-norm", "before"), **opts),
+            _rec("detptq-qdrop", 0, 0.7, extra=("--quant-prob", "1"), **opts),  # no coin: unchanged
+            _rec("lp", 0, 0.3, p=2.0)]
+    for r in recs:
+        r.update(method=r["cell"]["method"], config={"method": r["cell"]["method"]})
+    new_brecq = _rec("brecq", 1, 0.9, **opts)  # made after the change: two stages, keeps its name
+    new_brecq["config"] = {"stages": 2}
+    new_qdrop = _rec("qdrop", 1, 0.6, **opts)
+    new_qdrop["config"] = {"qdrop_input": "one-coin"}
+    recs += [new_brecq, new_qdrop]
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps({"suite": "custom", "machine": MACHINE, "runs": [], "cells": {r["key"]: r for r in recs}}))
+    assert mig.main([str(path), "--check"]) == 1 and json.loads(path.read_text())["cells"] == {r["key"]: r for r in recs}
+    assert mig.main([str(path)]) == 0
+    data = load_results(path)
+    assert list(data["cells"]) == [
+        "joint-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001", "qdrop-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001+qdrop-input+two-coin",
+        "detptq-qdrop-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001+loss-norm+before+qdrop-input+two-coin",
+        recs[3]["key"], recs[4]["key"], new_brecq["key"], new_qdrop["key"]]  # each where it was
+    joint, qdrop = data["cells"]["joint-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001"], data["cells"][
+        "qdrop-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001+qdrop-input+two-coin"]
+    assert (joint["method"], joint["cell"]["method"], joint["renamed_from"]) == ("joint", "joint", recs[0]["key"])
+    assert joint["config"] == {"method": "brecq"} and "'brecq'" in joint["migrated"]  # config as recorded
+    assert qdrop["cell"]["extra"] == ["--qdrop-input", "two-coin"] and qdrop["config"]["qdrop_input"] == "two-coin"
+    assert "two-coin" in qdrop["migrated"] and qdrop["map"] == 0.5
+    for key, rec in data["cells"].items():
+        assert key == rec["key"] == Cell(**{**rec["cell"], "extra": tuple(rec["cell"]["extra"])}).key
+    assert (tmp_path / "custom.md").read_text() == to_markdown(data)
+    before = path.read_bytes()
+    assert mig.main([str(path)]) == 0 and mig.main([str(path), "--check"]) == 0 and path.read_bytes() == before
+    # a new key already in the file: refused, nothing written
+    clash = {"suite": "custom", "machine": MACHINE, "cells": {r["key"]: r for r in [_rec("brecq", 0, 0.8),
+                                                                                    _rec("joint", 0, 0.8)]}}
+    path.write_text(json.dumps(clash))
+    assert mig.main([str(path)]) == 2 and json.loads(path.read_text()) == clash
+
+
+def test_the_committed_results_say_the_methods_new_names():
+    """After tools/migrate_results.py: no brecq cell made before two-stage BRECQ existed, every QDrop cell that
+    tossed coins is the two-coin ablation, and every key is its cell's."""
+    from pathlib import Path
+
+    mig = _migrate_module()
+    for name in ("full", "ablations", "loss-norm"):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{name}.json"
+        data = load_results(path)
+        for key, rec in data["cells"].items():
+            assert key == rec["key"] == Cell(**{**rec["cell"], "extra": tuple(rec["cell"]["extra"])}).key, key
+            if key.startswith("brecq-"):
+                assert "stages" in rec["config"], key
+            if key.startswith(("qdrop-", "detptq-qdrop-")) and "+quant-prob+1" not in key:
+                assert key.endswith("+qdrop-input+two-coin"), key
+        assert mig.migrate_results(data)[1] == {}  # nothing left to migrate
+    full = load_results(path.with_name("full.json"))
+    labels = {r["label"] for r in summarize(full)["rows"]}
+    assert {"joint (BRECQ-style, one stage)", "QDrop (two coins, old)", "DetPTQ+QDrop (two coins, old)"} <= labels
