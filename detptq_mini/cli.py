@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
+import torch
+
 from . import benchmark  # used as benchmark.X, so that tests can stand in for benchmark.run_suite
 from .checkpoint import WEIGHTS_DIR, load_any, load_pretrained, pretrained_info, save_quantized
 from .data import ShapesDataset
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=_positive_int, default=None,
                    help="calibration images per forward (default: up to 32); at most --calib")
     q.add_argument("--out", default=None, help="write the quantized checkpoint here (atomically)")
+    q.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads of this process (torch.set_num_threads; default: torch's default, the "
+                        "cores or OMP_NUM_THREADS); the output says the threads used. `benchmark --jobs` sets it")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("--progress", action="store_true")
     q.add_argument("--device", default="cpu")
@@ -144,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy a cell from this result file of another suite when it holds the same cell done "
                         "(e.g. --suite ablations --reuse benchmarks/results/full.json); repeatable")
     b.add_argument("--list", action="store_true", help="list the cells and their status, and count them; run nothing")
+    b.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="run N cells at once (default 1), each with 1/N of torch's threads (OMP_NUM_THREADS, "
+                        "MKL_NUM_THREADS and quantize --threads: at least 1) so that they share the cores; the file "
+                        "is still rewritten after every cell, in the suite's order, and records each cell's jobs "
+                        "and threads")
     b.add_argument("--progress", action="store_true")
     b.add_argument("--device", default="cpu")
 
@@ -203,6 +213,8 @@ def _cmd_quantize(args) -> dict:
         raise UsageError(f"--batch-size {args.batch_size} is more than the --calib {args.calib} calibration images; "
                          f"allowed: 1..{args.calib}")
     device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = load_pretrained(device)
     calib = ShapesDataset("calib", args.calib, seed=args.seed)
     options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred}
@@ -227,7 +239,7 @@ def _cmd_quantize(args) -> dict:
            "fp_map": fp["map"], "fp_map50": fp["map50"], "ratio_to_fp": m["map"] / fp["map"],
            "calib_images": r["calib_images"], "calib_seed": args.seed, "val_images": args.val,
            "config": r["config"], "quant_config": r["quant_config"], "chosen_p": r["chosen_p"],
-           "seconds": r["seconds"]}
+           "seconds": r["seconds"], "threads": torch.get_num_threads()}
     if "reconstruction" in r:  # per unit: p, loss before / after, flipped weights, seconds; and the time split
         out.update(reconstruction=r["reconstruction"], timings=r["timings"])
     return out
@@ -272,8 +284,11 @@ def _cmd_benchmark(args) -> int:
         command += ["--reuse", path]
     if args.device != "cpu":
         command += ["--device", args.device]
+    if args.jobs != 1:
+        command += ["--jobs", str(args.jobs)]
     run = benchmark.run_suite(suite, out, progress=args.progress, only=args.only, device=args.device,
-                              reuse=args.reuse or (), command=shlex.join(command), exclude=args.exclude)
+                              reuse=args.reuse or (), command=shlex.join(command), exclude=args.exclude,
+                              jobs=args.jobs)
     for key in run.failed:
         print(f"detptq-mini: cell {key} failed: {run.results['cells'][key].get('error', '')}", file=sys.stderr)
     print(run.summary())

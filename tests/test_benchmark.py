@@ -203,7 +203,7 @@ def test_summarize_and_markdown():
     assert labels == ["min-max (calib 64)", "min-max (calib 8)", "Lp p=2 (calib 64)", "Lp p=2.4 (calib 64)",
                       "Lp p=3 (calib 64)", "Lp, best fixed p (oracle) (calib 64)", "DetPTQ simple (calib 64)",
                       "DetPTQ simple (ODOL L2+IoU, calib 64)", "DetPTQ simple (8-bit stem/pred off, calib 64)",
-                      "BRECQ (calib 64, iters 100)", "BRECQ (calib 64, iters 200)"]
+                      "BRECQ (two-stage; calib 64, iters 100)", "BRECQ (two-stage; calib 64, iters 200)"]
     rows = dict(zip(labels, s["rows"]))
     lp = rows["Lp p=2 (calib 64)"]["cells"]["W4A4"]
     assert lp["seeds"] == [0, 1, 2] and lp["n"] == 3  # the failed seed 3 is left out
@@ -217,8 +217,8 @@ def test_summarize_and_markdown():
     assert best["cells"]["W4A4"]["p"] == 3.0 and math.isclose(best["cells"]["W4A4"]["map_mean"], 0.7)
     assert best["cells"]["W4A4"]["candidates"] == pytest.approx({"2": 0.6, "3": 0.7})
     assert best["cells"]["W4A8"]["p"] == 2.0  # equal means: the smaller p
-    assert set(rows["BRECQ (calib 64, iters 100)"]["cells"]) == {"W4A8", "W4A4"}
-    assert set(rows["BRECQ (calib 64, iters 200)"]["cells"]) == {"W4A4"}
+    assert set(rows["BRECQ (two-stage; calib 64, iters 100)"]["cells"]) == {"W4A8", "W4A4"}
+    assert set(rows["BRECQ (two-stage; calib 64, iters 200)"]["cells"]) == {"W4A4"}
     assert rows["min-max (calib 64)"]["cells"]["W4A4"]["map_std"] is None
 
     lines = to_markdown(results).splitlines()
@@ -226,14 +226,14 @@ def test_summarize_and_markdown():
     assert lines.count("| method | W4A8 | W4A4 |") == 4  # mAP50:95, mAP50, % of FP, cost
     for line in ["| Lp p=2 (calib 64) | 0.8000 (1) | 0.6000 ± 0.1000 (3) |",  # mAP50:95
                  "| Lp, best fixed p (oracle) (calib 64) | 0.8000 (1), p=2 | 0.7000 ± 0.0707 (2), p=3 |",
-                 "| BRECQ (calib 64, iters 200) | — | 0.6000 (1) |",
+                 "| BRECQ (two-stage; calib 64, iters 200) | — | 0.6000 (1) |",
                  "| Lp p=2 (calib 64) | 0.9000 (1) | 0.7000 ± 0.1000 (3) |",  # mAP50
                  "| Lp p=2 (calib 64) | 88.89 | 66.67 |",  # % of FP
                  "| Lp, best fixed p (oracle) (calib 64) | 88.89, p=2 | 77.78, p=3 |",
                  "| Lp p=2 (calib 64) | 10.0 s, 1000 MB | 20.0 s, 1100 MB |",  # cost
                  "| Lp, best fixed p (oracle) (calib 64) | the Lp rows | the Lp rows |",
                  "| min-max (calib 8) | 8 | 500 | — |",  # settings
-                 "| BRECQ (calib 64, iters 100) | 64 | 500 | iters 100 |",
+                 "| BRECQ (two-stage; calib 64, iters 100) | 64 | 500 | iters 100 |",
                  "- `lp-p2-W4A4-s3-c64-v500`: detptq-mini: error: boom",
                  "FP reference (the shipped model): mAP50:95 0.9000, mAP50 0.9900 on 500 val images.",
                  "Machine: x, cpu9, 2 CPUs, 8 GB RAM; Python 3.11, torch t (1 threads)."]:
@@ -421,6 +421,7 @@ def test_quick_suite_end_to_end_then_resume(tmp_path):
         assert 0.0 <= rec["map"] <= 1.0 and 0.0 <= rec["map50"] <= 1.0 and rec["fp_map"] > 0
         assert rec["wall_seconds"] > 0 and rec["peak_rss_mb"] > 50
         assert len(rec["load_avg"]) == 3 and all(x >= 0 for x in rec["load_avg"])
+        assert rec["jobs"] == 1 and rec["threads"] >= 1  # one at a time: the child's default threads, as it says
         assert rec["method"] == cell.method and rec["calib_images"] == cell.calib and rec["val_images"] == cell.val
         assert (rec["w_bits"], rec["a_bits"], rec["calib_seed"]) == (cell.w_bits, cell.a_bits, cell.seed)
         cfg, qc = rec["config"], rec["quant_config"]  # the cell's options reached run_ptq
@@ -494,3 +495,302 @@ def test_the_logged_command_reruns_with_a_value_that_starts_with_a_dash(tmp_path
     logged = shlex.split(seen["command"])
     assert logged == ["detptq-mini", "benchmark", "--suite", "full", "--out", str(out), "--only", "W4A4", "--exclude=-i"]
     assert main(logged[1:] + ["--list"]) == 0  # the logged command parses as it was given
+
+
+# --- several cells at once (--jobs) -------------------------------------------------------------------------------
+
+JOB_CELLS = [Cell("minmax", 4, 8, s, calib=8, val=50) for s in range(4)]
+
+
+def _stub_run_cell(log, seconds=None, fail=()):
+    """A stand-in for runner.run_cell: sleeps (the first cell longest, so that cells finish out of order), logs
+    (key, start, end, threads, thread name) and returns a record of run_cell's shape."""
+    import threading
+    from dataclasses import asdict
+
+    seconds = seconds or {c.key: 0.6 if i == 0 else 0.2 for i, c in enumerate(JOB_CELLS)}
+
+    def run_cell(cell, device="cpu", threads=None, children=None):
+        t = time.perf_counter()
+        time.sleep(seconds[cell.key])
+        log.append((cell.key, t, time.perf_counter(), threads, threading.current_thread().name))
+        ok = cell.key not in fail
+        rec = {"key": cell.key, "cell": asdict(cell), "status": "ok" if ok else "failed", "returncode": 0 if ok else 2,
+               "wall_seconds": 1.0, "cpu_seconds": 1.0, "peak_rss_mb": 100.0, "load_avg": [0.0, 0.0, 0.0],
+               "threads": threads or 2}
+        if ok:
+            rec.update(map=0.5, map50=0.6, fp_map=0.9, fp_map50=0.99, ratio_to_fp=0.5 / 0.9)
+        else:
+            rec["error"] = "detptq-mini: error: boom"
+        return rec
+
+    return run_cell
+
+
+def _most_at_once(log) -> int:
+    events = sorted([(t0, 1) for _, t0, _, _, _ in log] + [(t1, -1) for _, _, t1, _, _ in log])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_jobs_runs_cells_at_once_and_writes_the_same_file_in_the_suites_order(tmp_path, monkeypatch, capsys):
+    import threading
+
+    import torch
+
+    from detptq_mini.benchmark import runner
+
+    writers = []
+    real_write = runner.atomic_write_json
+    monkeypatch.setattr(runner, "atomic_write_json",
+                        lambda *a: (writers.append(threading.current_thread() is threading.main_thread()),
+                                    real_write(*a)))
+    files, logs = {}, {}
+    for jobs in (1, 2):
+        logs[jobs] = []
+        monkeypatch.setattr(runner, "run_cell", _stub_run_cell(logs[jobs]))
+        files[jobs] = tmp_path / f"j{jobs}.json"
+        run = run_suite(JOB_CELLS, files[jobs], jobs=jobs, progress=True)
+        assert run.ran == [c.key for c in JOB_CELLS] and run.ok  # the suite's order, not the finishing order
+        assert f"{len(JOB_CELLS)}/{len(JOB_CELLS)}" in capsys.readouterr().err  # the progress bar reached the end
+    assert _most_at_once(logs[1]) == 1 and _most_at_once(logs[2]) == 2
+    assert [k for k, *_ in logs[2]][:2] == [JOB_CELLS[1].key, JOB_CELLS[2].key]  # finished before the first cell
+    assert {t for *_, t, _ in logs[1]} == {None}  # one at a time: the child's threads untouched
+    assert {t for *_, t, _ in logs[2]} == {max(1, torch.get_num_threads() // 2)}
+    assert writers and all(writers)  # one writer: the main thread, after every cell
+    one, two = (load_results(files[j]) for j in (1, 2))
+    assert list(one) == list(two) == ["suite", "machine", "runs", "cells"]
+    assert list(one["cells"]) == list(two["cells"]) == [c.key for c in JOB_CELLS]
+    for key in one["cells"]:
+        a, b = one["cells"][key], two["cells"][key]
+        assert list(a) == list(b) and (a["jobs"], b["jobs"]) == (1, 2)
+        assert {k: v for k, v in a.items() if k not in ("jobs", "threads")} == \
+            {k: v for k, v in b.items() if k not in ("jobs", "threads")}
+    assert [(r["jobs"], r["ran"]) for r in one["runs"]] == [(1, 4)] and two["runs"][0]["jobs"] == 2
+    assert "jobs=2" in two["runs"][0]["command"] and "jobs" not in one["runs"][0]["command"]
+    assert "4 cells ran beside other cells" in (tmp_path / "j2.md").read_text()
+    assert "beside other cells" not in (tmp_path / "j1.md").read_text()
+
+    # resumed: every cell done, nothing runs, the file is left as it is
+    before = files[2].read_bytes()
+    logs[3] = []
+    monkeypatch.setattr(runner, "run_cell", _stub_run_cell(logs[3]))
+    run = run_suite(JOB_CELLS, files[2], jobs=2)
+    assert run.skipped == [c.key for c in JOB_CELLS] and not run.ran and not logs[3]
+    assert files[2].read_bytes() == before
+
+
+def test_jobs_records_a_failed_cell_and_the_next_run_retries_only_it(tmp_path, monkeypatch):
+    from detptq_mini.benchmark import runner
+
+    out = tmp_path / "f.json"
+    log = []
+    monkeypatch.setattr(runner, "run_cell", _stub_run_cell(log, fail={JOB_CELLS[1].key}))
+    run = run_suite(JOB_CELLS, out, jobs=3)
+    assert run.failed == [JOB_CELLS[1].key] and len(run.ran) == 3 and _most_at_once(log) <= 3
+    assert load_results(out)["cells"][JOB_CELLS[1].key]["status"] == "failed"
+    log.clear()
+    monkeypatch.setattr(runner, "run_cell", _stub_run_cell(log))
+    run = run_suite(JOB_CELLS, out, jobs=3)
+    assert [k for k, *_ in log] == run.ran == [JOB_CELLS[1].key] and len(run.skipped) == 3
+    assert list(load_results(out)["cells"]) == [c.key for c in JOB_CELLS]
+
+
+def test_an_interrupted_run_with_jobs_kills_its_children(tmp_path, monkeypatch):
+    import _thread
+    import os
+    import threading
+
+    from detptq_mini.benchmark import runner
+
+    pids = []
+
+    def run_cell(cell, device="cpu", threads=None, children=None):  # a child that would run for a minute
+        proc = subprocess.Popen(["sleep", "60"])
+        pids.append(proc.pid)
+        children.add(proc.pid)
+        try:
+            os.wait4(proc.pid, 0)
+        finally:
+            children.discard(proc.pid)
+        return _stub_run_cell([], seconds={cell.key: 0})(cell)
+
+    monkeypatch.setattr(runner, "run_cell", run_cell)
+    threading.Timer(1.0, _thread.interrupt_main).start()  # as a Ctrl-C
+    out = tmp_path / "i.json"
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(JOB_CELLS, out, jobs=2)
+    assert time.perf_counter() - t0 < 10 and len(pids) == 2  # two children started, both killed and reaped
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not out.exists()  # the killed cells are not recorded
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, "2", True])
+def test_bad_jobs_is_refused(jobs, tmp_path):
+    with pytest.raises(ValueError, match=f"jobs={jobs!r} must be an integer >= 1"):
+        run_suite(JOB_CELLS, tmp_path / "x.json", jobs=jobs)
+
+
+@pytest.mark.parametrize("value, word", [("0", "argument --jobs: 0 must be > 0"),
+                                         ("two", "argument --jobs: 'two' is not an integer"),
+                                         ("1.5", "argument --jobs: '1.5' is not an integer")])
+def test_bad_jobs_on_the_command_line_is_a_usage_error(value, word, tmp_path, capsys):
+    assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json"), "--jobs", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and word in err[0]
+    assert main(["quantize", "--method", "minmax", "--w-bits", "4", "--a-bits", "8", "--threads", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and word.replace("--jobs", "--threads") in err[0]
+
+
+def test_the_cli_passes_jobs_and_logs_it(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_suite(suite, out, **kw):
+        seen.update(kw)
+        return benchmark.SuiteRun(results={"suite": suite, "cells": {}}, out_path=out)
+
+    monkeypatch.setattr(benchmark, "run_suite", fake_run_suite)
+    assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json"), "--jobs", "2"]) == 0
+    assert seen["jobs"] == 2 and seen["command"].endswith("--jobs 2")
+    assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json")]) == 0
+    assert seen["jobs"] == 1 and "--jobs" not in seen["command"]
+
+
+def test_two_real_cells_at_once_each_with_its_share_of_the_threads(tmp_path):
+    """The two cheapest cells of the quick suite, at once: each child runs with T // 2 torch threads (at least 1)
+    and says so."""
+    import torch
+
+    cells = SUITES["quick"][:2]  # min-max and Lp p=2 at W4A8, 8 calibration images, 50 val images
+    assert [c.method for c in cells] == ["minmax", "lp"]
+    run = run_suite(cells, tmp_path / "real.json", jobs=2)
+    assert run.ok and run.ran == [c.key for c in cells]
+    data = load_results(tmp_path / "real.json")
+    for c in cells:
+        rec = data["cells"][c.key]
+        assert rec["status"] == "ok" and rec["jobs"] == 2 and rec["threads"] == max(1, torch.get_num_threads() // 2)
+        assert 0.0 <= rec["map"] <= 1.0
+
+
+# --- the method rename: labels, renamed cells, the committed files, tools/migrate_results.py ----------------------
+
+def test_labels_of_joint_brecq_and_the_two_coin_qdrop_rows():
+    two = ("--qdrop-input", "two-coin")
+    off = ("--no-8bit-stem", "--no-8bit-pred")
+    recs = [_rec("qdrop", 0, 0.5, iters=10, extra=two), _rec("qdrop", 0, 0.6, iters=10),
+            _rec("detptq-qdrop", 0, 0.4, iters=10, extra=two + off), _rec("detptq-qdrop", 0, 0.45, iters=10, extra=two),
+            _rec("detptq-qdrop", 0, 0.7, iters=10, extra=("--quant-prob", "1")),
+            _rec("detptq-qdrop", 0, 0.55, iters=10), _rec("joint", 0, 0.8, iters=10),
+            _rec("joint", 0, 0.81, iters=10, extra=("--loss-norm", "before")), _rec("brecq", 0, 0.82, iters=10),
+            _rec("qdrop", 0, 0.58, iters=10, extra=("--qdrop-input", "one-coin"))]
+    s = summarize({"suite": "custom", "cells": {r["key"]: r for r in recs}})
+    # the new rows of a method first, then its old two-coin rows: rows of their own
+    assert [r["label"] for r in s["rows"]] == [
+        "BRECQ (two-stage)", "joint (BRECQ-style, one stage)", "joint (BRECQ-style, one stage; loss norm before)",
+        "QDrop", "QDrop (qdrop input one-coin)", "QDrop (two coins, old)", "DetPTQ+QDrop",
+        "DetPTQ+QDrop (quant prob 1)", "DetPTQ+QDrop (two coins, old)",
+        "DetPTQ+QDrop (two coins, old; 8-bit stem/pred off)"]
+    assert {r["label"]: r["cells"]["W4A4"]["map_mean"] for r in s["rows"]}["QDrop (two coins, old)"] == 0.5
+
+
+def test_a_renamed_cell_stays_in_the_tables_and_in_its_place():
+    quick = SUITES["quick"]
+    old = next(c for c in quick if c.method == "brecq")
+    rec = _rec("joint", 0, 0.5, calib=old.calib, iters=old.iters, bits=(old.w_bits, old.a_bits))
+    rec["cell"]["val"] = old.val
+    rec["key"] = Cell(**{**rec["cell"], "extra": ()}).key
+    rec["renamed_from"] = old.key
+    first = _rec("minmax", 0, 0.4, calib=8, bits=(4, 8))
+    first["key"], first["cell"]["val"] = quick[0].key, 50
+    stale = _rec("joint", 0, 0.3, iters=3)
+    stale["renamed_from"] = "brecq-W4A4-s0-c64-v500-i3"  # made under a key the suite no longer has
+    cells = {stale["key"]: stale, rec["key"]: rec, first["key"]: first}
+    s = summarize({"suite": "quick", "cells": cells})
+    assert s["renamed"] == [rec["key"]] and s["excluded"] == [stale["key"]]
+    assert [r["label"] for r in s["rows"]] == ["min-max", "joint (BRECQ-style, one stage)"]
+    assert s["progress"]["ok"] == 1  # the suite's brecq cell (another method now) is to do
+    assert "1 cells were renamed after they ran" in to_markdown({"suite": "quick", "cells": cells})
+    order = [c.key for c in quick]
+    assert list(benchmark.ordered_cells(cells, order)) == [first["key"], rec["key"], stale["key"]]
+    cells[old.key] = {"key": old.key}  # the suite's own cell of that key comes first, the renamed one right after
+    assert list(benchmark.ordered_cells(cells, order)) == [first["key"], old.key, rec["key"], stale["key"]]
+
+
+def _migrate_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "migrate_results.py"
+    spec = importlib.util.spec_from_file_location("migrate_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_migrate_results_renames_only_cells_made_before_the_change_and_is_idempotent(tmp_path):
+    mig = _migrate_module()
+    opts = {"iters": 10, "lr": (0.01, 0.001)}
+    recs = [_rec("brecq", 0, 0.8, **opts), _rec("qdrop", 0, 0.5, **opts),
+            _rec("detptq-qdrop", 0, 0.4, extra=("--loss-norm", "before"), **opts),
+            _rec("detptq-qdrop", 0, 0.7, extra=("--quant-prob", "1"), **opts),  # no coin: unchanged
+            _rec("lp", 0, 0.3, p=2.0)]
+    for r in recs:
+        r.update(method=r["cell"]["method"], config={"method": r["cell"]["method"]})
+    new_brecq = _rec("brecq", 1, 0.9, **opts)  # made after the change: two stages, keeps its name
+    new_brecq["config"] = {"stages": 2}
+    new_qdrop = _rec("qdrop", 1, 0.6, **opts)
+    new_qdrop["config"] = {"qdrop_input": "one-coin"}
+    recs += [new_brecq, new_qdrop]
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps({"suite": "custom", "machine": MACHINE, "runs": [], "cells": {r["key"]: r for r in recs}}))
+    assert mig.main([str(path), "--check"]) == 1 and json.loads(path.read_text())["cells"] == {r["key"]: r for r in recs}
+    assert mig.main([str(path)]) == 0
+    data = load_results(path)
+    assert list(data["cells"]) == [
+        "joint-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001", "qdrop-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001+qdrop-input+two-coin",
+        "detptq-qdrop-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001+loss-norm+before+qdrop-input+two-coin",
+        recs[3]["key"], recs[4]["key"], new_brecq["key"], new_qdrop["key"]]  # each where it was
+    joint, qdrop = data["cells"]["joint-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001"], data["cells"][
+        "qdrop-W4A4-s0-c64-v500-i10-lrv0.01-lra0.001+qdrop-input+two-coin"]
+    assert (joint["method"], joint["cell"]["method"], joint["renamed_from"]) == ("joint", "joint", recs[0]["key"])
+    assert joint["config"] == {"method": "brecq"} and "'brecq'" in joint["migrated"]  # config as recorded
+    assert qdrop["cell"]["extra"] == ["--qdrop-input", "two-coin"] and qdrop["config"]["qdrop_input"] == "two-coin"
+    assert "two-coin" in qdrop["migrated"] and qdrop["map"] == 0.5
+    for key, rec in data["cells"].items():
+        assert key == rec["key"] == Cell(**{**rec["cell"], "extra": tuple(rec["cell"]["extra"])}).key
+    assert (tmp_path / "custom.md").read_text() == to_markdown(data)
+    before = path.read_bytes()
+    assert mig.main([str(path)]) == 0 and mig.main([str(path), "--check"]) == 0 and path.read_bytes() == before
+    # a new key already in the file: refused, nothing written
+    clash = {"suite": "custom", "machine": MACHINE, "cells": {r["key"]: r for r in [_rec("brecq", 0, 0.8),
+                                                                                    _rec("joint", 0, 0.8)]}}
+    path.write_text(json.dumps(clash))
+    assert mig.main([str(path)]) == 2 and json.loads(path.read_text()) == clash
+
+
+def test_the_committed_results_say_the_methods_new_names():
+    """After tools/migrate_results.py: no brecq cell made before two-stage BRECQ existed, every QDrop cell that
+    tossed coins is the two-coin ablation, and every key is its cell's."""
+    from pathlib import Path
+
+    mig = _migrate_module()
+    for name in ("full", "ablations", "loss-norm"):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{name}.json"
+        data = load_results(path)
+        for key, rec in data["cells"].items():
+            assert key == rec["key"] == Cell(**{**rec["cell"], "extra": tuple(rec["cell"]["extra"])}).key, key
+            if key.startswith("brecq-"):
+                assert "stages" in rec["config"], key
+            if key.startswith(("qdrop-", "detptq-qdrop-")) and "+quant-prob+1" not in key:
+                assert key.endswith("+qdrop-input+two-coin"), key
+        assert mig.migrate_results(data)[1] == {}  # nothing left to migrate
+    full = load_results(path.with_name("full.json"))
+    labels = {r["label"] for r in summarize(full)["rows"]}
+    assert {"joint (BRECQ-style, one stage)", "QDrop (two coins, old)", "DetPTQ+QDrop (two coins, old)"} <= labels

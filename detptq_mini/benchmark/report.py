@@ -15,11 +15,18 @@ from .suites import SUITES, bits_pair, is_done
 __all__ = ["METHOD_NAMES", "summarize", "to_markdown"]
 
 
-#: Display names of the methods, in table order (unknown methods follow, in order of appearance).
-METHOD_NAMES: dict[str, str] = {"minmax": "min-max", "lp": "Lp", "detptq": "DetPTQ simple", "brecq": "BRECQ",
+#: Display names of the methods, in table order (unknown methods follow, in order of appearance). ``brecq`` is the
+#: published two-stage BRECQ; ``joint`` learns the rounding and the step sizes together with every activation
+#: quantized (what the cells called ``brecq`` before the rename ran: ``tools/migrate_results.py``). A name's
+#: parenthesis takes a row's options too: ``joint (BRECQ-style, one stage; loss norm before)``.
+METHOD_NAMES: dict[str, str] = {"minmax": "min-max", "lp": "Lp", "detptq": "DetPTQ simple",
+                                "brecq": "BRECQ (two-stage)", "joint": "joint (BRECQ-style, one stage)",
                                 "qdrop": "QDrop", "detptq-qdrop": "DetPTQ+QDrop"}
 _GROUP_FIELDS = ("method", "p", "w_bits", "a_bits", "calib", "val", "iters", "lr_v", "lr_act", "extra")
 _ODOL_NAMES = {"kl": "KL", "l2": "L2", "l1": "L1", "iou": "IoU"}
+#: ``--qdrop-input`` values named in a row's label (others are shown as ``qdrop input <value>``): the earlier QDrop
+#: scheme, which the cells called ``qdrop`` and ``detptq-qdrop`` ran before QDrop was made the reference's.
+_QDROP_INPUT_NAMES = {"two-coin": "two coins, old"}
 
 
 def _cells_of(results: dict) -> dict:
@@ -84,9 +91,17 @@ def _options(extra) -> list[tuple[str, str | None]]:
     return out
 
 
+def _qdrop_input_name(extra) -> str | None:
+    """The label's name of a row's ``--qdrop-input`` (``"two coins, old"``), or None (not set, or not named)."""
+    return _QDROP_INPUT_NAMES.get(dict(_options(extra)).get("--qdrop-input"))
+
+
 def _extra_label(extra) -> list[str]:
-    """Readable names of a cell's extra ``quantize`` arguments (ODOL combination, 8-bit conventions off, ...)."""
+    """Readable names of a cell's extra ``quantize`` arguments (ODOL combination, 8-bit conventions off, ...), but
+    a ``--qdrop-input`` of :data:`_QDROP_INPUT_NAMES`, which the label puts with the method's name."""
     opts = dict(_options(extra))
+    if _qdrop_input_name(extra) is not None:
+        opts.pop("--qdrop-input")
     labels = []
     if "--odol-cls" in opts or "--odol-loc" in opts:
         cls, loc = opts.pop("--odol-cls", "kl"), opts.pop("--odol-loc", "l1")
@@ -111,11 +126,12 @@ def summarize(results: dict) -> dict:
         results: a result file's content (``{"suite", "machine", "runs", "cells"}``) or its ``cells`` mapping.
 
     Returns:
-        ``{"suite", "machine", "commands", "progress", "fp", "bits", "rows", "failed", "excluded"}``:
+        ``{"suite", "machine", "commands", "progress", "fp", "bits", "rows", "failed", "excluded", "renamed"}``:
 
         * ``bits``: the bits columns (``"W8A8"``, ``"W4A8"``, ...), widest first;
         * ``rows``: one per method and options, in table order (min-max, Lp by p, best fixed p, DetPTQ simple,
-          BRECQ, QDrop, DetPTQ+QDrop; rows with extra options after the plain one), each ``{"label", "method",
+          BRECQ (two-stage), joint, QDrop, DetPTQ+QDrop; within a method, rows with extra options after the plain
+          one, and the two-coin QDrop rows of ``--qdrop-input two-coin`` last), each ``{"label", "method",
           "p", "calib", "val", "extra", "best_fixed_p", "cells"}`` where ``cells`` maps a bits column to ``{"n",
           "seeds", "keys", "map_mean", "map_std", "map50_mean", "map50_std", "ratio_to_fp_mean",
           "wall_seconds_mean", "cpu_seconds_mean", "peak_rss_mb_max", "calib", "val", "iters"}`` over the
@@ -129,15 +145,21 @@ def summarize(results: dict) -> dict:
         * ``fp``: the FP reference ``{"val", "map", "map50"}`` per val-set size; ``progress``: ``{"cells", "ok",
           "failed", "todo"}`` against the suite's current definition (or the file alone for ``"custom"``);
           ``excluded``: keys of records in the file that are not in the suite's current definition (e.g. an
-          earlier iteration budget), left out of the rows; ``failed``: ``[{"key", "error"}]``; ``commands``:
+          earlier iteration budget), left out of the rows; ``renamed``: keys of records renamed after they were
+          run (their ``renamed_from``, e.g. ``brecq-...`` -> ``joint-...`` by ``tools/migrate_results.py``): such a
+          record is in the rows, under its new name, while the key it was made under is a cell of the suite (which
+          is then to do: the name now means another method); ``failed``: ``[{"key", "error"}]``; ``commands``:
           the distinct commands of the file's ``runs`` with how often each ran.
     """
     cells = _cells_of(results)
     suite = results.get("suite") if "cells" in results else None
     expected = [c.key for c in SUITES[suite]] if suite in SUITES else None
+    in_suite = set(expected or ())
+    renamed = [k for k, rec in cells.items() if isinstance(rec, dict) and rec.get("renamed_from")
+               and (expected is None or k not in in_suite and rec["renamed_from"] in in_suite)]
     if expected is not None:
-        excluded = [k for k in cells if k not in set(expected)]
-        used = {k: rec for k, rec in cells.items() if k in set(expected)}
+        used = {k: rec for k, rec in cells.items() if k in in_suite or k in set(renamed)}
+        excluded = [k for k in cells if k not in used]
         n_ok = sum(is_done(cells.get(k)) for k in expected)
         n_failed = sum(k in cells and not is_done(cells[k]) for k in expected)
         progress = {"cells": len(expected), "ok": n_ok, "failed": n_failed, "todo": len(expected) - n_ok - n_failed}
@@ -189,8 +211,9 @@ def summarize(results: dict) -> dict:
     variant: dict[tuple, int] = {}
     for row in rows_list:
         variant.setdefault(_variant(row), len(variant))
-    rows_list.sort(key=lambda row: (rank[row["method"]], bool(row["extra"]), variant[_variant(row)],
-                                    row["best_fixed_p"], -1 if row["p"] is None else row["p"]))
+    rows_list.sort(key=lambda row: (rank[row["method"]], _qdrop_input_name(row["extra"]) is not None,
+                                    bool(_extra_label(row["extra"])), variant[_variant(row)], row["best_fixed_p"],
+                                    -1 if row["p"] is None else row["p"]))
     vary_calib = len({row["calib"] for row in rows_list}) > 1
     vary_val = len({row["val"] for row in rows_list}) > 1
     for row in rows_list:
@@ -214,6 +237,7 @@ def summarize(results: dict) -> dict:
         "failed": [{"key": k, "error": rec.get("error", "") if isinstance(rec, dict) else ""}
                    for k, rec in used.items() if not is_done(rec)],
         "excluded": excluded,
+        "renamed": renamed,
     }
 
 
@@ -229,14 +253,21 @@ def _budget_text(iters, lr_v=None, lr_act=None) -> str:
 
 
 def _row_label(row: dict, vary_calib: bool, vary_val: bool) -> str:
+    """The method's name, then in one parenthesis what the name qualifies (``two-stage``, ``two coins, old``) and,
+    after a semicolon, the row's options: ``DetPTQ+QDrop (two coins, old; 8-bit stem/pred off)``."""
+    kinds = []
     if row["best_fixed_p"]:
         name = "Lp, best fixed p (oracle)"
     elif row["method"] == "lp":
         name = f"Lp p={row['p']:g}"
     else:
         name = METHOD_NAMES.get(row["method"], row["method"])
+        if name.endswith(")") and " (" in name:
+            name, kind = name[:-1].split(" (", 1)
+            kinds.append(kind)
         if row["p"] is not None:
             name += f" p={row['p']:g}"
+    kinds += [k for k in [_qdrop_input_name(row["extra"])] if k is not None]
     opts = _extra_label(row["extra"])
     if vary_calib:
         opts.append(f"calib {row['calib']}")
@@ -244,7 +275,8 @@ def _row_label(row: dict, vary_calib: bool, vary_val: bool) -> str:
         opts.append(f"val {row['val']}")
     if any(row[k] is not None for k in ("iters", "lr_v", "lr_act")):
         opts.append(_budget_text(row["iters"], row["lr_v"], row["lr_act"]))
-    return name + (f" ({', '.join(opts)})" if opts else "")
+    inside = "; ".join(", ".join(part) for part in (kinds, opts) if part)
+    return name + (f" ({inside})" if inside else "")
 
 
 def _pm(mean, std, n) -> str:
@@ -321,6 +353,11 @@ def to_markdown(results: dict) -> str:
     if s["excluded"]:
         lines += [f"{len(s['excluded'])} cells in the file are not in the suite's current definition (e.g. an "
                   "earlier budget) and are left out: " + ", ".join(f"`{k}`" for k in s["excluded"]) + ".", ""]
+    if s["renamed"]:
+        lines += [f"{len(s['renamed'])} cells were renamed after they ran, when the methods were (their "
+                  "`renamed_from` and `migrated` in the JSON say from what and why): they are in the tables under "
+                  "their new names" + ("; the suite's cells of their old names are other methods now."
+                                       if s["suite"] in SUITES else "."), ""]
     if s["commands"]:
         made = "; ".join(f"`{c['command']}`" + (f" ({c['runs']} runs)" if c["runs"] > 1 else "") for c in s["commands"])
         lines.append(f"Made by: {made} (each run and its duration: `runs` in the JSON).")
@@ -333,4 +370,8 @@ def to_markdown(results: dict) -> str:
         if others:
             lines.append(f"{others} cells were measured elsewhere (reused or resumed on another machine: their "
                          "`machine` in the JSON).")
+    shared = sum(1 for rec in _cells_of(results).values() if isinstance(rec, dict) and (rec.get("jobs") or 1) > 1)
+    if shared:
+        lines.append(f"{shared} cells ran beside other cells (`--jobs`, each with its share of the threads: their "
+                     "`jobs` and `threads` in the JSON), so their wall times are those of a shared machine.")
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -1,8 +1,9 @@
 """Running the benchmark: one subprocess per cell, resumable, every run logged.
 
 :func:`run_suite` runs a named suite (or any list of cells) one cell per subprocess (:func:`run_cell`), so that each
-cell's wall time and peak memory (its own ``ru_maxrss``, read with ``os.wait4``) are its own, and after every finished
-cell rewrites the result file atomically::
+cell's wall time and peak memory (its own ``ru_maxrss``, read with ``os.wait4``) are its own, one cell at a time or
+``jobs`` cells at once (each child then with its share of torch's threads, so that the cells do not fight over the
+cores), and after every finished cell rewrites the result file atomically (from this process only)::
 
     {"suite": "full", "machine": {...}, "runs": [{"command": ..., ...}],
      "cells": {"lp-p2.5-W4A4-s0-c256-v500": {record}, ...}}
@@ -19,10 +20,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,16 +34,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import shown
+from ..checks import check_int, shown
 from ..utils import atomic_write_json, atomic_write_text
 from .report import to_markdown
 from .suites import Cell, is_done, select_cells, suite_cells
 
-__all__ = ["cell_args", "run_cell", "code_version", "machine_info", "load_results", "SuiteRun", "run_suite"]
+__all__ = ["cell_args", "run_cell", "code_version", "machine_info", "load_results", "SuiteRun", "run_suite",
+           "ordered_cells"]
 
 
-def cell_args(cell: Cell, device: str = "cpu") -> list[str]:
-    """The ``detptq-mini`` arguments of a cell (``quantize ... --json``)."""
+def cell_args(cell: Cell, device: str = "cpu", threads: int | None = None) -> list[str]:
+    """The ``detptq-mini`` arguments of a cell (``quantize ... --json``); with ``threads``, ``--threads`` too."""
     args = ["quantize", "--method", cell.method, "--w-bits", str(cell.w_bits), "--a-bits", str(cell.a_bits),
             "--seed", str(cell.seed), "--calib", str(cell.calib), "--val", str(cell.val)]
     if cell.p is not None:
@@ -50,6 +55,8 @@ def cell_args(cell: Cell, device: str = "cpu") -> list[str]:
         args += ["--lr-v", f"{cell.lr_v:g}"]
     if cell.lr_act is not None:
         args += ["--lr-act", f"{cell.lr_act:g}"]
+    if threads is not None:
+        args += ["--threads", str(threads)]
     return [*args, *cell.extra, "--device", str(device), "--json"]
 
 
@@ -64,26 +71,84 @@ def _load_avg() -> list[float] | None:
         return None
 
 
-def run_cell(cell: Cell, device: str = "cpu") -> dict:
+class _Children:
+    """The child processes of one :func:`run_suite` that are running now, so that an interrupted run kills them all.
+
+    With ``jobs > 1`` each child is waited for in a worker thread, which a Ctrl-C does not reach: the main thread
+    kills them with :meth:`kill_all`. After that, a child that is only now being started is killed at once.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pids: set[int] = set()
+        self._stopped = False
+
+    def add(self, pid: int) -> None:
+        with self._lock:
+            if not self._stopped:
+                self._pids.add(pid)
+                return
+        _kill(pid)
+
+    def discard(self, pid: int) -> None:
+        with self._lock:
+            self._pids.discard(pid)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            self._stopped = True
+            pids = list(self._pids)
+        for pid in pids:
+            _kill(pid)
+
+
+def _kill(pid: int) -> None:
+    # os.kill, not Popen.kill: Popen.kill polls (waitpid) first and could reap the child under run_cell's os.wait4
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # already ended
+        pass
+
+
+def run_cell(cell: Cell, device: str = "cpu", threads: int | None = None, children=None) -> dict:
     """Run one cell in a fresh ``python -m detptq_mini.cli`` process; return its record.
 
+    Args:
+        cell: the cell.
+        device: its ``--device``.
+        threads: None (the child's environment untouched: torch's default threads, or ``OMP_NUM_THREADS`` if set),
+            or the child's torch threads: ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` in its environment and
+            ``quantize --threads`` (``torch.set_num_threads``). :func:`run_suite` sets it when it runs several cells
+            at once.
+        children: :func:`run_suite`'s registry of running children (its way to kill them on Ctrl-C), or None.
+
     The record holds ``key``, ``cell`` (the fields), ``status`` (``"ok"`` or ``"failed"``), ``returncode``,
-    ``wall_seconds``, ``cpu_seconds``, ``peak_rss_mb`` (the child's own peak resident memory, from ``os.wait4``) and
+    ``wall_seconds``, ``cpu_seconds``, ``peak_rss_mb`` (the child's own peak resident memory, from ``os.wait4``),
     ``load_avg`` (the machine's 1, 5 and 15 minute load averages when the cell ended: the cell itself adds about its
-    thread count, so a higher 15-minute load says the machine was shared and the wall time is inflated),
+    thread count, so a higher 15-minute load says the machine was shared and the wall time is inflated) and
+    ``threads`` (the child's ``torch.get_num_threads()`` as it reported it; None for a failed cell),
     then every field of the command's JSON output (``map``, ``map50``, ``fp_map``, ``ratio_to_fp``, ``config``,
     ``chosen_p``, ...) when it succeeded, or ``error`` (the last line of its stderr) when it failed.
     """
-    cmd = [sys.executable, "-m", "detptq_mini.cli", *cell_args(cell, device)]
+    threads = check_int("threads", threads, 1, allow_none=True)
+    cmd = [sys.executable, "-m", "detptq_mini.cli", *cell_args(cell, device, threads)]
+    env = None
+    if threads is not None:  # OpenMP and MKL read these when torch is imported, before --threads is parsed
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        if children is not None:
+            children.add(proc.pid)
         try:
             _, status, ru = os.wait4(proc.pid, 0)  # the child's own rusage, unlike RUSAGE_CHILDREN
         except BaseException:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            if children is not None:
+                children.discard(proc.pid)
         wall = time.perf_counter() - t0
         proc.returncode = rc = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -92,7 +157,7 @@ def run_cell(cell: Cell, device: str = "cpu") -> dict:
         stderr = err.read().decode(errors="replace")
     rec = {"key": cell.key, "cell": asdict(cell), "status": "ok", "returncode": rc, "wall_seconds": round(wall, 3),
            "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_mb": round(_maxrss_mb(ru.ru_maxrss), 1),
-           "load_avg": _load_avg()}
+           "load_avg": _load_avg(), "threads": None}
     result = None
     if rc == 0:
         try:
@@ -106,6 +171,7 @@ def run_cell(cell: Cell, device: str = "cpu") -> dict:
         rec["status"] = "failed"
         rec["error"] = lines[-1].strip() if lines else f"exit status {rc} with an empty stderr"
     else:
+        rec["threads"] = result.get("threads")  # measured in the child, after its --threads
         for k, v in result.items():
             rec.setdefault(k, v)  # the harness's own fields win over a same-named output field
     return rec
@@ -212,14 +278,15 @@ def _reusable(reuse) -> dict[str, dict]:
 
 
 def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False, only: str | None = None,
-              device: str = "cpu", reuse=(), command: str | None = None, exclude: str | None = None) -> SuiteRun:
+              device: str = "cpu", reuse=(), command: str | None = None, exclude: str | None = None,
+              jobs: int = 1) -> SuiteRun:
     """Run every cell of a suite not already done in ``out_path``, one subprocess each; resumable.
 
     Args:
         name_or_cells: a key of :data:`SUITES`, or a list of :class:`Cell` (the suite is then called ``"custom"``).
         out_path: the JSON result file (its directory must exist). Loaded if present (it must be of the same suite);
             rewritten atomically after every cell, with a markdown table (:func:`to_markdown`) next to it.
-        progress: show a tqdm progress bar (on stderr).
+        progress: show a tqdm progress bar (on stderr), with the keys of the cells running.
         only: run only the cells whose key contains this substring.
         exclude: skip the cells whose key contains this substring (e.g. ``"-i"``: the reconstruction cells).
         device: passed to each cell's ``--device``.
@@ -229,15 +296,24 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
             ``"reused_from"``. E.g. the ``ablations`` cells that equal ``full`` cells.
         command: how this run was started, logged in the file's ``runs`` (the command line passes its own;
             default: a description of this call).
+        jobs: how many cells run at once (an integer >= 1). 1: one after the other, each child with torch's
+            default threads (its environment untouched). More: each child gets ``max(1, T // jobs)`` torch threads,
+            T being this process's ``torch.get_num_threads()`` (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and
+            ``quantize --threads``; see :func:`run_cell`), so that the cells share the cores instead of fighting
+            over them; their wall times are then those of a shared machine. Only this process writes the file,
+            after each finished cell, with the cells in the suite's order whatever order they finish in.
 
     Returns:
         a :class:`SuiteRun` (``.failed`` non-empty if any cell failed; those cells are retried by the next run).
 
-    Every run that does at least one cell appends ``{"command", "started", "code", "seconds", "ran", "reused",
-    "failed"}`` to the file's ``runs`` (updated after every cell; ``code`` is :func:`code_version`), so a file made
-    over several sessions says how, and with which code.
+    Every run that does at least one cell appends ``{"command", "started", "code", "jobs", "seconds", "ran",
+    "reused", "failed"}`` to the file's ``runs`` (updated after every cell; ``code`` is :func:`code_version`), so a
+    file made over several sessions says how, and with which code. Each record made by this run says ``jobs`` (the
+    run's) and ``threads`` (the child's torch threads, as it reported them). An interruption (Ctrl-C) kills the
+    running children and loses only their cells.
     """
     t0 = time.perf_counter()
+    jobs = check_int("jobs", jobs, 1)
     name, cells = select_cells(name_or_cells, only, exclude)
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
@@ -255,18 +331,21 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     run = SuiteRun(results=data, out_path=out_path, skipped=[c.key for c in done])
     if command is None:
         filters = "".join(f", {a}={v!r}" for a, v in (("only", only), ("exclude", exclude)) if v is not None)
+        filters += f", jobs={jobs}" if jobs != 1 else ""
         command = f"python: run_suite({name!r}{filters})"
     entry = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "code": code_version(), "seconds": 0.0, "ran": 0, "reused": 0, "failed": 0}
+             "code": code_version(), "jobs": jobs, "seconds": 0.0, "ran": 0, "reused": 0, "failed": 0}
     runs = list(data.get("runs") or [])
-    bar = tqdm(todo, desc=f"benchmark {name}", unit="cell", disable=not progress)
-    for cell in bar:
-        bar.set_postfix_str(cell.key)
+    threads = None if jobs == 1 else max(1, torch.get_num_threads() // jobs)
+    bar = tqdm(total=len(todo), desc=f"benchmark {name}", unit="cell", disable=not progress)
+
+    def finish(cell: Cell, rec: dict) -> None:
+        """Record a finished (or copied) cell and rewrite the file and its markdown."""
+        nonlocal data
         if cell.key in reusable:
-            rec = reusable[cell.key]
             run.reused.append(cell.key)
         else:
-            rec = run_cell(cell, device=device)
+            rec["jobs"] = jobs
             if data.get("machine") != machine:
                 rec["machine"] = machine  # resumed on another machine: say so on the cells measured here
             (run.ran if rec["status"] == "ok" else run.failed).append(cell.key)
@@ -275,20 +354,67 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
         entry.update(seconds=round(time.perf_counter() - t0, 1), ran=len(run.ran), reused=len(run.reused),
                      failed=len(run.failed))
         data = {"suite": name, "machine": data.get("machine", machine), "runs": [*runs, dict(entry)],
-                "cells": _ordered(cells_now, all_keys)}
+                "cells": ordered_cells(cells_now, all_keys)}
         atomic_write_json(out_path, data)
         atomic_write_text(out_path.with_suffix(".md"), to_markdown(data))  # a stopped run leaves both in step
         run.results = data
-    bar.close()
+        bar.update(1)
+
+    queue = list(todo)
+    running: dict = {}  # future -> its cell, in the order they started
+    children = _Children()
+    try:
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="benchmark-cell") as pool:
+            try:
+                while queue or running:
+                    while queue and len(running) < jobs:
+                        cell = queue.pop(0)
+                        if cell.key in reusable:
+                            finish(cell, reusable[cell.key])
+                            continue
+                        running[pool.submit(run_cell, cell, device=device, threads=threads,
+                                            children=children)] = cell
+                        bar.set_postfix_str(", ".join(c.key for c in running.values()))
+                    if not running:
+                        continue
+                    # a timeout, so that a Ctrl-C reaches this thread within a second whichever thread took it
+                    finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for fut in [f for f in running if f in finished]:  # in the order they started
+                        finish(running.pop(fut), fut.result())
+                    if finished and running:
+                        bar.set_postfix_str(", ".join(c.key for c in running.values()))
+            except BaseException:
+                children.kill_all()  # the workers' os.wait4 then return; the pool's exit waits for them
+                raise
+    finally:
+        bar.close()
+    order = {c.key: i for i, c in enumerate(cells)}
+    for keys in (run.ran, run.failed, run.reused):
+        keys.sort(key=order.__getitem__)  # the suite's order, not the order the cells finished in
     if out_path.exists() and not todo:
         atomic_write_text(out_path.with_suffix(".md"), to_markdown(data))
     run.seconds = time.perf_counter() - t0
     return run
 
 
-def _ordered(cells: dict, order: list[str]) -> dict:
-    """Cells in the suite's order, then any others (kept from earlier runs) sorted by key."""
+def ordered_cells(cells: dict, order: list[str]) -> dict:
+    """A result file's ``cells`` (key -> record) in the suite's ``order`` (its keys), as :func:`run_suite` writes them.
+
+    The suite's cells come first, in its order; a cell renamed after it was run (its record's ``renamed_from``, e.g.
+    by ``tools/migrate_results.py`` when a method was renamed) sits right after the place of the key it was made
+    under, so that a rename moves no cell in the file; any others (kept from earlier runs, e.g. of an earlier
+    budget) follow, sorted by key.
+    """
     pos = {k: i for i, k in enumerate(order)}
-    return {k: cells[k] for k in sorted(cells, key=lambda k: (0, pos[k], "") if k in pos else (1, 0, k))}
+
+    def rank(k: str) -> tuple:
+        if k in pos:
+            return 0, pos[k], 0, ""
+        old = cells[k].get("renamed_from") if isinstance(cells[k], dict) else None
+        if old in pos:
+            return 0, pos[old], 1, k
+        return 1, 0, 0, k
+
+    return {k: cells[k] for k in sorted(cells, key=rank)}
 
 
