@@ -3,15 +3,21 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from detptq_mini import benchmark
 from detptq_mini.benchmark import (RECON_ITERS, RECON_LR, SUITES, Cell, cell_args, load_results, machine_info, run_suite,
                                    summarize, to_markdown)
+from detptq_mini.benchmark.suites import BRECQ_LR_ACT, LONG_ITERS, TWO_COIN
 from detptq_mini.cli import main
 from detptq_mini.lp import P_DEFAULT
-from detptq_mini.pipeline import METHODS
+from detptq_mini.pipeline import FIXED_P_METHODS, METHODS, RECON_METHODS
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench(*args, cwd=None):
@@ -60,23 +66,44 @@ def test_suites():
 def test_full_suite_has_exactly_the_comparisons_cells():
     full = SUITES["full"]
     bits = [(8, 8), (4, 8), (4, 4), (3, 3)]
+    two = ("--qdrop-input", "two-coin")
     # best fixed p is no cell: the Lp rows of every p in P_DEFAULT; p = 2.4 is a cell of its own
     simple = [("minmax", None), *(("lp", p) for p in P_DEFAULT), ("lp", 2.4), ("detptq", None)]
-    expected = {(m, p, w, a, s, None) for m, p in simple for w, a in bits for s in (0, 1, 2)}
-    expected |= {(m, None, w, a, s, RECON_ITERS[f"W{w}A{a}"]) for m in ("brecq", "qdrop", "detptq-qdrop")
+    expected = {(m, p, w, a, s, None, ()) for m, p in simple for w, a in bits for s in (0, 1, 2)}
+    rows = [("brecq", ()), ("joint", ()), ("qdrop", ()), ("qdrop", two), ("detptq-qdrop", ()), ("detptq-qdrop", two)]
+    expected |= {(m, None, w, a, s, RECON_ITERS[f"W{w}A{a}"], e) for m, e in rows
                  for w, a in bits if (w, a) != (8, 8) for s in (0, 1, 2)}  # reconstruction only below 8 bits
-    got = [(c.method, c.p, c.w_bits, c.a_bits, c.seed, c.iters) for c in full]
-    # one budget for every reconstruction cell: the same steps and learning rates in a row
-    assert {(c.lr_v, c.lr_act) for c in full if c.iters is not None} == {RECON_LR}
+    got = [(c.method, c.p, c.w_bits, c.a_bits, c.seed, c.iters, c.extra) for c in full]
+    # one budget for every reconstruction cell: the same steps and rates in a row (BRECQ's second stage: its own)
+    assert {(c.lr_v, c.lr_act) for c in full if c.iters is not None and c.method != "brecq"} == {RECON_LR}
+    assert {(c.lr_v, c.lr_act) for c in full if c.method == "brecq"} == {(RECON_LR[0], BRECQ_LR_ACT)}
     assert all(c.lr_v is None and c.lr_act is None for c in full if c.iters is None)
-    assert len(got) == len(expected) == 4 * 11 * 3 + 3 * 3 * 3 == 159 and set(got) == expected
-    assert len({c.key for c in full}) == 159
-    assert all(c.calib == 256 and c.val == 500 and c.extra == () for c in full)  # one calibration count for all
+    assert len(got) == len(expected) == 4 * 11 * 3 + 6 * 3 * 3 == 186 and set(got) == expected
+    assert len({c.key for c in full}) == 186
+    assert all(c.calib == 256 and c.val == 500 for c in full)  # one calibration count for all
     assert set(RECON_ITERS) == {"W4A8", "W4A4", "W3A3"}
     # a partial run is useful: every simple cell first, then the reconstruction cells seed by seed
     recon = [i for i, c in enumerate(full) if c.iters is not None]
-    assert recon == list(range(len(full) - 27, len(full)))
+    assert recon == list(range(len(full) - 54, len(full)))
     assert [full[i].seed for i in recon] == sorted(full[i].seed for i in recon)
+    # the committed cells of the earlier code are suite cells under their corrected names
+    data = json.loads((ROOT / "benchmarks" / "results" / "full.json").read_text())
+    new = {c.key for c in full if c.iters and c.method != "joint" and two[1] not in c.extra}  # the corrected methods
+    assert len(new) == 27 and {c.key for c in full} - set(data["cells"]) <= new
+
+
+def test_recon_suite_orders_the_experiments_by_what_they_decide():
+    recon, full_keys = SUITES["recon"], {c.key for c in SUITES["full"]}
+    assert len(recon) == 50 and all(c.bits == "W4A4" and c.calib == 256 and c.val == 500 for c in recon)
+    first = recon[:18]  # seed 0 of E1, E2, E9, E8, then E10's two long cells
+    assert {c.seed for c in first} == {0} and [c.iters for c in first[-2:]] == [LONG_ITERS, LONG_ITERS]
+    assert [c.seed for c in recon[18:]] == sorted(c.seed for c in recon[18:])
+    e1 = [c for c in recon if not c.extra or c.extra == TWO_COIN]
+    e1 = [c for c in e1 if c.iters == RECON_ITERS["W4A4"] and c.lr_act != 0]
+    assert len(e1) == 18 and {c.key for c in e1} <= full_keys  # the same cells as full's W4A4 rows
+    assert sum("head-fp" in c.extra for c in recon) == 15 and sum(c.lr_act == 0 for c in recon) == 9
+    assert {c.extra for c in recon if c.method == "qdrop" and "--quant-prob" in c.extra} == {
+        ("--quant-prob", "0.75"), ("--quant-prob", "0.9")}
 
 
 def test_ablation_suite():
@@ -87,31 +114,37 @@ def test_ablation_suite():
     assert odol == {(b, ("--odol-cls", cls, "--odol-loc", loc)) for b in ("W4A4", "W4A8")
                     for cls, loc in (("kl", "iou"), ("l2", "l1"), ("l2", "iou"))}  # KL+L1 is the plain cell
     off = ("--no-8bit-stem", "--no-8bit-pred")
+    two = ("--qdrop-input", "two-coin")
     it = RECON_ITERS["W4A4"]
     assert {("detptq", "W4A4", (), None), ("detptq", "W4A8", (), None), ("detptq", "W4A4", off, None),
-            ("detptq", "W4A4", off[:1], None), ("detptq", "W4A4", off[1:], None), ("brecq", "W4A4", (), it),
-            ("qdrop", "W4A4", (), it), ("detptq-qdrop", "W4A4", (), it), ("detptq-qdrop", "W4A4", off, it),
+            ("detptq", "W4A4", off[:1], None), ("detptq", "W4A4", off[1:], None), ("joint", "W4A4", (), it),
+            ("qdrop", "W4A4", two, it), ("detptq-qdrop", "W4A4", two, it), ("detptq-qdrop", "W4A4", off + two, it),
             ("detptq-qdrop", "W4A4", ("--quant-prob", "1"), it)} <= variants
     assert len(variants) == 16 and len(abl) == 48 and all(
         sum((c.method, c.bits, c.extra, c.iters) == v for c in abl) == 3 for v in variants)  # 3 seeds each
     shared = {c.key for c in abl} & full_keys  # the cells --reuse can copy from the full suite's file
-    assert shared == {c.key for c in abl if not c.extra}
-    assert len(shared) == 4 * 3 + 3  # detptq W4A4, W4A8; brecq, qdrop, detptq-qdrop at W4A4
+    assert shared == {c.key for c in abl if not c.extra or c.extra == two}
+    assert len(shared) == 4 * 3 + 3  # detptq W4A4, W4A8; joint, qdrop, detptq-qdrop (two coins) at W4A4
 
 
 def test_loss_norm_suite_pairs_each_reconstruction_setting_with_and_without_the_normalised_loss():
     cells = SUITES["loss-norm"]
     norm = ("--loss-norm", "before")
-    plain = [c for c in cells if norm != c.extra[-2:]]
-    normed = [c for c in cells if norm == c.extra[-2:]]
+    two = ("--qdrop-input", "two-coin")
+
+    def without(extra, part):
+        return tuple(a for a in extra if a not in part)
+
+    normed = [c for c in cells if "--loss-norm" in c.extra]
+    plain = [c for c in cells if "--loss-norm" not in c.extra]
     assert len(cells) == 24 and len(plain) == len(normed) == 12
     assert all(c.bits == "W4A4" and c.calib == 256 and c.val == 500 and c.iters == RECON_ITERS["W4A4"]
                and (c.lr_v, c.lr_act) == RECON_LR for c in cells)
     # each normalised cell is a plain cell plus --loss-norm before, and the plain ones are cells of full/ablations
-    assert sorted((c.method, c.seed, c.extra + norm) for c in plain) == sorted((c.method, c.seed, c.extra)
-                                                                              for c in normed)
+    assert sorted((c.method, c.seed, c.extra) for c in plain) == sorted((c.method, c.seed, without(c.extra, norm))
+                                                                       for c in normed)
     assert {c.key for c in plain} <= {c.key for c in SUITES["full"]} | {c.key for c in SUITES["ablations"]}
-    assert {(c.method, c.extra) for c in plain} == {("brecq", ()), ("qdrop", ()), ("detptq-qdrop", ()),
+    assert {(c.method, c.extra) for c in plain} == {("joint", ()), ("qdrop", two), ("detptq-qdrop", two),
                                                     ("detptq-qdrop", ("--quant-prob", "1"))}
     assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # seed by seed: a partial run is a table
 
@@ -120,7 +153,7 @@ def test_quick_suite_exercises_every_method_on_a_tiny_slice():
     quick = SUITES["quick"]
     assert {c.method for c in quick} == set(METHODS)
     assert all(c.val <= 50 and c.calib <= 8 for c in quick)
-    assert all(c.iters is not None and c.iters <= 5 for c in quick if c.method in ("brecq", "qdrop", "detptq-qdrop"))
+    assert all(c.iters is not None and c.iters <= 5 for c in quick if c.method in RECON_METHODS)
     assert any("--odol-cls" in c.extra for c in quick) and any("--no-8bit-stem" in c.extra for c in quick)
 
 
@@ -284,7 +317,7 @@ def test_summary_of_a_named_suite_counts_its_cells_and_leaves_out_others():
 # --- bad input ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, word", [
-    (["--suite", "nosuch"], "allowed: simple, full, ablations, loss-norm, quick"),
+    (["--suite", "nosuch"], "allowed: simple, full, ablations, loss-norm, recon, quick"),
     (["--quick", "--suite", "full"], "--quick is --suite quick; it cannot be combined with --suite full"),
     (["--suite", "ablations", "--reuse", "/nonexistent/full.json"], "--reuse '/nonexistent/full.json' does not exist"),
     (["--suite", "quick", "--only", "nosuch"], "--only 'nosuch' leaves no cell of suite 'quick'"),
@@ -322,9 +355,9 @@ def test_list_shows_cells_status_and_count(tmp_path, capsys):
     assert main(["benchmark", "--suite", "full", "--out", str(tmp_path / "full.json"), "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == [f"{c.key}\ttodo" for c in SUITES["full"]]
-    assert lines[-1] == "suite full: 159 cells, 0 ok, 0 failed, 159 todo"
+    assert lines[-1] == "suite full: 186 cells, 0 ok, 0 failed, 186 todo"
     assert main(["benchmark", "--suite", "full", "--out", str(tmp_path / "full.json"), "--only", "W3A3", "--list"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "suite full: 42 of 159 cells, 0 ok, 0 failed, 42 todo"
+    assert capsys.readouterr().out.splitlines()[-1] == "suite full: 51 of 186 cells, 0 ok, 0 failed, 51 todo"
     # --exclude=-i: every cell but the reconstruction cells (their keys carry -i<iters>)
     assert main(["benchmark", "--suite", "full", "--out", str(tmp_path / "full.json"), "--exclude=-i", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -401,7 +434,7 @@ def test_cli_exit_status_is_nonzero_on_failure_and_failed_cells_rerun(tmp_path, 
 
 def test_quick_suite_end_to_end_then_resume(tmp_path):
     out = tmp_path / "quick.json"
-    r, first = _bench("--quick", "--out", str(out))
+    r, first = _bench("--quick", "--out", str(out), "--jobs", "2")  # two cells at a time, one thread each
     assert r.returncode == 0, r.stderr
     assert first < 180, f"the quick suite took {first:.0f} s"
     quick = SUITES["quick"]
@@ -412,7 +445,7 @@ def test_quick_suite_end_to_end_then_resume(tmp_path):
     assert data["suite"] == "quick" and list(data) == ["suite", "machine", "runs", "cells"]
     assert {"platform", "processor", "cpu_count", "memory_gb", "torch", "torch_threads"} <= set(data["machine"])
     assert [(r["command"], r["ran"], r["reused"], r["failed"]) for r in data["runs"]] == [
-        (f"detptq-mini benchmark --suite quick --out {out}", n, 0, 0)]
+        (f"detptq-mini benchmark --suite quick --out {out} --jobs 2", n, 0, 0)]
     assert list(data["cells"]) == [c.key for c in quick]
     for cell in quick:
         rec = data["cells"][cell.key]
@@ -421,12 +454,13 @@ def test_quick_suite_end_to_end_then_resume(tmp_path):
         assert 0.0 <= rec["map"] <= 1.0 and 0.0 <= rec["map50"] <= 1.0 and rec["fp_map"] > 0
         assert rec["wall_seconds"] > 0 and rec["peak_rss_mb"] > 50
         assert len(rec["load_avg"]) == 3 and all(x >= 0 for x in rec["load_avg"])
-        assert rec["jobs"] == 1 and rec["threads"] >= 1  # one at a time: the child's default threads, as it says
+        assert rec["jobs"] == 2 and rec["threads"] == max(1, torch.get_num_threads() // 2)  # as the child says
         assert rec["method"] == cell.method and rec["calib_images"] == cell.calib and rec["val_images"] == cell.val
         assert (rec["w_bits"], rec["a_bits"], rec["calib_seed"]) == (cell.w_bits, cell.a_bits, cell.seed)
         cfg, qc = rec["config"], rec["quant_config"]  # the cell's options reached run_ptq
-        assert cfg["iters"] == cell.iters and cfg["p"] == (2.0 if cell.method in ("lp", "brecq", "qdrop") else None)
-        assert cfg["quant_prob"] == {"brecq": 1.0, "qdrop": 0.5, "detptq-qdrop": 0.5}.get(cell.method)
+        assert cfg["iters"] == cell.iters and cfg["p"] == (2.0 if cell.method in FIXED_P_METHODS else None)
+        assert cfg["quant_prob"] == {"brecq": 1.0, "joint": 1.0, "qdrop": 0.5, "detptq-qdrop": 0.5}.get(cell.method)
+        assert cfg["stages"] == {"brecq": 2, "joint": 1, "qdrop": 1, "detptq-qdrop": 1}.get(cell.method)
         assert (cfg["odol_cls"], cfg["odol_loc"]) == (("l2", "iou") if "--odol-cls" in cell.extra else ("kl", "l1"))
         assert qc["stem_8bit"] == ("--no-8bit-stem" not in cell.extra) == cfg["stem_8bit"]
         assert qc["pred_8bit"] == ("--no-8bit-pred" not in cell.extra)
@@ -702,10 +736,11 @@ def test_labels_of_joint_brecq_and_the_two_coin_qdrop_rows():
 
 def test_a_renamed_cell_stays_in_the_tables_and_in_its_place():
     quick = SUITES["quick"]
-    old = next(c for c in quick if c.method == "brecq")
-    rec = _rec("joint", 0, 0.5, calib=old.calib, iters=old.iters, bits=(old.w_bits, old.a_bits))
+    old = next(c for c in quick if c.method == "qdrop")
+    rec = _rec("qdrop", 0, 0.5, calib=old.calib, iters=old.iters, bits=(old.w_bits, old.a_bits), extra=TWO_COIN)
     rec["cell"]["val"] = old.val
-    rec["key"] = Cell(**{**rec["cell"], "extra": ()}).key
+    rec["key"] = Cell(**{**rec["cell"], "extra": TWO_COIN}).key
+    assert rec["key"] not in {c.key for c in quick}
     rec["renamed_from"] = old.key
     first = _rec("minmax", 0, 0.4, calib=8, bits=(4, 8))
     first["key"], first["cell"]["val"] = quick[0].key, 50
@@ -714,8 +749,8 @@ def test_a_renamed_cell_stays_in_the_tables_and_in_its_place():
     cells = {stale["key"]: stale, rec["key"]: rec, first["key"]: first}
     s = summarize({"suite": "quick", "cells": cells})
     assert s["renamed"] == [rec["key"]] and s["excluded"] == [stale["key"]]
-    assert [r["label"] for r in s["rows"]] == ["min-max", "joint (BRECQ-style, one stage)"]
-    assert s["progress"]["ok"] == 1  # the suite's brecq cell (another method now) is to do
+    assert [r["label"] for r in s["rows"]] == ["min-max", "QDrop (two coins, old)"]
+    assert s["progress"]["ok"] == 1  # the suite's qdrop cell (another scheme now) is to do
     assert "1 cells were renamed after they ran" in to_markdown({"suite": "quick", "cells": cells})
     order = [c.key for c in quick]
     assert list(benchmark.ordered_cells(cells, order)) == [first["key"], rec["key"], stale["key"]]

@@ -123,7 +123,7 @@ RECON_ITERS: dict[str, int] = {"W4A8": 1000, "W4A4": 1000, "W3A3": 1000}
 #: 10x the library's defaults (1e-3, 4e-5: the reference implementations' rates, sized for 20,000 steps).
 RECON_LR: tuple[float, float] = (0.01, 0.001)
 #: The reconstruction methods, in table order.
-RECON_METHODS: tuple[str, ...] = ("brecq", "qdrop", "detptq-qdrop")
+RECON_METHODS: tuple[str, ...] = ("brecq", "joint", "qdrop", "detptq-qdrop")
 #: The fixed p of range search common in the literature; a cell of its own (it is not in ``P_DEFAULT``).
 LP_EXTRA_P = 2.4
 #: The ODOL combinations (classification, localization) of the selection ablation; the first is the default.
@@ -135,6 +135,12 @@ EIGHT_BIT_OFF: tuple[tuple[str, ...], ...] = (("--no-8bit-stem",), ("--no-8bit-p
                                               ("--no-8bit-stem", "--no-8bit-pred"))
 #: Each unit's reconstruction loss divided by its value before reconstruction (the ``loss-norm`` experiment).
 LOSS_NORM_BEFORE: tuple[str, ...] = ("--loss-norm", "before")
+#: QDrop's earlier scheme (two coins at a unit's input, pooled masks), kept as an ablation: the committed cells made
+#: before the reference's single coin are these.
+TWO_COIN: tuple[str, ...] = ("--qdrop-input", "two-coin")
+#: BRECQ's second-stage rate (``--lr-act`` of a ``brecq`` cell): 10x its reference's 4e-4, as :data:`RECON_LR` is 10x
+#: the others'.
+BRECQ_LR_ACT = 0.004
 
 
 def bits_pair(bits: str) -> tuple[int, int]:
@@ -143,23 +149,35 @@ def bits_pair(bits: str) -> tuple[int, int]:
     return int(w), int(a)
 
 
-def _recon_opts(bits: str) -> dict:
-    """The reconstruction budget of a bits column as :class:`Cell` fields (``iters``, ``lr_v``, ``lr_act``)."""
-    return {"iters": RECON_ITERS[bits], "lr_v": RECON_LR[0], "lr_act": RECON_LR[1]}
+def _recon_opts(bits: str, method: str = "qdrop") -> dict:
+    """The reconstruction budget of a bits column as :class:`Cell` fields (``iters``, ``lr_v``, ``lr_act``); a
+    ``brecq`` cell's ``lr_act`` is its second stage's, :data:`BRECQ_LR_ACT`."""
+    return {"iters": RECON_ITERS[bits], "lr_v": RECON_LR[0], "lr_act": BRECQ_LR_ACT if method == "brecq" else RECON_LR[1]}
+
+
+def _recon_variants(bits: str, seed: int, extra: tuple[str, ...] = ()) -> list[Cell]:
+    """The reconstruction rows of a bits column, in table order: BRECQ (two stages), joint, QDrop, QDrop with two
+    coins, DetPTQ+QDrop, DetPTQ+QDrop with two coins (the two-coin cells and joint are the committed runs of the
+    earlier code, under their corrected names), each at its budget, with ``extra`` appended."""
+    w, a = bits_pair(bits)
+    opts = {"calib": FULL_CALIB, "val": FULL_VAL}
+    rows = [("brecq", ()), ("joint", ()), ("qdrop", ()), ("qdrop", TWO_COIN), ("detptq-qdrop", ()),
+            ("detptq-qdrop", TWO_COIN)]
+    return [Cell(m, w, a, seed, extra=e + extra, **_recon_opts(bits, m), **opts) for m, e in rows]
 
 
 def _full_suite() -> list[Cell]:
     """The full comparison, cheap cells first so that a partial run is already a table.
 
     Order: every simple cell (min-max, Lp with each p in ``P_DEFAULT`` and with p = 2.4, DetPTQ simple) for every
-    bits of :data:`FULL_BITS` and seed; then the reconstruction cells (BRECQ, QDrop, DetPTQ+QDrop at the bits of
-    :data:`RECON_ITERS`, each at its budget) of seed 0, then of seed 1, then of seed 2.
+    bits of :data:`FULL_BITS` and seed; then the reconstruction cells (BRECQ, joint, QDrop, QDrop with two coins,
+    DetPTQ+QDrop, DetPTQ+QDrop with two coins at the bits of :data:`RECON_ITERS`, each at its budget) of seed 0,
+    then of seed 1, then of seed 2.
     """
     opts = {"calib": FULL_CALIB, "val": FULL_VAL}
     simple = [("minmax", None), *(("lp", p) for p in P_DEFAULT), ("lp", LP_EXTRA_P), ("detptq", None)]
     cells = [Cell(m, w, a, s, p=p, **opts) for w, a in FULL_BITS for m, p in simple for s in SEEDS]
-    cells += [Cell(m, *bits_pair(bits), s, **_recon_opts(bits), **opts)
-              for s in SEEDS for bits in RECON_ITERS for m in RECON_METHODS]
+    cells += [c for s in SEEDS for bits in RECON_ITERS for c in _recon_variants(bits, s)]
     return cells
 
 
@@ -171,8 +189,11 @@ def _ablation_suite() -> list[Cell]:
       same as in ``full``), KL+IoU, L2+L1, L2+IoU (``--odol-cls``, ``--odol-loc``).
     * 8-bit conventions at W4A4: DetPTQ simple with the stem, the prediction convs, or both at the target bits
       (on: the plain cell above); DetPTQ+QDrop with both off, against the plain cell (on).
-    * QDrop probability at W4A4: QDrop (0.5) against BRECQ (1.0), same scales, budget and loss; and DetPTQ+QDrop
-      at 0.5 (the plain cell) against 1.0 (``--quant-prob 1``: DetPTQ's p inside BRECQ).
+    * QDrop probability at W4A4: QDrop (0.5) against joint (1.0), same scales, budget and loss; and DetPTQ+QDrop
+      at 0.5 (the plain cell) against 1.0 (``--quant-prob 1``: DetPTQ's p inside the joint scheme).
+
+    The QDrop cells are the earlier two-coin scheme's (``--qdrop-input two-coin``), as committed; the reference's
+    single coin is the ``recon`` suite's.
 
     Every setting but the ablated one is that of ``full`` (calibration images, val images, budget), so the cells
     equal to a ``full`` cell have its key and can be copied from its result file (``--reuse``).
@@ -184,9 +205,10 @@ def _ablation_suite() -> list[Cell]:
     cells += [Cell("detptq", 4, 8, s, extra=e, **opts) for e in odol for s in SEEDS]
     opts.update(_recon_opts("W4A4"))
     for s in SEEDS:
-        cells += [Cell("brecq", 4, 4, s, **opts), Cell("qdrop", 4, 4, s, **opts), Cell("detptq-qdrop", 4, 4, s, **opts),
+        cells += [Cell("joint", 4, 4, s, **opts), Cell("qdrop", 4, 4, s, extra=TWO_COIN, **opts),
+                  Cell("detptq-qdrop", 4, 4, s, extra=TWO_COIN, **opts),
                   Cell("detptq-qdrop", 4, 4, s, extra=QUANT_PROB_ONE, **opts),
-                  Cell("detptq-qdrop", 4, 4, s, extra=EIGHT_BIT_OFF[-1], **opts)]
+                  Cell("detptq-qdrop", 4, 4, s, extra=EIGHT_BIT_OFF[-1] + TWO_COIN, **opts)]
     return cells
 
 
@@ -195,21 +217,20 @@ def _loss_norm_suite() -> list[Cell]:
     because the Lp loss's scale (which spans orders of magnitude across units and p) moves its balance with
     AdaRound's regulariser, whose weight ``lam`` is fixed?
 
-    For each seed, the four reconstruction settings of ``full`` and ``ablations`` at W4A4 (BRECQ; DetPTQ+QDrop at
-    ``--quant-prob 1``, DetPTQ's p inside BRECQ; QDrop; DetPTQ+QDrop) as they are (cells equal to those of ``full``
+    For each seed, the four reconstruction settings of ``full`` and ``ablations`` at W4A4 (joint; DetPTQ+QDrop at
+    ``--quant-prob 1``, DetPTQ's p inside the joint scheme; QDrop and DetPTQ+QDrop with the earlier two coins, as
+    they were run) as they are (cells equal to those of ``full``
     and ``ablations``: copy them with ``--reuse``), then the same four with ``--loss-norm before``.
     """
     opts = {"calib": FULL_CALIB, "val": FULL_VAL, **_recon_opts("W4A4")}
-    settings = [("brecq", ()), ("detptq-qdrop", QUANT_PROB_ONE), ("qdrop", ()), ("detptq-qdrop", ())]
-    return [Cell(m, 4, 4, s, extra=e + norm, **opts)
-            for s in SEEDS for norm in ((), LOSS_NORM_BEFORE) for m, e in settings]
+    settings = [("joint", (), ()), ("detptq-qdrop", QUANT_PROB_ONE, ()), ("qdrop", (), TWO_COIN),
+                ("detptq-qdrop", (), TWO_COIN)]
+    return [Cell(m, 4, 4, s, extra=e + norm + coin, **opts)
+            for s in SEEDS for norm in ((), LOSS_NORM_BEFORE) for m, e, coin in settings]
 
 
-#: The extra arguments of the reconstruction experiments' variants.
+#: The layer protocol of experiment E8: the head in FP (QDrop's COCO code).
 HEAD_FP: tuple[str, ...] = ("--protocol", "head-fp")
-TWO_COIN: tuple[str, ...] = ("--qdrop-input", "two-coin")
-#: BRECQ's second-stage rate in the experiments: 10x its reference's 4e-4, as :data:`RECON_LR` is 10x the others'.
-BRECQ_LR_ACT = 0.004
 #: QDrop's keep probabilities of experiment E2 (1.0 is the ``joint`` method: the same code path).
 QDROP_PROBS: tuple[float, ...] = (0.75, 0.9)
 #: The longer budget of experiment E10 (steps per unit).
@@ -220,27 +241,27 @@ def _recon_suite() -> list[Cell]:
     """The reconstruction experiments at W4A4 (256 calibration images, 500 val images, 1,000 steps per unit at
     :data:`RECON_LR`), ordered by what they decide: seed 0 of every experiment first, then seeds 1 and 2.
 
-    * E1 the methods: published BRECQ (two stages), joint, QDrop (the reference's one coin), QDrop with the
-      earlier two coins, DetPTQ+QDrop (one coin). The joint and two-coin cells are ``full``'s (copy them with
-      ``--reuse``).
+    * E1 the methods (:func:`_recon_variants`): published BRECQ (two stages), joint, QDrop (the reference's one
+      coin), QDrop with the earlier two coins, DetPTQ+QDrop (one coin and two coins). The same keys as ``full``'s
+      W4A4 cells (copy them either way with ``--reuse``).
     * E2 QDrop's keep probability 0.75 and 0.9 (0.5 is E1's QDrop, 1.0 is joint).
     * E9 the step sizes fixed at their starting scales (``--lr-act 0``): joint, BRECQ (its first stage only) and
       QDrop.
-    * E8 the ``head-fp`` protocol (the head in FP, as QDrop's COCO code): the E1 methods and DetPTQ simple.
-    * E10 (seed 0 only, last) joint and QDrop at :data:`LONG_ITERS` steps per unit: is the gap the budget's?
+    * E8 the ``head-fp`` protocol (the head in FP, as QDrop's COCO code): the E1 methods but the two-coin ones,
+      and DetPTQ simple.
+    * E10 (seed 0 only, after seed 0's other cells) joint and QDrop at :data:`LONG_ITERS` steps per unit: is the
+      gap the budget's?
     """
     opts = {"calib": FULL_CALIB, "val": FULL_VAL}
     recon = {**opts, **_recon_opts("W4A4")}
-    brecq = {**recon, "lr_act": BRECQ_LR_ACT}
 
     def seed_cells(s: int) -> list[Cell]:
-        e1 = [Cell("brecq", 4, 4, s, **brecq), Cell("joint", 4, 4, s, **recon), Cell("qdrop", 4, 4, s, **recon),
-              Cell("qdrop", 4, 4, s, extra=TWO_COIN, **recon), Cell("detptq-qdrop", 4, 4, s, **recon)]
+        e1 = _recon_variants("W4A4", s)
         e2 = [Cell("qdrop", 4, 4, s, extra=("--quant-prob", f"{q:g}"), **recon) for q in QDROP_PROBS]
         fixed = {**recon, "lr_act": 0.0}
         e9 = [Cell("joint", 4, 4, s, **fixed), Cell("brecq", 4, 4, s, **fixed), Cell("qdrop", 4, 4, s, **fixed)]
         e8 = [Cell(c.method, 4, 4, s, lr_v=c.lr_v, lr_act=c.lr_act, iters=c.iters, extra=c.extra + HEAD_FP, **opts)
-              for c in e1] + [Cell("detptq", 4, 4, s, extra=HEAD_FP, **opts)]
+              for c in e1 if TWO_COIN[1] not in c.extra] + [Cell("detptq", 4, 4, s, extra=HEAD_FP, **opts)]
         return e1 + e2 + e9 + e8
 
     long = {**recon, "iters": LONG_ITERS}
@@ -253,7 +274,8 @@ def _quick_suite() -> list[Cell]:
     opts = {"calib": 8, "val": 50}
     return [Cell("minmax", 4, 8, 0, **opts), Cell("lp", 4, 8, 0, p=2.0, **opts),
             Cell("detptq", 4, 8, 0, extra=("--odol-cls", "l2", "--odol-loc", "iou"), **opts),
-            Cell("brecq", 4, 4, 0, iters=5, **opts), Cell("qdrop", 4, 4, 0, iters=5, **opts),
+            Cell("brecq", 4, 4, 0, iters=5, **opts), Cell("joint", 4, 4, 0, iters=5, **opts),
+            Cell("qdrop", 4, 4, 0, iters=5, **opts),
             Cell("detptq-qdrop", 4, 4, 0, iters=5, extra=EIGHT_BIT_OFF[-1], **opts)]
 
 
@@ -270,8 +292,9 @@ def _quick_suite() -> list[Cell]:
 #: * ``loss-norm`` (24 cells): see :func:`_loss_norm_suite`.
 #: * ``simple`` (60 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
 #:   calibration images (the chapter 6 table).
-#: * ``recon`` (50 cells, 6 of them copies of ``full``'s joint and two-coin cells): the reconstruction experiments E1, E2, E8, E9, E10 (see :func:`_recon_suite`).
-#: * ``quick`` (6 cells): every method once on a tiny slice, a smoke test of the harness (about a minute).
+#: * ``recon`` (50 cells; its 18 E1 cells are ``full``'s W4A4 reconstruction cells, 9 of them done: joint and the
+#:   two-coin cells): the reconstruction experiments E1, E2, E8, E9, E10 (see :func:`_recon_suite`).
+#: * ``quick`` (7 cells): every method once on a tiny slice, a smoke test of the harness (about a minute).
 SUITES: dict[str, list[Cell]] = {
     "simple": _simple_suite(),
     "full": _full_suite(),
