@@ -362,7 +362,7 @@ def test_list_shows_cells_status_and_count(tmp_path, capsys):
     assert main(["benchmark", "--suite", "full", "--out", str(tmp_path / "full.json"), "--exclude=-i", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == [f"{c.key}\ttodo" for c in SUITES["full"] if c.iters is None]
-    assert lines[-1] == "suite full: 132 of 159 cells, 0 ok, 0 failed, 132 todo"
+    assert lines[-1] == "suite full: 132 of 186 cells, 0 ok, 0 failed, 132 todo"
 
 
 def test_bad_reuse_file_is_refused(tmp_path, capsys):
