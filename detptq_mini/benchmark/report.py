@@ -20,6 +20,8 @@ METHOD_NAMES: dict[str, str] = {"minmax": "min-max", "lp": "Lp", "detptq": "DetP
                                 "qdrop": "QDrop", "detptq-qdrop": "DetPTQ+QDrop"}
 _GROUP_FIELDS = ("method", "p", "w_bits", "a_bits", "calib", "val", "iters", "lr_v", "lr_act", "extra")
 _ODOL_NAMES = {"kl": "KL", "l2": "L2", "l1": "L1", "iou": "IoU"}
+# the layer protocols (``--protocol``) other than the default, as a row's name shows them: "DetPTQ simple, head FP"
+_PROTOCOL_NAMES = {"head-fp": "head FP"}
 
 
 def _cells_of(results: dict) -> dict:
@@ -84,9 +86,17 @@ def _options(extra) -> list[tuple[str, str | None]]:
     return out
 
 
+def _protocol(extra) -> str | None:
+    """The layer protocol of a cell's extra arguments when a row's name shows it (``--protocol head-fp``), else None."""
+    protocol = dict(_options(extra)).get("--protocol")
+    return protocol if protocol in _PROTOCOL_NAMES else None
+
+
 def _extra_label(extra) -> list[str]:
     """Readable names of a cell's extra ``quantize`` arguments (ODOL combination, 8-bit conventions off, ...)."""
     opts = dict(_options(extra))
+    if _protocol(extra) is not None:  # part of the row's name (see _row_label), not an option
+        opts.pop("--protocol")
     labels = []
     if "--odol-cls" in opts or "--odol-loc" in opts:
         cls, loc = opts.pop("--odol-cls", "kl"), opts.pop("--odol-loc", "l1")
@@ -115,13 +125,14 @@ def summarize(results: dict) -> dict:
 
         * ``bits``: the bits columns (``"W8A8"``, ``"W4A8"``, ...), widest first;
         * ``rows``: one per method and options, in table order (min-max, Lp by p, best fixed p, DetPTQ simple,
-          BRECQ, QDrop, DetPTQ+QDrop; rows with extra options after the plain one), each ``{"label", "method",
-          "p", "calib", "val", "extra", "best_fixed_p", "cells"}`` where ``cells`` maps a bits column to ``{"n",
-          "seeds", "keys", "map_mean", "map_std", "map50_mean", "map50_std", "ratio_to_fp_mean",
-          "wall_seconds_mean", "cpu_seconds_mean", "peak_rss_mb_max", "calib", "val", "iters"}`` over the
-          successful cells (stds are sample standard deviations over seeds, None for one seed). Calibration
-          and val images are in the label only when they differ between rows; rows differing only in ``iters``
-          at the same bits are split, with the budget in the label.
+          BRECQ, QDrop, DetPTQ+QDrop; rows with extra options after the plain one; a layer protocol other than the
+          default, ``--protocol head-fp``, makes rows of its own after the method's others, named e.g. "DetPTQ
+          simple, head FP"), each ``{"label", "method", "p", "calib", "val", "extra", "best_fixed_p", "cells"}``
+          where ``cells`` maps a bits column to ``{"n", "seeds", "keys", "map_mean", "map_std", "map50_mean",
+          "map50_std", "ratio_to_fp_mean", "wall_seconds_mean", "cpu_seconds_mean", "peak_rss_mb_max", "calib",
+          "val", "iters"}`` over the successful cells (stds are sample standard deviations over seeds, None for
+          one seed). Calibration and val images are in the label only when they differ between rows; rows
+          differing only in ``iters`` at the same bits are split, with the budget in the label.
         * the ``best_fixed_p`` row (after the Lp rows, when at least two p of ``P_DEFAULT`` have results at a
           bits): per bits, the Lp row with p in ``P_DEFAULT`` whose mean mAP50:95 over seeds is highest, with
           its ``p`` and every candidate's mean in ``candidates``. This is an oracle choice made on the val set
@@ -189,8 +200,10 @@ def summarize(results: dict) -> dict:
     variant: dict[tuple, int] = {}
     for row in rows_list:
         variant.setdefault(_variant(row), len(variant))
-    rows_list.sort(key=lambda row: (rank[row["method"]], bool(row["extra"]), variant[_variant(row)],
-                                    row["best_fixed_p"], -1 if row["p"] is None else row["p"]))
+    # per method: the default protocol's rows, then each named protocol's; within each, the plain row first
+    rows_list.sort(key=lambda row: (rank[row["method"]], _protocol(row["extra"]) or "",
+                                    bool(_extra_label(row["extra"])), variant[_variant(row)], row["best_fixed_p"],
+                                    -1 if row["p"] is None else row["p"]))
     vary_calib = len({row["calib"] for row in rows_list}) > 1
     vary_val = len({row["val"] for row in rows_list}) > 1
     for row in rows_list:
@@ -237,6 +250,9 @@ def _row_label(row: dict, vary_calib: bool, vary_val: bool) -> str:
         name = METHOD_NAMES.get(row["method"], row["method"])
         if row["p"] is not None:
             name += f" p={row['p']:g}"
+    protocol = _protocol(row["extra"])
+    if protocol is not None:  # another set of quantized layers: another method, so in the name
+        name += f", {_PROTOCOL_NAMES[protocol]}"
     opts = _extra_label(row["extra"])
     if vary_calib:
         opts.append(f"calib {row['calib']}")
