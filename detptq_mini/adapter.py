@@ -24,9 +24,10 @@ the base gives      what it is
 ``forward``         ``forward(x) = collect(run({"image": prepare(x)}))``
 ``live_names``,     bookkeeping: which tensors are alive before a unit, which later units depend on a
 ``dependents``,     unit's output, unit lookup by name or index, the unit that holds a conv, every
-``unit_index``,     conv in forward order
-``unit_of``,
-``conv_names``
+``unit_index``,     conv in forward order, the head's units (those that write an output: what the
+``unit_of``,        layer protocol ``"head-fp"`` leaves in FP)
+``conv_names``,
+``head_units``
 ==================  ==============================================================================
 
 An adapter that lacks a piece (no ``units`` or ``outputs``, ``prepare`` not implemented, a unit that is not a
@@ -59,7 +60,8 @@ turns a freshly built model (``weights=None`` gives ``nn.BatchNorm2d``) into tha
 
 Convention: the stem conv is the first conv in forward order and the two prediction convs are named
 ``head.cls.pred`` and ``head.box.pred``, so :func:`detptq_mini.quant.quantize_model` keeps them at W8A8 by
-default, as for the shipped detector.
+default, as for the shipped detector. The head units (``head_units()``) are ``head.cls`` and ``head.box``: the
+layer protocol ``"head-fp"`` leaves their convs (subnets and predictions) in FP.
 """
 
 from __future__ import annotations

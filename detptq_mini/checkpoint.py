@@ -8,7 +8,9 @@ a failed save leaves no partial file and an existing file untouched). Every file
 * an **FP** checkpoint (:func:`save_checkpoint`; the shipped ``weights/detector.pt``) adds ``"meta"`` (how it was
   trained);
 * a **quantized** checkpoint (:func:`save_quantized`) adds ``"quant"`` (the PTQ config, the quantization config,
-  the chosen p) and ``"report"`` (the report of the run).
+  the chosen p) and ``"report"`` (the report of the run). The quantization config holds the layer protocol
+  (``"protocol"``: ``"ours"`` or ``"head-fp"``, whose head convs are stored as FP convs); a file written before the
+  protocol existed has none and loads as ``"ours"``, which it is.
 
 ``config`` is the FP detector's :class:`~detptq_mini.model.DetectorConfig` as a dict. ``format`` is the version of
 this layout: a reader refuses a file without it, or with a version it does not know (:data:`READ_FORMATS`), with a

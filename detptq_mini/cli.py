@@ -25,6 +25,7 @@ from .export import (OnnxDetector, check_exportable, check_layers, compare_outpu
                      onnx_session, qdq_summary, to_float)
 from .odol import ClsMode, LocMode
 from .pipeline import METHODS, RECON_METHODS, run_ptq
+from .quant import PROTOCOLS
 from .reconstruction import LOSS_NORMS, QDROP_INPUTS
 from .train import TrainConfig, train
 from .utils import resolve_device
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val", type=_positive_int, default=500, help="number of val images for the mAP")
     q.add_argument("--no-8bit-stem", action="store_true", help="quantize the stem conv at the target bits too")
     q.add_argument("--no-8bit-pred", action="store_true", help="quantize the head's prediction convs at the target bits too")
+    q.add_argument("--protocol", choices=PROTOCOLS, default="ours",
+                   help="which convs are quantized: ours (default) every conv; head-fp all but the detection head's, "
+                        "which stay FP (QDrop's COCO code)")
     q.add_argument("--batch-size", type=_positive_int, default=None,
                    help="calibration images per forward (default: up to 32); at most --calib")
     q.add_argument("--out", default=None, help="write the quantized checkpoint here (atomically)")
@@ -217,7 +221,7 @@ def _cmd_quantize(args) -> dict:
         torch.set_num_threads(args.threads)
     model = load_pretrained(device)
     calib = ShapesDataset("calib", args.calib, seed=args.seed)
-    options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred}
+    options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred, "protocol": args.protocol}
     # flag (its argparse name) -> run_ptq option; the same name but for --loss-norm
     names = {name: name for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act", "odol_cls",
                                      "odol_loc", "qdrop_input", "act_iters", "act_p")} | {"loss_norm": "recon_loss_norm"}
@@ -328,7 +332,8 @@ def _cmd_export(args) -> dict:
                    map_diff=m_ort["map"] - m_fq["map"], map50_fake_quant=m_fq["map50"], map50_onnx=m_ort["map50"],
                    layer_max_steps=layers["max_steps"], layer_worst=layers["worst_layer"],
                    layers_within_step=layers["within_step"],
-                   output_max_steps=max(v["max_steps"] for v in cmp.values()),
+                   output_max_steps=max((v["max_steps"] for v in cmp.values() if v["max_steps"] is not None),
+                                        default=None),  # None: every prediction conv is FP (protocol head-fp)
                    output_max_abs_diff=max(v["max_abs"] for v in cmp.values()),
                    output_mean_abs_diff=max(v["mean_abs"] for v in cmp.values()))
     if args.benchmark:

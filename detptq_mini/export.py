@@ -12,7 +12,9 @@ function, and a runtime may fuse each pair with the conv that follows into an in
 The mapping from our quantizer (method page, section 2) is exact at 8 bits: activations are asymmetric per tensor
 in ``[0, 255]`` (uint8, zero point in range), weights symmetric per output channel in ``[-128, 127]`` (int8,
 zero point 0; per-channel ``QuantizeLinear`` needs opset >= 13). Lower bit widths have no 8-bit QDQ form, so
-only W8A8 models are exported (:func:`check_exportable` says why a model is not).
+only W8A8 models are exported (:func:`check_exportable` says why a model is not). A model quantized with the layer
+protocol ``"head-fp"`` exports too: its head convs are plain FP convs, so they are plain ``Conv`` nodes of the
+graph, without Q/DQ pairs.
 
 :func:`to_qdq` makes an export copy of a quantized model in which every :class:`QuantConv2d` calls torch's own
 quantization ops, which the exporters translate into ``QuantizeLinear``/``DequantizeLinear``:
@@ -318,17 +320,21 @@ def compare_outputs(qmodel: nn.Module, session, images: Tensor, batch_size: int 
     ``|ORT - fake quant| / step_c``). Through the whole network these are not bounded by one step: a value
     that ORT rounds to the neighbouring code moves the next layers' inputs, which may cross further rounding
     boundaries. :func:`check_layers` checks each conv on its own; the mAP checks the whole.
+
+    A prediction conv left in FP (the layer protocol ``"head-fp"``) has no quantization step: its output's
+    ``step`` and ``max_steps`` are None (``max_abs`` and ``mean_abs`` are measured as for the others).
     """
 
     images = check_images(images, "images")
     layers = check_exportable(qmodel)
     ort_model = OnnxDetector(session)
-    preds = [n for n in layers if n.endswith(".pred")]
+    # quantized (QuantConv2d) or, with protocol "head-fp", plain FP convs; a QuantConv2d's own conv ends in ".conv"
+    preds = [n for n, m in qmodel.named_modules() if n.endswith(".pred") and isinstance(m, (QuantConv2d, nn.Conv2d))]
     if len(preds) != len(OUTPUT_NAMES):
         raise ValueError(f"qmodel has {len(preds)} prediction convs (*.pred); the detector has {len(OUTPUT_NAMES)}")
     # the detector's prediction convs in output order: cls of each level, then box of each level
     order = [n for n in preds if ".cls." in n] + [n for n in preds if ".box." in n]
-    steps = [_step(layers[n]) for n in order]
+    steps = [_step(layers[n]) if n in layers else None for n in order]
     stats = {n: {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "max_steps": 0.0} for n in OUTPUT_NAMES}
     with eval_mode(qmodel):
         for start in range(0, len(images), batch_size):
@@ -340,12 +346,14 @@ def compare_outputs(qmodel: nn.Module, session, images: Tensor, batch_size: int 
                 s["max_abs"] = max(s["max_abs"], float(d.max()))
                 s["sum_abs"] += float(d.sum())
                 s["count"] += d.numel()
-                s["max_steps"] = max(s["max_steps"], float((d / st.cpu()).max()))
+                if st is not None:
+                    s["max_steps"] = max(s["max_steps"], float((d / st.cpu()).max()))
     out = {}
     for name, st in zip(OUTPUT_NAMES, steps):
         s = stats[name]
-        out[name] = {"max_abs": s["max_abs"], "mean_abs": s["sum_abs"] / s["count"], "step": float(st.min()),
-                     "max_steps": s["max_steps"]}
+        out[name] = {"max_abs": s["max_abs"], "mean_abs": s["sum_abs"] / s["count"],
+                     "step": None if st is None else float(st.min()),
+                     "max_steps": None if st is None else s["max_steps"]}
     return out
 
 

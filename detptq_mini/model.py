@@ -186,7 +186,7 @@ class UnitDetector(nn.Module):
     The base class gives the rest: :meth:`run` (execute units ``start:stop`` on a dict of named tensors),
     :meth:`capture` and :meth:`forward_from` (restart the forward at a unit), :meth:`live_names`,
     :meth:`dependents`, the unit lookups (:attr:`unit_names`, :meth:`unit_index`, :meth:`unit_of`,
-    :meth:`conv_names`), :meth:`collect` and ``forward(x) = collect(run({"image": prepare(x)}))``.
+    :meth:`conv_names`, :meth:`head_units`), :meth:`collect` and ``forward(x) = collect(run({"image": prepare(x)}))``.
 
     A subclass is checked when it is built (after its ``__init__``): a missing or malformed ``units`` or
     ``outputs``, or a ``prepare`` left abstract, is a ValueError naming the missing piece.
@@ -248,6 +248,18 @@ class UnitDetector(nn.Module):
     def unit_names(self) -> tuple[str, ...]:
         """Reconstruction units, in forward order."""
         return tuple(u.name for u in self.units)
+
+    def head_units(self) -> tuple[str, ...]:
+        """The head's units, in forward order: by default the units whose output is one of the detector's outputs
+        (what :meth:`collect` reads, named by ``outputs``).
+
+        The layer protocol ``"head-fp"`` (:class:`detptq_mini.quant.QuantConfig`) leaves every conv of these units in
+        FP. The default fits a head whose branches each end in an output tensor (the shipped detector's six
+        ``head.p{3,4,5}.{cls,box}``, RetinaNet's ``head.cls`` and ``head.box``); a subclass whose head spans further
+        units (e.g. a shared stem before the branches) overrides this.
+        """
+        produced = {n for group in self.outputs for n in group}
+        return tuple(u.name for u in self.units if u.output in produced)
 
     def conv_names(self) -> tuple[str, ...]:
         """Every Conv2d by its stable module path, in forward (unit) order."""

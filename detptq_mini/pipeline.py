@@ -21,7 +21,9 @@ Methods available now:
 
 The input model is never modified: a BN-folded, quantized copy is returned. Activation ranges are
 searched on the FP activations (quantizers disabled) of the calibration images, sampled to at most
-``max_elements`` values per layer with a fixed seed; weights need no data.
+``max_elements`` values per layer with a fixed seed; weights need no data. Every method takes the layer
+protocol ``protocol``: ``"ours"`` (default) quantizes every conv, ``"head-fp"`` leaves the detection head's convs
+in FP (QDrop's public COCO code); those convs are then no quantized layers, and every step above skips them.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .checks import check_bits, check_bool, check_choice, check_images, check_in
 from .detptq import Granularity, Rest, select_p
 from .odol import ClsMode, FgMode, LocMode, OdolConfig
 from .lp import P_DEFAULT, apply_scales, search_model_scales
-from .quant import QuantConfig, calibrate_minmax, fold_bn, quant_layers, quantize_model
+from .quant import PROTOCOLS, LayerProtocol, QuantConfig, calibrate_minmax, fold_bn, quant_layers, quantize_model
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images"]
@@ -69,6 +71,9 @@ class PTQConfig:
         p: the fixed p of ``"lp"``, ``"brecq"`` and ``"qdrop"`` (default 2.0; must be None for the methods
             that choose p themselves).
         stem_8bit, pred_8bit: keep the stem conv and the head's prediction convs at W8A8 (the usual convention).
+        protocol: which convs are quantized, one of :data:`~detptq_mini.quant.PROTOCOLS`: ``"ours"`` (default)
+            every conv; ``"head-fp"`` every conv but the head's, which stay FP (QDrop's public COCO code); see
+            :class:`~detptq_mini.quant.QuantConfig`.
         grid: number of candidate ranges of the scale search.
         max_elements: activation values sampled per layer for the search.
         seed: seed of the activation sampling.
@@ -104,6 +109,7 @@ class PTQConfig:
     p: float | None = None
     stem_8bit: bool = True
     pred_8bit: bool = True
+    protocol: LayerProtocol = "ours"
     grid: int = 100
     max_elements: int = 2**20
     seed: int = 0
@@ -135,6 +141,7 @@ class PTQConfig:
             raise ValueError(f"method={self.method!r} is not a method; allowed: {', '.join(METHODS)}")
         for name in ("w_bits", "a_bits"):
             object.__setattr__(self, name, check_bits(name, getattr(self, name)))
+        check_choice("protocol", self.protocol, PROTOCOLS)
         if self.method in FIXED_P_METHODS:
             p = 2.0 if self.p is None else self.p
             object.__setattr__(self, "p", check_number("p", p, 0, low_open=True))
@@ -209,7 +216,9 @@ class PTQConfig:
         return ReconConfig(**values, p=2.0 if self.p is None else self.p, seed=self.seed)
 
     def quant_config(self) -> QuantConfig:
-        return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, stem_8bit=self.stem_8bit, pred_8bit=self.pred_8bit)
+        """The :class:`~detptq_mini.quant.QuantConfig` of the run: bits, 8-bit conventions and layer protocol."""
+        return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, stem_8bit=self.stem_8bit, pred_8bit=self.pred_8bit,
+                           protocol=self.protocol)
 
 
 @dataclass

@@ -33,18 +33,19 @@ import dataclasses
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from .checks import check_axis, check_bits, check_bool, check_finite, check_images, check_int
+from .checks import check_axis, check_bits, check_bool, check_choice, check_finite, check_images, check_int
+from .model import UnitDetector
 
 __all__ = [
-    "int_range", "fake_quantize", "fake_quantize_forward", "qparams_from_range", "fold_bn", "QuantConfig",
-    "Quantizer", "QuantConv2d", "quantize_model", "quant_layers", "set_quant_state", "collect_activations",
-    "calibrate_minmax", "quantization_off", "quant_state_kept", "eval_mode", "select_layers",
+    "int_range", "fake_quantize", "fake_quantize_forward", "qparams_from_range", "fold_bn", "PROTOCOLS", "QuantConfig",
+    "Quantizer", "QuantConv2d", "head_convs", "quantize_model", "quant_layers", "set_quant_state",
+    "collect_activations", "calibrate_minmax", "quantization_off", "quant_state_kept", "eval_mode", "select_layers",
 ]
 
 SCALE_FLOOR = 1e-8  # scales are at least SCALE_FLOOR * max(1, |lo|, |hi|): finite and positive for all-zero data
@@ -252,6 +253,12 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------ config
+#: The layer protocols: which convs are quantized at all (method page, section 7). ``"ours"``: every conv;
+#: ``"head-fp"``: every conv but those of the detection head, which stay FP (QDrop's public COCO code).
+LayerProtocol = Literal["ours", "head-fp"]
+PROTOCOLS: tuple[str, ...] = get_args(LayerProtocol)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How :func:`quantize_model` quantizes a model (the defaults are those of the method page, section 2).
@@ -263,7 +270,11 @@ class QuantConfig:
         w_per_channel: one weight scale per output channel (axis 0) or one per tensor.
         a_symmetric: symmetric activation range or asymmetric (the default; activations are per tensor).
         stem_8bit: the stem conv (the first conv) at W8A8.
-        pred_8bit: the head's final prediction convs (``*.pred``) at W8A8.
+        pred_8bit: the head's final prediction convs (``*.pred``) at W8A8 (nothing to do with ``"head-fp"``,
+            which leaves them FP).
+        protocol: which convs are quantized, one of :data:`PROTOCOLS`: ``"ours"`` every conv; ``"head-fp"`` every
+            conv but those of the head units (``model.head_units()``), which stay plain FP ``nn.Conv2d`` (QDrop's
+            public COCO code quantizes the backbone and the neck only).
     """
 
     w_bits: int = 4
@@ -273,12 +284,14 @@ class QuantConfig:
     a_symmetric: bool = False
     stem_8bit: bool = True
     pred_8bit: bool = True
+    protocol: LayerProtocol = "ours"
 
     def __post_init__(self):
         for f in ("w_bits", "a_bits"):
             object.__setattr__(self, f, check_bits(f, getattr(self, f)))
         for f in ("w_symmetric", "w_per_channel", "a_symmetric", "stem_8bit", "pred_8bit"):
             check_bool(f, getattr(self, f))
+        check_choice("protocol", self.protocol, PROTOCOLS)
 
     def to_dict(self) -> dict:
         """The config as a plain dict (JSON-ready)."""
@@ -391,6 +404,18 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def head_convs(model: nn.Module) -> tuple[str, ...]:
+    """The convs of ``model``'s head units (:meth:`~detptq_mini.model.UnitDetector.head_units`), in forward order:
+    the convs the layer protocol ``"head-fp"`` leaves in FP. ``model`` must be a UnitDetector (a ValueError
+    otherwise: only a detector knows its head)."""
+    if not isinstance(model, UnitDetector):
+        raise ValueError(f"protocol='head-fp' needs the model's head units, and model is not a UnitDetector (got "
+                         f"{type(model).__name__}); use protocol='ours', or a detptq_mini.model.UnitDetector "
+                         "(Detector, RetinaNetAdapter or another subclass)")
+    head = set(model.head_units())
+    return tuple(n for n in model.conv_names() if model.unit_of(n) in head)
+
+
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
                    pred_names: Iterable[str] | None = None) -> nn.Module:
     """A quantized copy of ``model``: BN folded, every ``nn.Conv2d`` replaced in place by a :class:`QuantConv2d`.
@@ -400,14 +425,18 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
     order: ``backbone.stem.conv`` for the detector) when ``config.stem_8bit`` and for the prediction convs when
     ``config.pred_8bit``. The prediction convs are ``pred_names`` if given, else the convs whose name ends in
     ``.pred`` (the detector's six). Forward order is ``model.conv_names()`` when the model has it, else module
-    registration order. The quantizers start enabled but uncalibrated: run :func:`calibrate_minmax` (or set
-    every scale) before a quantized forward. ``model`` itself is not modified.
+    registration order. With ``config.protocol == "head-fp"`` the convs of the head units (:func:`head_convs`;
+    ``model`` must then be a :class:`~detptq_mini.model.UnitDetector`) stay plain FP ``nn.Conv2d`` (BN folded):
+    they are no quantized layers, so every later step (scale search, p selection, reconstruction) skips them,
+    and ``pred_8bit`` has nothing left to do. The quantizers start enabled but uncalibrated: run
+    :func:`calibrate_minmax` (or set every scale) before a quantized forward. ``model`` itself is not modified.
     """
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
     if any(isinstance(m, QuantConv2d) for m in model.modules()):
         raise ValueError("model is already quantized (it contains QuantConv2d layers)")
+    fp_convs = set(head_convs(model)) if config.protocol == "head-fp" else set()
     qmodel = fold_bn(model)
     order = _conv_order(qmodel)
     if not order:
@@ -419,7 +448,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
         unknown = sorted(preds - set(order))
         if unknown:
             raise ValueError(f"pred_names has {unknown} that are not convs of the model; allowed: {', '.join(order)}")
+    if not [n for n in order if n not in fp_convs]:
+        raise ValueError(f"protocol={config.protocol!r} leaves every conv of the model in FP: nothing to quantize")
     for name in order:
+        if name in fp_convs:
+            continue
         w8a8 = (config.stem_8bit and name == order[0]) or (config.pred_8bit and name in preds)
         w_bits, a_bits = (8, 8) if w8a8 else (config.w_bits, config.a_bits)
         layer = QuantConv2d(qmodel.get_submodule(name), w_bits=w_bits, a_bits=a_bits,

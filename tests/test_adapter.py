@@ -181,6 +181,17 @@ def test_quantize_model_keeps_stem_and_predictions_at_8_bits(adapter):
     assert eight == ["body.stem.0", "head.box.pred", "head.cls.pred"]
 
 
+def test_head_units_and_the_head_fp_protocol(adapter):
+    assert adapter.head_units() == ("head.cls", "head.box")  # the base class's default: the units writing outputs
+    q = quantize_model(adapter, QuantConfig(w_bits=4, a_bits=4, protocol="head-fp"))
+    head = [n for n in adapter.conv_names() if n.startswith("head.")]
+    assert len(head) == 10  # four subnet convs and the prediction conv, for classes and for boxes
+    assert all(type(q.get_submodule(n)) is nn.Conv2d for n in head)
+    bits = {n: (m.weight_quantizer.bits, m.input_quantizer.bits) for n, m in quant_layers(q).items()}
+    assert list(bits) == [n for n in adapter.conv_names() if not n.startswith("head.")]
+    assert sorted(n for n, b in bits.items() if b == (8, 8)) == ["body.stem.0"]  # the stem stays W8A8
+
+
 def test_run_ptq_detptq_and_select_p_run(adapter, images):
     before = {k: v.clone() for k, v in adapter.state_dict().items()}
     res = run_ptq(adapter, images[:1], "detptq", 4, 4, ps=(2.0, 4.0), grid=8, max_elements=2**10)

@@ -277,6 +277,26 @@ def test_summarize_and_markdown():
     assert lines[2].startswith(f"Cells: {len(recs) - 1} of {len(recs)} done, 1 failed.")
 
 
+def test_a_head_fp_cell_has_its_own_key_and_its_own_labelled_row():
+    head_fp = ("--protocol", "head-fp")
+    cell = Cell("detptq", 4, 4, 0, extra=head_fp)
+    assert cell.key == "detptq-W4A4-s0-c64-v500+protocol+head-fp" != Cell("detptq", 4, 4, 0).key
+    assert cell_args(cell)[-5:] == ["--protocol", "head-fp", "--device", "cpu", "--json"]
+    recs = [_rec("detptq", 0, 0.6), _rec("detptq", 1, 0.7), _rec("detptq", 0, 0.3, extra=head_fp),
+            _rec("detptq", 1, 0.4, extra=head_fp), _rec("detptq", 0, 0.2, extra=head_fp + ("--no-8bit-stem",)),
+            _rec("lp", 0, 0.5, p=2.0, extra=head_fp), _rec("lp", 0, 0.55, p=3.0, extra=head_fp),
+            _rec("detptq", 0, 0.1, extra=("--protocol", "ours"))]  # explicit: its own row, labelled as given
+    s = summarize({r["key"]: r for r in recs})
+    rows = {row["label"]: row for row in s["rows"]}
+    assert list(rows) == ["Lp p=2, head FP", "Lp p=3, head FP", "Lp, best fixed p (oracle), head FP",
+                          "DetPTQ simple", "DetPTQ simple (protocol ours)", "DetPTQ simple, head FP",
+                          "DetPTQ simple, head FP (8-bit stem off)"]  # a method's head-FP rows after its others
+    assert rows["DetPTQ simple"]["cells"]["W4A4"]["map_mean"] == pytest.approx(0.65)  # not mixed with head FP
+    assert rows["DetPTQ simple, head FP"]["cells"]["W4A4"]["map_mean"] == pytest.approx(0.35)
+    assert rows["Lp, best fixed p (oracle), head FP"]["cells"]["W4A4"]["p"] == 3.0
+    assert "| DetPTQ simple, head FP | 0.3500 ± 0.0707 (2) |" in to_markdown({r["key"]: r for r in recs})
+
+
 def test_summary_states_the_learning_rates_of_a_budget():
     lr = (0.01, 0.001)
     one = {"suite": "custom", "cells": {r["key"]: r for r in [

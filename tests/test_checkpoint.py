@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 from detptq_mini.checkpoint import (FORMAT_VERSION, READ_FORMATS, WEIGHTS_DIR, checkpoint_header, check_state_dict,
                                     load_any, load_checkpoint, load_pretrained, load_quantized, read_checkpoint,
@@ -12,6 +13,7 @@ from detptq_mini.checkpoint import (FORMAT_VERSION, READ_FORMATS, WEIGHTS_DIR, c
 from detptq_mini.data import ShapesDataset
 from detptq_mini.model import Detector
 from detptq_mini.pipeline import run_ptq
+from detptq_mini.quant import QuantConv2d, head_convs
 from detptq_mini.train import TrainConfig, train
 
 
@@ -75,6 +77,36 @@ def test_lp_w4a4_round_trip_keeps_the_chosen_p(tmp_path, pretrained):
     x = calib.images(0, 2)
     assert all(torch.equal(a, b) for a, b in zip(_outputs(res.model, x), _outputs(q2, x)))
     assert report["chosen_p"] == res.report["chosen_p"]
+
+
+def test_head_fp_round_trip_and_a_checkpoint_without_protocol_loads_as_ours(tmp_path, pretrained, w8a8):
+    res = run_ptq(pretrained, ShapesDataset("calib", 2, seed=0), "minmax", 4, 4, protocol="head-fp")
+    path = tmp_path / "head_fp.pt"
+    save_quantized(res, path, dict(pretrained.config.__dict__))
+    assert torch.load(path, weights_only=True)["quant"]["quant_config"]["protocol"] == "head-fp"
+    q2, report = load_quantized(path)
+    assert report["quant_config"]["protocol"] == "head-fp"
+    assert [(n, type(m)) for n, m in q2.named_modules()] == [(n, type(m)) for n, m in res.model.named_modules()]
+    assert all(type(q2.get_submodule(n)) is nn.Conv2d for n in head_convs(pretrained))  # the head stays FP
+    x = ShapesDataset("val", 2, seed=0).images()
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(res.model, x), _outputs(q2, x)))
+
+    # a checkpoint written before the protocol existed has no "protocol" in its quantization config: "ours"
+    raw = torch.load(_saved(tmp_path, pretrained, w8a8), weights_only=True)
+    for holder in (raw["quant"], raw["report"]):  # (the two may be one dict, shared in the pickle)
+        holder["quant_config"].pop("protocol", None)
+    assert "protocol" not in raw["quant"]["quant_config"]
+    old = tmp_path / "old.pt"
+    torch.save(raw, old)
+    q3, _ = load_quantized(old)
+    assert all(isinstance(q3.get_submodule(n), QuantConv2d) for n in head_convs(pretrained))
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(w8a8.model, x), _outputs(q3, x)))
+
+
+def _saved(tmp_path, pretrained, result) -> str:
+    path = tmp_path / "saved.pt"
+    save_quantized(result, path, dict(pretrained.config.__dict__))
+    return path
 
 
 def test_train_writes_a_versioned_checkpoint(tmp_path):

@@ -44,3 +44,23 @@ def test_checkpoint_for_another_architecture(tmp_path, capsys):
                path)  # default config, wrong weights
     assert main(["evaluate", "--checkpoint", str(path)]) == 2
     assert "does not fit this model's architecture" in capsys.readouterr().err
+
+
+def test_quantize_protocol_reaches_the_report(tmp_path, capsys):
+    from torch import nn
+
+    from detptq_mini.checkpoint import load_quantized
+    from detptq_mini.cli import build_parser
+
+    base = ["quantize", "--method", "minmax", "--w-bits", "4", "--a-bits", "4", "--calib", "2", "--val", "4"]
+    assert build_parser().parse_args(base).protocol == "ours"  # the default
+    out = tmp_path / "q.pt"
+    assert main([*base, "--protocol", "head-fp", "--json", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["config"]["protocol"] == "head-fp" and res["quant_config"]["protocol"] == "head-fp"
+    qmodel, report = load_quantized(out)
+    assert report["config"]["protocol"] == "head-fp"
+    assert type(qmodel.get_submodule("head.p3.cls.pred")) is nn.Conv2d
+    assert main([*base, "--protocol", "head_fp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --protocol: invalid choice: 'head_fp'" in err[0]

@@ -96,3 +96,22 @@ def test_not_exportable(pretrained, tmp_path):
     with pytest.raises(ValueError, match="opset=11 must be an integer >= 13"):
         export_onnx(pretrained, tmp_path / "q.onnx", opset=11)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_head_fp_exports_with_the_head_as_plain_fp_convs(pretrained, tmp_path):
+    qmodel = run_ptq(pretrained, ShapesDataset("calib", 4), "minmax", 8, 8, protocol="head-fp").model
+    n = len(quant_layers(qmodel))
+    path = export_onnx(qmodel, tmp_path / "head_fp.onnx")
+    s = qdq_summary(path)
+    assert n == 45 and s["convs"] == 63 and s["qdq_convs"] == n == s["per_channel_weight_convs"]  # 18 FP head convs
+    x = ShapesDataset("val", 2).images()
+    session = onnx_session(path)
+    with torch.no_grad():
+        ref = qmodel(x)
+    got = OnnxDetector(session)(x)
+    for r, o in zip(ref.cls + ref.box, got.cls + got.box):
+        assert o.shape == r.shape and torch.isfinite(o).all()
+    cmp = compare_outputs(qmodel, session, x)  # the FP prediction convs have no quantization step
+    assert set(cmp) == set(OUTPUT_NAMES)
+    assert all(v["step"] is None and v["max_steps"] is None and 0 <= v["mean_abs"] <= v["max_abs"] < float("inf")
+               for v in cmp.values())

@@ -103,6 +103,18 @@ def test_unit_detector_gives_the_restartable_forward():
     assert tiny.conv_names() == ("body", "cls", "box") and tiny.unit_of("cls") == "cls"
 
 
+def test_head_units_are_the_units_that_write_an_output(model):
+    assert model.head_units() == ("head.p3.cls", "head.p3.box", "head.p4.cls", "head.p4.box", "head.p5.cls",
+                                  "head.p5.box")
+    assert _Tiny().head_units() == ("cls", "box")  # the base class's default, for any UnitDetector
+
+    class _SharedStem(_Tiny):  # a subclass may say otherwise, e.g. a head with a shared first conv
+        def head_units(self):
+            return ("body",) + super().head_units()
+
+    assert _SharedStem().head_units() == ("body", "cls", "box")
+
+
 def test_detector_dependents(model):
     on, off = model.dependents("neck.td3")  # n3 feeds the stride-8 head, down3, bu4, ..., not the rest
     names = [model.units[j].name for j in on]

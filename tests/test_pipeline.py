@@ -4,11 +4,12 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from detptq_mini.data import ShapesDataset
 from detptq_mini.lp import P_DEFAULT, apply_scales, lp_scale_search, search_model_scales
 from detptq_mini.pipeline import METHODS, PTQConfig, run_ptq
-from detptq_mini.quant import QuantConfig, quant_layers, quantize_model
+from detptq_mini.quant import QuantConfig, QuantConv2d, head_convs, quant_layers, quantize_model
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +72,31 @@ def test_minmax_w8a8_is_close_to_fp(pretrained, calib):
     (dict(method="lp", p=float("nan")), "p="),
     (dict(method="minmax", p=2.0), "p="),
     (dict(method="lp", grid=0), "grid"),
+    (dict(method="lp", protocol="head_fp"), "protocol='head_fp' is not allowed; allowed: 'ours', 'head-fp'"),
+    (dict(method="lp", protocol=None), "protocol=None is not allowed"),
 ])
 def test_bad_config(kwargs, word):
     with pytest.raises(ValueError, match=word):
         PTQConfig(**kwargs)
+
+
+def test_run_ptq_head_fp_leaves_the_head_convs_fp(pretrained, calib):
+    images = calib.images(0, 2)
+    head = head_convs(pretrained)
+    res = run_ptq(pretrained, images, "minmax", 4, 4, protocol="head-fp")
+    r = res.report
+    assert r["config"]["protocol"] == "head-fp" and r["quant_config"]["protocol"] == "head-fp"
+    assert all(type(res.model.get_submodule(n)) is nn.Conv2d for n in head) and len(head) == 18
+    assert list(r["layers"]) == list(quant_layers(res.model)) and not set(head) & set(r["layers"])
+    assert len(r["layers"]) == 45 and r["layers"]["backbone.stem.conv"] == {"w_bits": 8, "a_bits": 8}
+    ours = run_ptq(pretrained, images, "minmax", 4, 4)
+    assert ours.report["config"]["protocol"] == "ours" == ours.report["quant_config"]["protocol"]
+    assert all(isinstance(ours.model.get_submodule(n), QuantConv2d) for n in head)
+    # reconstruction (every method iterates over the quantized layers) skips the FP head units
+    rec = run_ptq(pretrained, images, "qdrop", 4, 4, protocol="head-fp", grid=4, max_elements=2**10, iters=1,
+                  recon_batch_size=2)
+    assert set(rec.history.units) == set(pretrained.unit_names) - set(pretrained.head_units())
+    assert all(type(rec.model.get_submodule(n)) is nn.Conv2d for n in head)
 
 
 def test_bad_calibration_input(pretrained):

@@ -11,8 +11,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detptq_mini.model import Detector
 from detptq_mini.quant import (
-    QuantConfig, QuantConv2d, Quantizer, calibrate_minmax, collect_activations, fake_quantize, fold_bn, int_range,
-    qparams_from_range, quant_layers, quantize_model, set_quant_state,
+    PROTOCOLS, QuantConfig, QuantConv2d, Quantizer, calibrate_minmax, collect_activations, fake_quantize, fold_bn,
+    head_convs, int_range, qparams_from_range, quant_layers, quantize_model, set_quant_state,
 )
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -211,6 +211,11 @@ def test_quant_config():
         QuantConfig(a_bits=1)
     with pytest.raises(ValueError, match="stem_8bit"):
         QuantConfig(stem_8bit="yes")
+    assert c.protocol == "ours" and PROTOCOLS == ("ours", "head-fp")
+    assert QuantConfig(**QuantConfig(protocol="head-fp").to_dict()).protocol == "head-fp"
+    for bad in ("head_fp", None, "Ours"):
+        with pytest.raises(ValueError, match=r"protocol=.* is not allowed; allowed: 'ours', 'head-fp'"):
+            QuantConfig(protocol=bad)
 
 
 def test_quantize_model_wraps_every_conv(detector, images):
@@ -237,6 +242,31 @@ def test_quantize_model_wraps_every_conv(detector, images):
             assert torch.equal(a, b)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(qmodel)
+
+
+def test_quantize_model_head_fp_leaves_exactly_the_head_convs_fp(detector, images):
+    qmodel = quantize_model(detector, QuantConfig(w_bits=4, a_bits=4, protocol="head-fp"))
+    head = [n for n in detector.conv_names() if n.startswith("head.")]
+    assert head_convs(detector) == tuple(head) and len(head) == 18  # two 3x3 and the pred conv of six branches
+    fp_convs = [n for n, m in qmodel.named_modules() if type(m) is nn.Conv2d and not isinstance(
+        qmodel.get_submodule(n.rpartition(".")[0]), QuantConv2d)]
+    assert fp_convs == head  # every head conv a plain nn.Conv2d, every other conv wrapped
+    layers = quant_layers(qmodel)
+    assert list(layers) == [n for n in detector.conv_names() if n not in head] and len(layers) == 45
+    eight = {n for n, m in layers.items() if (m.weight_quantizer.bits, m.input_quantizer.bits) == (8, 8)}
+    assert eight == {"backbone.stem.conv"}  # the stem stays W8A8; pred_8bit has no quantized pred conv left
+    assert all(q.weight_quantizer.bits == 4 for q in quant_layers(quantize_model(
+        detector, QuantConfig(protocol="head-fp", stem_8bit=False))).values())
+    # the head is the BN-folded FP head: run on the quantized neck's outputs, it gives the quantized model's outputs
+    calibrate_minmax(qmodel, images)
+    first = detector.head_units()[0]
+    with torch.no_grad():
+        out = qmodel(images)
+        again = fold_bn(detector).forward_from(first, qmodel.capture(images, first))
+        for a, b in zip(_outputs(out), _outputs(again)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="protocol='head-fp' needs the model's head units.*not a UnitDetector"):
+        quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3)), QuantConfig(protocol="head-fp"))
 
 
 def test_quantize_model_generic_model_and_pred_names():

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from detptq_mini.checkpoint import WEIGHTS_DIR, load_checkpoint, load_quantized, save_quantized
 from detptq_mini.checks import check_images
@@ -85,6 +86,14 @@ LIBRARY = {
                                        "odol_loc='giou' is not allowed; allowed: 'l1', 'iou'"),
     "unknown layer": (lambda m: set_quant_state(quantize_model(m), False, layers=["backbone.nope"]),
                       r"layers has \['backbone.nope'\] that are not quantized layers; allowed: backbone.stem"),
+    "unknown protocol": (lambda m: PTQConfig(method="minmax", protocol="qdrop"),
+                         "protocol='qdrop' is not allowed; allowed: 'ours', 'head-fp'"),
+    "unknown protocol (QuantConfig)": (lambda m: QuantConfig(protocol="head_fp"),
+                                       "protocol='head_fp' is not allowed; allowed: 'ours', 'head-fp'"),
+    "head-fp without a head": (lambda m: quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3)),
+                                                        QuantConfig(protocol="head-fp")),
+                               r"protocol='head-fp' needs the model's head units, and model is not a UnitDetector "
+                               r"\(got Sequential\)"),
 }
 
 
@@ -142,6 +151,8 @@ CLI = {
     "tiny calib": ([*Q, "--method", "minmax", "--batch-size", "8"],
                    "--batch-size 8 is more than the --calib 4 calibration images; allowed: 1..4"),
     "unknown method": ([*Q, "--method", "magic"], "--method 'magic' is not a method; allowed: minmax, lp, detptq"),
+    "unknown protocol": ([*Q, "--method", "minmax", "--protocol", "qdrop"],
+                         "argument --protocol: invalid choice: 'qdrop' (choose from "),
     "out in missing dir": ([*Q, "--method", "minmax", "--out", "/nonexistent/dir/q.pt"],
                            "--out '/nonexistent/dir/q.pt': directory '/nonexistent/dir' does not exist"),
     "missing checkpoint": (["evaluate", "--checkpoint", "/nonexistent/q.pt"], "does not exist"),

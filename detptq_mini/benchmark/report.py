@@ -27,6 +27,8 @@ _ODOL_NAMES = {"kl": "KL", "l2": "L2", "l1": "L1", "iou": "IoU"}
 #: ``--qdrop-input`` values named in a row's label (others are shown as ``qdrop input <value>``): the earlier QDrop
 #: scheme, which the cells called ``qdrop`` and ``detptq-qdrop`` ran before QDrop was made the reference's.
 _QDROP_INPUT_NAMES = {"two-coin": "two coins, old"}
+# the layer protocols (``--protocol``) other than the default, as a row's name shows them: "DetPTQ simple, head FP"
+_PROTOCOL_NAMES = {"head-fp": "head FP"}
 
 
 def _cells_of(results: dict) -> dict:
@@ -96,12 +98,20 @@ def _qdrop_input_name(extra) -> str | None:
     return _QDROP_INPUT_NAMES.get(dict(_options(extra)).get("--qdrop-input"))
 
 
+def _protocol(extra) -> str | None:
+    """The layer protocol of a cell's extra arguments when a row's name shows it (``--protocol head-fp``), else None."""
+    protocol = dict(_options(extra)).get("--protocol")
+    return protocol if protocol in _PROTOCOL_NAMES else None
+
+
 def _extra_label(extra) -> list[str]:
     """Readable names of a cell's extra ``quantize`` arguments (ODOL combination, 8-bit conventions off, ...), but
     a ``--qdrop-input`` of :data:`_QDROP_INPUT_NAMES`, which the label puts with the method's name."""
     opts = dict(_options(extra))
     if _qdrop_input_name(extra) is not None:
         opts.pop("--qdrop-input")
+    if _protocol(extra) is not None:  # part of the row's name (see _row_label), not an option
+        opts.pop("--protocol")
     labels = []
     if "--odol-cls" in opts or "--odol-loc" in opts:
         cls, loc = opts.pop("--odol-cls", "kl"), opts.pop("--odol-loc", "l1")
@@ -131,13 +141,14 @@ def summarize(results: dict) -> dict:
         * ``bits``: the bits columns (``"W8A8"``, ``"W4A8"``, ...), widest first;
         * ``rows``: one per method and options, in table order (min-max, Lp by p, best fixed p, DetPTQ simple,
           BRECQ (two-stage), joint, QDrop, DetPTQ+QDrop; within a method, rows with extra options after the plain
-          one, and the two-coin QDrop rows of ``--qdrop-input two-coin`` last), each ``{"label", "method",
-          "p", "calib", "val", "extra", "best_fixed_p", "cells"}`` where ``cells`` maps a bits column to ``{"n",
-          "seeds", "keys", "map_mean", "map_std", "map50_mean", "map50_std", "ratio_to_fp_mean",
-          "wall_seconds_mean", "cpu_seconds_mean", "peak_rss_mb_max", "calib", "val", "iters"}`` over the
-          successful cells (stds are sample standard deviations over seeds, None for one seed). Calibration
-          and val images are in the label only when they differ between rows; rows differing only in ``iters``
-          at the same bits are split, with the budget in the label.
+          one, the two-coin QDrop rows of ``--qdrop-input two-coin`` after those, and a layer protocol other than
+          the default, ``--protocol head-fp``, in rows of its own after the method's others, named e.g. "DetPTQ
+          simple, head FP"), each ``{"label", "method", "p", "calib", "val", "extra", "best_fixed_p", "cells"}``
+          where ``cells`` maps a bits column to ``{"n", "seeds", "keys", "map_mean", "map_std", "map50_mean",
+          "map50_std", "ratio_to_fp_mean", "wall_seconds_mean", "cpu_seconds_mean", "peak_rss_mb_max", "calib",
+          "val", "iters"}`` over the successful cells (stds are sample standard deviations over seeds, None for
+          one seed). Calibration and val images are in the label only when they differ between rows; rows
+          differing only in ``iters`` at the same bits are split, with the budget in the label.
         * the ``best_fixed_p`` row (after the Lp rows, when at least two p of ``P_DEFAULT`` have results at a
           bits): per bits, the Lp row with p in ``P_DEFAULT`` whose mean mAP50:95 over seeds is highest, with
           its ``p`` and every candidate's mean in ``candidates``. This is an oracle choice made on the val set
@@ -211,7 +222,10 @@ def summarize(results: dict) -> dict:
     variant: dict[tuple, int] = {}
     for row in rows_list:
         variant.setdefault(_variant(row), len(variant))
-    rows_list.sort(key=lambda row: (rank[row["method"]], _qdrop_input_name(row["extra"]) is not None,
+    # per method: the default protocol's rows, then each named protocol's; within each, the plain row first and the
+    # two-coin QDrop rows last
+    rows_list.sort(key=lambda row: (rank[row["method"]], _protocol(row["extra"]) or "",
+                                    _qdrop_input_name(row["extra"]) is not None,
                                     bool(_extra_label(row["extra"])), variant[_variant(row)], row["best_fixed_p"],
                                     -1 if row["p"] is None else row["p"]))
     vary_calib = len({row["calib"] for row in rows_list}) > 1
@@ -268,6 +282,9 @@ def _row_label(row: dict, vary_calib: bool, vary_val: bool) -> str:
         if row["p"] is not None:
             name += f" p={row['p']:g}"
     kinds += [k for k in [_qdrop_input_name(row["extra"])] if k is not None]
+    protocol = _protocol(row["extra"])
+    if protocol is not None:  # another set of quantized layers: another method, so in the name
+        name += f", {_PROTOCOL_NAMES[protocol]}"
     opts = _extra_label(row["extra"])
     if vary_calib:
         opts.append(f"calib {row['calib']}")
