@@ -236,7 +236,7 @@ def test_summarize_and_markdown():
     assert labels == ["min-max (calib 64)", "min-max (calib 8)", "Lp p=2 (calib 64)", "Lp p=2.4 (calib 64)",
                       "Lp p=3 (calib 64)", "Lp, best fixed p (oracle) (calib 64)", "DetPTQ simple (calib 64)",
                       "DetPTQ simple (ODOL L2+IoU, calib 64)", "DetPTQ simple (8-bit stem/pred off, calib 64)",
-                      "BRECQ (two-stage; calib 64, iters 100)", "BRECQ (two-stage; calib 64, iters 200)"]
+                      "BRECQ (calib 64, iters 100)", "BRECQ (calib 64, iters 200)"]
     rows = dict(zip(labels, s["rows"]))
     lp = rows["Lp p=2 (calib 64)"]["cells"]["W4A4"]
     assert lp["seeds"] == [0, 1, 2] and lp["n"] == 3  # the failed seed 3 is left out
@@ -250,8 +250,8 @@ def test_summarize_and_markdown():
     assert best["cells"]["W4A4"]["p"] == 3.0 and math.isclose(best["cells"]["W4A4"]["map_mean"], 0.7)
     assert best["cells"]["W4A4"]["candidates"] == pytest.approx({"2": 0.6, "3": 0.7})
     assert best["cells"]["W4A8"]["p"] == 2.0  # equal means: the smaller p
-    assert set(rows["BRECQ (two-stage; calib 64, iters 100)"]["cells"]) == {"W4A8", "W4A4"}
-    assert set(rows["BRECQ (two-stage; calib 64, iters 200)"]["cells"]) == {"W4A4"}
+    assert set(rows["BRECQ (calib 64, iters 100)"]["cells"]) == {"W4A8", "W4A4"}
+    assert set(rows["BRECQ (calib 64, iters 200)"]["cells"]) == {"W4A4"}
     assert rows["min-max (calib 64)"]["cells"]["W4A4"]["map_std"] is None
 
     lines = to_markdown(results).splitlines()
@@ -259,14 +259,14 @@ def test_summarize_and_markdown():
     assert lines.count("| method | W4A8 | W4A4 |") == 4  # mAP50:95, mAP50, % of FP, cost
     for line in ["| Lp p=2 (calib 64) | 0.8000 (1) | 0.6000 ± 0.1000 (3) |",  # mAP50:95
                  "| Lp, best fixed p (oracle) (calib 64) | 0.8000 (1), p=2 | 0.7000 ± 0.0707 (2), p=3 |",
-                 "| BRECQ (two-stage; calib 64, iters 200) | — | 0.6000 (1) |",
+                 "| BRECQ (calib 64, iters 200) | — | 0.6000 (1) |",
                  "| Lp p=2 (calib 64) | 0.9000 (1) | 0.7000 ± 0.1000 (3) |",  # mAP50
                  "| Lp p=2 (calib 64) | 88.89 | 66.67 |",  # % of FP
                  "| Lp, best fixed p (oracle) (calib 64) | 88.89, p=2 | 77.78, p=3 |",
                  "| Lp p=2 (calib 64) | 10.0 s, 1000 MB | 20.0 s, 1100 MB |",  # cost
                  "| Lp, best fixed p (oracle) (calib 64) | the Lp rows | the Lp rows |",
                  "| min-max (calib 8) | 8 | 500 | — |",  # settings
-                 "| BRECQ (two-stage; calib 64, iters 100) | 64 | 500 | iters 100 |",
+                 "| BRECQ (calib 64, iters 100) | 64 | 500 | iters 100 |",
                  "- `lp-p2-W4A4-s3-c64-v500`: detptq-mini: error: boom",
                  "FP reference (the shipped model): mAP50:95 0.9000, mAP50 0.9900 on 500 val images.",
                  "Machine: x, cpu9, 2 CPUs, 8 GB RAM; Python 3.11, torch t (1 threads)."]:
@@ -747,11 +747,11 @@ def test_labels_of_joint_brecq_and_the_two_coin_qdrop_rows():
     s = summarize({"suite": "custom", "cells": {r["key"]: r for r in recs}})
     # the new rows of a method first, then its old two-coin rows: rows of their own
     assert [r["label"] for r in s["rows"]] == [
-        "BRECQ (two-stage)", "joint (BRECQ-style, one stage)", "joint (BRECQ-style, one stage; loss norm before)",
-        "QDrop", "QDrop (qdrop input one-coin)", "QDrop (two coins, old)", "DetPTQ+QDrop",
-        "DetPTQ+QDrop (quant prob 1)", "DetPTQ+QDrop (two coins, old)",
-        "DetPTQ+QDrop (two coins, old; 8-bit stem/pred off)"]
-    assert {r["label"]: r["cells"]["W4A4"]["map_mean"] for r in s["rows"]}["QDrop (two coins, old)"] == 0.5
+        "BRECQ", "joint", "joint (loss norm before)",
+        "QDrop", "QDrop (qdrop input one-coin)", "QDrop (two coins)", "DetPTQ+QDrop",
+        "DetPTQ+QDrop (quant prob 1)", "DetPTQ+QDrop (two coins)",
+        "DetPTQ+QDrop (two coins; 8-bit stem/pred off)"]
+    assert {r["label"]: r["cells"]["W4A4"]["map_mean"] for r in s["rows"]}["QDrop (two coins)"] == 0.5
 
 
 def test_a_renamed_cell_stays_in_the_tables_and_in_its_place():
@@ -769,7 +769,7 @@ def test_a_renamed_cell_stays_in_the_tables_and_in_its_place():
     cells = {stale["key"]: stale, rec["key"]: rec, first["key"]: first}
     s = summarize({"suite": "quick", "cells": cells})
     assert s["renamed"] == [rec["key"]] and s["excluded"] == [stale["key"]]
-    assert [r["label"] for r in s["rows"]] == ["min-max", "QDrop (two coins, old)"]
+    assert [r["label"] for r in s["rows"]] == ["min-max", "QDrop (two coins)"]
     assert s["progress"]["ok"] == 1  # the suite's qdrop cell (another scheme now) is to do
     assert "1 cells were renamed after they ran" in to_markdown({"suite": "quick", "cells": cells})
     order = [c.key for c in quick]
@@ -848,4 +848,4 @@ def test_the_committed_results_say_the_methods_new_names():
         assert mig.migrate_results(data)[1] == {}  # nothing left to migrate
     full = load_results(path.with_name("full.json"))
     labels = {r["label"] for r in summarize(full)["rows"]}
-    assert {"joint (BRECQ-style, one stage)", "QDrop (two coins, old)", "DetPTQ+QDrop (two coins, old)"} <= labels
+    assert {"joint", "QDrop (two coins)", "DetPTQ+QDrop (two coins)"} <= labels

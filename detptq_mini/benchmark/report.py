@@ -18,15 +18,15 @@ __all__ = ["METHOD_NAMES", "summarize", "to_markdown"]
 #: Display names of the methods, in table order (unknown methods follow, in order of appearance). ``brecq`` is the
 #: published two-stage BRECQ; ``joint`` learns the rounding and the step sizes together with every activation
 #: quantized (what the cells called ``brecq`` before the rename ran: ``tools/migrate_results.py``). A name's
-#: parenthesis takes a row's options too: ``joint (BRECQ-style, one stage; loss norm before)``.
+#: parenthesis takes a row's options too: ``joint (loss norm before)``.
 METHOD_NAMES: dict[str, str] = {"minmax": "min-max", "lp": "Lp", "detptq": "DetPTQ simple",
-                                "brecq": "BRECQ (two-stage)", "joint": "joint (BRECQ-style, one stage)",
+                                "brecq": "BRECQ", "joint": "joint",
                                 "qdrop": "QDrop", "detptq-qdrop": "DetPTQ+QDrop"}
 _GROUP_FIELDS = ("method", "p", "w_bits", "a_bits", "calib", "val", "iters", "lr_v", "lr_act", "extra")
 _ODOL_NAMES = {"kl": "KL", "l2": "L2", "l1": "L1", "iou": "IoU"}
 #: ``--qdrop-input`` values named in a row's label (others are shown as ``qdrop input <value>``): the earlier QDrop
 #: scheme, which the cells called ``qdrop`` and ``detptq-qdrop`` ran before QDrop was made the reference's.
-_QDROP_INPUT_NAMES = {"two-coin": "two coins, old"}
+_QDROP_INPUT_NAMES = {"two-coin": "two coins"}
 # the layer protocols (``--protocol``) other than the default, as a row's name shows them: "DetPTQ simple, head FP"
 _PROTOCOL_NAMES = {"head-fp": "head FP"}
 
@@ -94,7 +94,7 @@ def _options(extra) -> list[tuple[str, str | None]]:
 
 
 def _qdrop_input_name(extra) -> str | None:
-    """The label's name of a row's ``--qdrop-input`` (``"two coins, old"``), or None (not set, or not named)."""
+    """The label's name of a row's ``--qdrop-input`` (``"two coins"``), or None (not set, or not named)."""
     return _QDROP_INPUT_NAMES.get(dict(_options(extra)).get("--qdrop-input"))
 
 
@@ -140,7 +140,7 @@ def summarize(results: dict) -> dict:
 
         * ``bits``: the bits columns (``"W8A8"``, ``"W4A8"``, ...), widest first;
         * ``rows``: one per method and options, in table order (min-max, Lp by p, best fixed p, DetPTQ simple,
-          BRECQ (two-stage), joint, QDrop, DetPTQ+QDrop; within a method, rows with extra options after the plain
+          BRECQ, joint, QDrop, DetPTQ+QDrop; within a method, rows with extra options after the plain
           one, the two-coin QDrop rows of ``--qdrop-input two-coin`` after those, and a layer protocol other than
           the default, ``--protocol head-fp``, in rows of its own after the method's others, named e.g. "DetPTQ
           simple, head FP"), each ``{"label", "method", "p", "calib", "val", "extra", "best_fixed_p", "cells"}``
@@ -267,8 +267,8 @@ def _budget_text(iters, lr_v=None, lr_act=None) -> str:
 
 
 def _row_label(row: dict, vary_calib: bool, vary_val: bool) -> str:
-    """The method's name, then in one parenthesis what the name qualifies (``two-stage``, ``two coins, old``) and,
-    after a semicolon, the row's options: ``DetPTQ+QDrop (two coins, old; 8-bit stem/pred off)``."""
+    """The method's name, then in one parenthesis what the name qualifies (``two coins``) and,
+    after a semicolon, the row's options: ``DetPTQ+QDrop (two coins; 8-bit stem/pred off)``."""
     kinds = []
     if row["best_fixed_p"]:
         name = "Lp, best fixed p (oracle)"
