@@ -456,7 +456,7 @@ def test_quick_suite_end_to_end_then_resume(tmp_path):
     out = tmp_path / "quick.json"
     r, first = _bench("--quick", "--out", str(out), "--jobs", "2")  # two cells at a time, one thread each
     assert r.returncode == 0, r.stderr
-    assert first < 180, f"the quick suite took {first:.0f} s"
+    assert first < 900, f"the quick suite took {first:.0f} s"  # a hang guard, not a speed claim (benchmarks time it)
     quick = SUITES["quick"]
     n = len(quick)
     assert r.stdout.strip().splitlines()[-1].startswith(f"benchmark quick: {n} run, 0 skipped, 0 failed")
@@ -500,7 +500,7 @@ def test_quick_suite_end_to_end_then_resume(tmp_path):
     r, second = _bench("--suite", "quick", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert f"0 run, {n} skipped, 0 failed" in r.stdout
-    assert second < 30 and out.read_bytes() == before and (tmp_path / "quick.md").read_text() == md
+    assert second < 120 and out.read_bytes() == before and (tmp_path / "quick.md").read_text() == md
     r, _ = _bench("--quick", "--out", str(out), "--list")
     assert r.stdout.splitlines() == [f"{c.key}\tok" for c in quick] + [
         f"suite quick: {n} cells, {n} ok, 0 failed, 0 todo"]
