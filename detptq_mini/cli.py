@@ -244,6 +244,8 @@ def _cmd_quantize(args) -> dict:
            "calib_images": r["calib_images"], "calib_seed": args.seed, "val_images": args.val,
            "config": r["config"], "quant_config": r["quant_config"], "chosen_p": r["chosen_p"],
            "seconds": r["seconds"], "threads": torch.get_num_threads()}
+    if "selection" in r:  # DetPTQ: the chosen p per item and the ODOL of every candidate (for the p's stability)
+        out["selection"] = r["selection"]
     if "reconstruction" in r:  # per unit: p, loss before / after, flipped weights, seconds; and the time split
         out.update(reconstruction=r["reconstruction"], timings=r["timings"])
     return out
