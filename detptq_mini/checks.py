@@ -166,8 +166,8 @@ def check_images(images, name: str = "images", min_images: int = 1, min_what: st
 
     Raises:
         ValueError: naming ``name`` and what is allowed, for a value that is not such a tensor, a wrong shape
-        (not 4-D, or not 3 channels), a non-float dtype, NaN or inf values, no images, or fewer than
-        ``min_images``.
+            (not 4-D, or not 3 channels), a non-float dtype, NaN or inf values, no images, or fewer than
+            ``min_images``.
     """
     if hasattr(images, "images") and callable(images.images) and not isinstance(images, torch.Tensor):
         images = images.images()

@@ -1,13 +1,16 @@
-"""The figures the chapters show; every function returns a matplotlib Figure (nothing is drawn on import)."""
+"""The figures the chapters show; every ``plot_*`` function returns a matplotlib Figure (nothing is drawn on
+import). :func:`strip_cdn_links` makes an animation's HTML player work offline."""
 
 from __future__ import annotations
+
+import re
 
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["CLASS_COLOURS", "draw_boxes", "plot_samples", "plot_detections", "plot_ratio_vs_bits"]
+__all__ = ["CLASS_COLOURS", "draw_boxes", "plot_samples", "plot_detections", "plot_ratio_vs_bits", "strip_cdn_links"]
 
 CLASS_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
 
@@ -103,3 +106,20 @@ def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: st
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
+
+
+#: A ``<link ...>`` tag whose ``href`` is on another host (``http://``, ``https://`` or ``//``), however its
+#: attributes are wrapped over lines, with the blanks and the one line break after it.
+_REMOTE_LINK = re.compile(r"""<link\b[^>]*?\bhref\s*=\s*["']?(?:https?:)?//[^>]*>[ \t]*\n?""",
+                          re.IGNORECASE | re.DOTALL)
+
+
+def strip_cdn_links(html: str) -> str:
+    """``html`` without its ``<link>`` tags to other hosts, so that a page showing it needs no network.
+
+    Matplotlib's animation player (``FuncAnimation.to_jshtml``) links an icon stylesheet from a CDN, in a tag
+    written over two lines; the player's buttons work without it. The whole tag goes, however it is wrapped
+    (a filter by lines would leave its ``href=...>`` line behind as text); everything else, a local
+    ``<link>`` included, is kept byte for byte.
+    """
+    return _REMOTE_LINK.sub("", html)

@@ -8,6 +8,7 @@ fails here with the file and line that does it.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,22 @@ def test_the_module_maps_match_the_code(page, heading):
     top_level = [m for m in ORDER if "." not in m]
     assert listed == top_level, f"{page}: {listed} != {top_level}"
     assert set(top_level) == {m.split(".")[0] for m in MODULES if m}
+
+
+#: Modules that book/api.md leaves out for now, each with the reason the page states for it.
+API_PENDING = {"reconstruction": "its module docstring's indented formula is not valid reStructuredText"}
+
+
+def test_the_api_page_documents_every_module_in_order():
+    """book/api.md has an ``automodule`` with ``:members:`` for every module, in the order of ORDER; each package
+    (``detptq_mini``, ``benchmark``) comes first with its docstring only, since its members are re-exports."""
+    text = (PKG.parent / "book" / "api.md").read_text()
+    found = re.findall(r"^\.\. automodule:: detptq_mini(?:\.(\S+))?\n(   :members:\n)?", text, re.M)
+    packages = {"", "benchmark"}
+    modules = [m for m, _ in found if m not in packages]
+    assert modules == [m for m in ORDER if m not in packages and m not in API_PENDING]
+    assert all(bool(members) == (m not in packages) for m, members in found), found
+    names = [m for m, _ in found]
+    assert names[0] == "" and names.index("benchmark") < names.index("benchmark.suites")
+    for module in API_PENDING:
+        assert f"## `detptq_mini.{module}`\n\nNot on this page yet" in text, module
