@@ -24,7 +24,8 @@ from .evaluate import evaluate_model
 from .export import (OnnxDetector, check_exportable, check_layers, compare_outputs, export_onnx, latency_per_image,
                      onnx_session, qdq_summary, to_float)
 from .odol import ClsMode, LocMode
-from .pipeline import METHODS, RECON_METHODS, run_ptq
+from .detptq import Rest
+from .pipeline import DETPTQ_USES, METHODS, RECON_METHODS, run_ptq
 from .quant import PROTOCOLS
 from .reconstruction import LOSS_NORMS, QDROP_INPUTS
 from .train import TrainConfig, train
@@ -46,6 +47,7 @@ class _Parser(argparse.ArgumentParser):
 _ODOL_CLS: tuple[str, ...] = get_args(ClsMode)
 _ODOL_LOC: tuple[str, ...] = get_args(LocMode)
 _LOSS_NORMS: tuple[str, ...] = LOSS_NORMS
+_RESTS: tuple[str, ...] = get_args(Rest)
 
 
 def _positive_int(text: str) -> int:
@@ -119,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--loss-norm", choices=_LOSS_NORMS, default=None,
                    help="reconstruction: 'before' divides each unit's Lp loss by its value before reconstruction "
                         "(an experiment; default 'none', BRECQ's loss as it is)")
+    q.add_argument("--rest", choices=_RESTS, default=None,
+                   help="detptq | detptq-qdrop: the layers after the one being tried are 'fp' (default) or "
+                        "'quantized' (at p = 2) while DetPTQ chooses p")
+    q.add_argument("--detptq-use", choices=DETPTQ_USES, default=None,
+                   help="detptq-qdrop: where the chosen p goes: 'both' (default: starting scales and loss), 'scales' "
+                        "(the loss at p = 2) or 'loss' (the p = 2 scales)")
     q.add_argument("--odol-cls", choices=_ODOL_CLS, default=None,
                    help="detptq | detptq-qdrop: the classification term of ODOL (default kl)")
     q.add_argument("--odol-loc", choices=_ODOL_LOC, default=None,
@@ -199,7 +207,9 @@ def _cmd_quantize(args) -> dict:
         raise UsageError(f"--seed {args.seed} must be >= 0")
     if args.p is not None and args.method.startswith("detptq"):
         raise UsageError(f"--p is not allowed with --method {args.method}: it chooses p per layer itself")
-    for flag in ("odol_cls", "odol_loc"):
+    if args.detptq_use is not None and args.method != "detptq-qdrop":
+        raise UsageError(f"--detptq-use is only for --method detptq-qdrop, not {args.method}")
+    for flag in ("odol_cls", "odol_loc", "rest"):
         if getattr(args, flag) is not None and not args.method.startswith("detptq"):
             raise UsageError(f"--{flag.replace('_', '-')} is only for --method detptq | detptq-qdrop (the methods that "
                              f"select p by ODOL), not {args.method}")
@@ -224,7 +234,7 @@ def _cmd_quantize(args) -> dict:
     options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred, "protocol": args.protocol}
     # flag (its argparse name) -> run_ptq option; the same name but for --loss-norm
     names = {name: name for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act", "odol_cls",
-                                     "odol_loc", "qdrop_input", "act_iters", "act_p")} | {"loss_norm": "recon_loss_norm"}
+                                     "odol_loc", "qdrop_input", "act_iters", "act_p", "rest", "detptq_use")} | {"loss_norm": "recon_loss_norm"}
     for flag, option in names.items():
         if getattr(args, flag) is not None:
             options[option] = getattr(args, flag)

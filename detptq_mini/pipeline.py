@@ -50,6 +50,8 @@ METHODS: tuple[str, ...] = get_args(Method)
 RECON_METHODS: tuple[str, ...] = ("brecq", "joint", "qdrop", "detptq-qdrop")
 FIXED_P_METHODS: tuple[str, ...] = ("lp", "brecq", "joint", "qdrop")
 QDROP_METHODS: tuple[str, ...] = ("qdrop", "detptq-qdrop")
+DetptqUse = Literal["both", "scales", "loss"]
+DETPTQ_USES: tuple[str, ...] = get_args(DetptqUse)
 # each reconstruction method's own settings (the others are ReconConfig's defaults); BRECQ's step-size rate is its
 # reference's (4e-4), the others' QDrop's (ReconConfig's default, 4e-5)
 _METHOD_RECON = {"brecq": {"quant_prob": 1.0, "stages": 2, "lr_act": 4e-4}, "joint": {"quant_prob": 1.0},
@@ -97,6 +99,9 @@ class PTQConfig:
             the others (giving another value is an error).
         act_iters, act_p: ``"brecq"``'s second stage: steps per unit (default ``iters // 4``) and the p of its
             loss (default 2.4, the reference's).
+        detptq_use: ``"detptq-qdrop"``: where DetPTQ's per-unit p goes: ``"both"`` (default: the starting scales
+            ``s_p*`` and the reconstruction loss), ``"scales"`` (``s_p*``, the loss at p = 2) or ``"loss"`` (the
+            p = 2 scales, the loss at the chosen p): which half of DetPTQ's p matters inside reconstruction.
         round_lam: weight of AdaRound's rounding regulariser.
         lr_v, lr_act: Adam learning rates of the rounding variables and of the activation step sizes.
         recon_loss_norm: ``"none"`` (default) or ``"before"``: each unit's Lp loss divided by its value before
@@ -135,6 +140,7 @@ class PTQConfig:
     stages: int | None = None
     act_iters: int | None = None
     act_p: float | None = None
+    detptq_use: DetptqUse = "both"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -151,6 +157,10 @@ class PTQConfig:
                              f"method={self.method!r} takes no p{hint}")
         self._check_detptq()
         self._check_recon()
+        check_choice("detptq_use", self.detptq_use, DetptqUse)
+        if self.detptq_use != "both" and self.method != "detptq-qdrop":
+            raise ValueError(f"detptq_use={self.detptq_use!r} only applies to the method 'detptq-qdrop', "
+                             f"not method={self.method!r}")
         for name in ("grid", "max_elements", "batch_size"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
 
@@ -262,8 +272,11 @@ def _detptq(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress: b
     scales = search_model_scales(qmodel, images, search_ps, grid=cfg.grid, max_elements=cfg.max_elements,
                                  seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
     odol = OdolConfig(cls=cfg.odol_cls, loc=cfg.odol_loc, fg=cfg.odol_fg, lam=cfg.odol_lam)
-    return select_p(qmodel, images[:n], scales, ps=cfg.ps, granularity=cfg.granularity, separate=cfg.separate,
-                    rest=cfg.rest, odol=odol, batch_size=cfg.select_batch_size, progress=progress, rest_p=2.0)
+    selection = select_p(qmodel, images[:n], scales, ps=cfg.ps, granularity=cfg.granularity, separate=cfg.separate,
+                         rest=cfg.rest, odol=odol, batch_size=cfg.select_batch_size, progress=progress, rest_p=2.0)
+    if cfg.detptq_use == "loss":  # the chosen p only in the reconstruction loss: the quantizers start from s_2*
+        apply_scales(qmodel, scales, 2.0)
+    return selection
 
 
 def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_bits: int = 4,
@@ -305,7 +318,8 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
         info = _calibrate(qmodel, images, cfg, progress)
     t_init = time.perf_counter() - t0
     if cfg.method in RECON_METHODS:
-        unit_p = selection.chosen if selection is not None else None
+        # DetPTQ's p in the loss of each unit, unless only its starting scales are used (detptq_use="scales")
+        unit_p = selection.chosen if selection is not None and cfg.detptq_use != "scales" else None
         fp_model = fold_bn(copy.deepcopy(model).to(device).eval())
         history = reconstruct(qmodel, fp_model, images, cfg.recon_config(), unit_p=unit_p, progress=progress)
     chosen = {name: cfg.p for name in info} if cfg.method in FIXED_P_METHODS else {}

@@ -9,7 +9,7 @@ the quantized network one unit at a time so that each unit's output matches the 
   (units ``< k`` already reconstructed, every quantizer on), its input from the FP model, and its FP
   output (the target);
 * the unit's weights get learned rounding (:mod:`detptq_mini.adaround`: ``V``, Adam at ``lr_v``) and its
-  input quantizers' step sizes are learned too (LSQ, Adam at ``lr_act`` with cosine decay to 0), on
+  input quantizers' step sizes are learned too (LSQ, Adam at ``lr_act`` with cosine decay to 0), on::
 
       loss = mean_(b, y, x) sum_c |unit(x_in) - y_fp|^p  +  lam * sum_layers f_reg(V, beta)
 

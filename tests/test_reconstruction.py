@@ -263,6 +263,8 @@ def test_reconstruction_methods_through_run_ptq(pretrained, calib, method, prob,
     (dict(method="qdrop", qdrop_input="three"), "qdrop_input='three' is not allowed"),
     (dict(method="qdrop", act_iters=5), "act_iters only applies to the method.s. brecq"),
     (dict(method="brecq", act_p=0), "act_p"),
+    (dict(method="qdrop", detptq_use="loss"), "detptq_use=.loss. only applies to the method .detptq-qdrop."),
+    (dict(method="detptq-qdrop", detptq_use="half"), "detptq_use=.half. is not allowed"),
     (dict(method="minmax", iters=10), "only apply to the reconstruction methods"),
     (dict(method="lp", quant_prob=0.5), "only apply to the reconstruction methods"),
     (dict(method="detptq-qdrop", granularity="layer"), "granularity must be 'unit'"),
@@ -330,6 +332,8 @@ def test_cli_quantize_brecq_runs_the_two_stage_method(capsys):
     (["--method", "joint", "--qdrop-input", "two-coin"], "--qdrop-input is only for --method qdrop | detptq-qdrop"),
     (["--method", "qdrop", "--act-iters", "5"], "--act-iters is only for --method brecq"),
     (["--method", "brecq", "--act-iters", "-1"], "--act-iters -1 must be >= 0"),
+    (["--method", "qdrop", "--detptq-use", "loss"], "--detptq-use is only for --method detptq-qdrop"),
+    (["--method", "joint", "--rest", "quantized"], "--rest is only for --method detptq | detptq-qdrop"),
     (["--method", "qdrop", "--iters", "0"], "must be > 0"),
     (["--method", "lp", "--loss-norm", "before"], "--loss-norm is only for --method brecq | joint | qdrop | detptq-qdrop"),
     (["--method", "brecq", "--loss-norm", "max"], "invalid choice: 'max'"),
@@ -343,3 +347,23 @@ def test_cli_reconstruction_bad_input_is_one_line_and_exit_2(args, word):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and word in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("use", ["scales", "loss"])
+def test_detptq_use_puts_the_chosen_p_in_the_scales_or_in_the_loss_only(pretrained, calib, use):
+    """Experiment E3's two halves of DetPTQ inside reconstruction: the chosen p's starting scales with the p = 2
+    loss ("scales"), or the p = 2 scales with the chosen p's loss ("loss")."""
+    opts = dict(iters=1, recon_batch_size=4, max_elements=2**12, lr_act=0.0, quant_prob=1.0, ps=(2.0, 4.5))
+    res = run_ptq(pretrained, calib, "detptq-qdrop", 4, 4, detptq_use=use, **opts)
+    chosen = res.report["selection"]["chosen"]
+    assert set(chosen.values()) == {2.0, 4.5}  # the test needs both p chosen somewhere
+    unit_p = {u: h["p"] for u, h in res.report["reconstruction"]["units"].items()}
+    assert res.report["config"]["detptq_use"] == use
+    if use == "scales":
+        assert set(unit_p.values()) == {2.0}
+    else:
+        assert unit_p == chosen
+        lp2 = run_ptq(pretrained, calib, "lp", 4, 4, p=2.0, max_elements=2**12)
+        # the step sizes are fixed (lr_act 0): the activation scales are s_2*, not the chosen p's
+        for name, layer in quant_layers(res.model).items():
+            assert torch.equal(layer.input_quantizer.scale, quant_layers(lp2.model)[name].input_quantizer.scale), name
