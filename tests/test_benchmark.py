@@ -94,10 +94,10 @@ def test_full_suite_has_exactly_the_comparisons_cells():
 
 def test_recon_suite_orders_the_experiments_by_what_they_decide():
     recon, full_keys = SUITES["recon"], {c.key for c in SUITES["full"]}
-    assert len(recon) == 50 and all(c.bits == "W4A4" and c.calib == 256 and c.val == 500 for c in recon)
-    first = recon[:18]  # seed 0 of E1, E2, E9, E8, then E10's two long cells
+    assert len(recon) == 62 and all(c.bits == "W4A4" and c.calib == 256 and c.val == 500 for c in recon)
+    first = recon[:22]  # seed 0 of E1, E2, E9, E8, E3, E4, then E10's two long cells
     assert {c.seed for c in first} == {0} and [c.iters for c in first[-2:]] == [LONG_ITERS, LONG_ITERS]
-    assert [c.seed for c in recon[18:]] == sorted(c.seed for c in recon[18:])
+    assert [c.seed for c in recon[22:]] == sorted(c.seed for c in recon[22:])
     e1 = [c for c in recon if not c.extra or c.extra == TWO_COIN]
     e1 = [c for c in e1 if c.iters == RECON_ITERS["W4A4"] and c.lr_act != 0]
     assert len(e1) == 18 and {c.key for c in e1} <= full_keys  # the same cells as full's W4A4 rows
@@ -849,3 +849,12 @@ def test_the_committed_results_say_the_methods_new_names():
     full = load_results(path.with_name("full.json"))
     labels = {r["label"] for r in summarize(full)["rows"]}
     assert {"joint", "QDrop (two coins)", "DetPTQ+QDrop (two coins)"} <= labels
+
+
+def test_recon_suite_e3_e4_cells_are_detptq_inside_the_joint_scheme():
+    recon, abl_keys = SUITES["recon"], {c.key for c in SUITES["ablations"]}
+    e3 = [c for c in recon if c.method == "detptq-qdrop" and c.extra[:2] == ("--quant-prob", "1")]
+    assert len(e3) == 4 * 3  # both, scales, loss, rest quantized; three seeds
+    assert {c.extra[2:] for c in e3} == {(), ("--detptq-use", "scales"), ("--detptq-use", "loss"),
+                                         ("--rest", "quantized")}
+    assert {c.key for c in e3 if c.extra[2:] == ()} <= abl_keys  # "both" is the ablations' cell: reused

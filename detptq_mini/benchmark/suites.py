@@ -249,6 +249,10 @@ def _recon_suite() -> list[Cell]:
       QDrop.
     * E8 the ``head-fp`` protocol (the head in FP, as QDrop's COCO code): the E1 methods but the two-coin ones,
       and DetPTQ simple.
+    * E3 which half of DetPTQ's p matters, inside the joint scheme (the best of the committed runs): DetPTQ's
+      scales with the p = 2 loss (``--detptq-use scales``), the p = 2 scales with DetPTQ's loss (``loss``), and both
+      (``ablations``' DetPTQ+QDrop at ``--quant-prob 1``: copy it with ``--reuse``); neither is joint.
+    * E4 DetPTQ's p chosen with the later layers quantized (``--rest quantized``), inside the joint scheme.
     * E10 (seed 0 only, after seed 0's other cells) joint and QDrop at :data:`LONG_ITERS` steps per unit: is the
       gap the budget's?
     """
@@ -262,7 +266,10 @@ def _recon_suite() -> list[Cell]:
         e9 = [Cell("joint", 4, 4, s, **fixed), Cell("brecq", 4, 4, s, **fixed), Cell("qdrop", 4, 4, s, **fixed)]
         e8 = [Cell(c.method, 4, 4, s, lr_v=c.lr_v, lr_act=c.lr_act, iters=c.iters, extra=c.extra + HEAD_FP, **opts)
               for c in e1 if TWO_COIN[1] not in c.extra] + [Cell("detptq", 4, 4, s, extra=HEAD_FP, **opts)]
-        return e1 + e2 + e9 + e8
+        e3 = [Cell("detptq-qdrop", 4, 4, s, extra=QUANT_PROB_ONE + use, **recon)
+              for use in ((), ("--detptq-use", "scales"), ("--detptq-use", "loss"))]
+        e4 = [Cell("detptq-qdrop", 4, 4, s, extra=QUANT_PROB_ONE + ("--rest", "quantized"), **recon)]
+        return e1 + e2 + e9 + e8 + e3 + e4
 
     long = {**recon, "iters": LONG_ITERS}
     return seed_cells(0) + [Cell("joint", 4, 4, 0, **long), Cell("qdrop", 4, 4, 0, **long)] + seed_cells(1) + \
@@ -292,7 +299,7 @@ def _quick_suite() -> list[Cell]:
 #: * ``loss-norm`` (24 cells): see :func:`_loss_norm_suite`.
 #: * ``simple`` (60 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
 #:   calibration images (the chapter 6 table).
-#: * ``recon`` (50 cells; its 18 E1 cells are ``full``'s W4A4 reconstruction cells, 9 of them done: joint and the
+#: * ``recon`` (62 cells; its 18 E1 cells are ``full``'s W4A4 reconstruction cells, 9 of them done: joint and the
 #:   two-coin cells): the reconstruction experiments E1, E2, E8, E9, E10 (see :func:`_recon_suite`).
 #: * ``quick`` (7 cells): every method once on a tiny slice, a smoke test of the harness (about a minute).
 SUITES: dict[str, list[Cell]] = {
