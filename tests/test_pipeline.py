@@ -110,7 +110,7 @@ def test_bad_calibration_input(pretrained):
         run_ptq(pretrained, torch.full((2, 3, 128, 128), float("nan")), "minmax", 4, 4)
     with pytest.raises(ValueError, match="unknown option"):
         run_ptq(pretrained, torch.zeros(2, 3, 128, 128), "minmax", 4, 4, colour="red")
-    assert METHODS == ("minmax", "lp", "detptq", "brecq", "qdrop", "detptq-qdrop")
+    assert METHODS == ("minmax", "lp", "detptq", "brecq", "joint", "qdrop", "detptq-qdrop")
 
 
 def _cli(*args):
