@@ -10,7 +10,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["CLASS_COLOURS", "draw_boxes", "plot_samples", "plot_detections", "plot_ratio_vs_bits", "strip_cdn_links"]
+__all__ = ["CLASS_COLOURS", "draw_boxes", "plot_samples", "plot_detections", "plot_ratio_vs_bits", "plot_unit_losses",
+           "strip_cdn_links"]
 
 CLASS_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
 
@@ -104,6 +105,47 @@ def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: st
     if title:
         ax.set_title(title)
     ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+#: Line styles and markers cycled with the colours, so that series stay apart in grey print and for colour-blind readers.
+_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 1)), "P"))
+
+
+def plot_unit_losses(profiles: dict[str, dict[str, float]], title: str | None = None, log: bool = True) -> Figure:
+    """Per-unit losses after reconstruction, one line per method: where along the network a method loses.
+
+    Args:
+        profiles: ``{label: {unit: loss}}``, e.g. :func:`detptq_mini.benchmark.unit_losses` of each method's cells;
+            each profile's units in forward order. The x axis is every unit of any profile; a profile without a
+            unit (e.g. the head left in FP) has a gap there.
+        title: the axes title.
+        log: a logarithmic loss axis (the losses grow by orders of magnitude along the network).
+    """
+    if not profiles:
+        raise ValueError("profiles is empty: give {label: {unit: loss}}")
+    units: list[str] = []
+    for prof in profiles.values():
+        units += [u for u in prof if u not in units]
+    for label, prof in profiles.items():
+        where = [units.index(u) for u in prof]
+        if where != sorted(where):
+            raise ValueError(f"profiles[{label!r}] has its units in another order than the profiles before it: "
+                             "give every profile's units in forward order")
+    fig, ax = plt.subplots(figsize=(6.8, 3.9))
+    for i, (label, prof) in enumerate(profiles.items()):
+        ls, marker = _STYLES[i % len(_STYLES)]
+        ax.plot(range(len(units)), [prof.get(u, float("nan")) for u in units], ls=ls, marker=marker, ms=4, lw=1.3, label=label,
+                color=f"C{i % 10}")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(units)), units, rotation=70, ha="right", fontsize=8)
+    ax.set_ylabel("loss at the unit's output")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -10,7 +10,7 @@ import torch
 
 from detptq_mini import benchmark
 from detptq_mini.benchmark import (RECON_ITERS, RECON_LR, SUITES, Cell, cell_args, load_results, machine_info, run_suite,
-                                   summarize, to_markdown)
+                                   summarize, to_markdown, unit_losses)
 from detptq_mini.benchmark.suites import BRECQ_LR_ACT, LONG_ITERS, TWO_COIN
 from detptq_mini.cli import main
 from detptq_mini.lp import P_DEFAULT
@@ -858,3 +858,38 @@ def test_recon_suite_e3_e4_cells_are_detptq_inside_the_joint_scheme():
     assert {c.extra[2:] for c in e3} == {(), ("--detptq-use", "scales"), ("--detptq-use", "loss"),
                                          ("--rest", "quantized")}
     assert {c.key for c in e3 if c.extra[2:] == ()} <= abl_keys  # "both" is the ablations' cell: reused
+
+
+def _recon_rec(method, seed, losses, status="ok"):
+    rec = _rec(method, seed, 0.5, iters=10, status=status)
+    if status == "ok":
+        rec["reconstruction"] = {"units": {u: {"before": 2 * v, "after": v, "after_mse": v + 1}
+                                           for u, v in losses.items()}}
+    return rec
+
+
+def test_unit_losses_mean_over_the_cells_in_forward_order():
+    a = _recon_rec("qdrop", 0, {"stem": 1.0, "down1": 4.0})
+    b = _recon_rec("qdrop", 1, {"stem": 3.0, "down1": 8.0})
+    results = {"cells": {r["key"]: r for r in (a, b)}}
+    assert unit_losses(results, [a["key"], b["key"]]) == {"stem": 3.0, "down1": 7.0}  # after_mse = after + 1
+    assert list(unit_losses(results, [a["key"], b["key"]], "before")) == ["stem", "down1"]
+    assert unit_losses(results, a["key"], "after") == {"stem": 1.0, "down1": 4.0}
+
+
+def test_unit_losses_refuses_what_it_cannot_average():
+    a = _recon_rec("qdrop", 0, {"stem": 1.0})
+    other = _recon_rec("qdrop", 1, {"down1": 1.0})
+    failed = _recon_rec("qdrop", 2, {}, status="failed")
+    plain = _rec("lp", 0, 0.5, p=2.0)
+    results = {"cells": {r["key"]: r for r in (a, other, failed, plain)}}
+    with pytest.raises(ValueError, match="field='mse'; allowed"):
+        unit_losses(results, [a["key"]], "mse")
+    with pytest.raises(ValueError, match="keys is empty"):
+        unit_losses(results, [])
+    for key, match in ((failed["key"], "not a successful cell"), ("nope", "not a successful cell"),
+                       (plain["key"], "no per-unit 'after_mse'")):
+        with pytest.raises(ValueError, match=match):
+            unit_losses(results, [key])
+    with pytest.raises(ValueError, match="same units"):
+        unit_losses(results, [a["key"], other["key"]])

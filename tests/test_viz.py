@@ -50,3 +50,26 @@ def test_matplotlib_player_keeps_no_remote_link():
     assert "<link" not in out and "maxcdn" not in out and "font-awesome.min.css" not in out
     assert "<script" in out and "<input" in out  # the player itself is all there
     assert len(html) - len(out) < 200  # the tag and its line break, nothing more
+
+
+def test_plot_unit_losses_draws_one_styled_line_per_profile():
+    from detptq_mini.viz import plot_unit_losses
+
+    profiles = {"joint": {"stem": 1e-3, "down1": 0.5, "c2f1": 1.0},
+                "QDrop": {"stem": 2e-3, "down1": 0.9, "c2f1": 3.0}}
+    fig = plot_unit_losses(profiles, title="t")
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert [ln.get_label() for ln in lines] == ["joint", "QDrop"]
+    assert list(lines[1].get_ydata()) == [2e-3, 0.9, 3.0]
+    assert lines[0].get_linestyle() != lines[1].get_linestyle() and lines[0].get_color() != lines[1].get_color()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["stem", "down1", "c2f1"] and ax.get_yscale() == "log"
+    plt.close(fig)
+    fig = plot_unit_losses({"a": {"stem": 1.0, "head": 2.0}, "b": {"stem": 1.0}})  # b has a gap at "head"
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["stem", "head"]
+    assert str(fig.axes[0].get_lines()[1].get_ydata()[1]) == "nan"
+    plt.close(fig)
+    with pytest.raises(ValueError, match="another order"):
+        plot_unit_losses({"a": {"stem": 1.0, "head": 2.0}, "b": {"head": 1.0, "stem": 1.0}})
+    with pytest.raises(ValueError, match="profiles is empty"):
+        plot_unit_losses({})

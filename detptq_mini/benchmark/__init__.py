@@ -16,7 +16,7 @@ Three modules, data flowing one way (``suites`` <- ``report`` <- ``runner``):
 Command line: ``detptq-mini benchmark --suite full`` (see ``benchmarks/README.md``).
 """
 
-from .report import METHOD_NAMES, summarize, to_markdown
+from .report import METHOD_NAMES, summarize, to_markdown, unit_losses
 from .runner import (SuiteRun, cell_args, code_version, load_results, machine_info, ordered_cells, run_cell,
                      run_suite)
 from .suites import (EIGHT_BIT_OFF, FULL_BITS, FULL_CALIB, FULL_VAL, LOSS_NORM_BEFORE, LP_EXTRA_P, ODOL_COMBOS,
@@ -26,4 +26,4 @@ from .suites import (EIGHT_BIT_OFF, FULL_BITS, FULL_CALIB, FULL_VAL, LOSS_NORM_B
 __all__ = ["Cell", "SUITES", "RECON_ITERS", "RECON_LR", "RECON_METHODS", "FULL_BITS", "FULL_CALIB", "FULL_VAL", "SEEDS",
            "LP_EXTRA_P", "ODOL_COMBOS", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "METHOD_NAMES",
            "SuiteRun", "bits_pair", "is_done", "suite_cells", "select_cells", "cell_args", "run_cell", "run_suite",
-           "ordered_cells", "load_results", "machine_info", "code_version", "summarize", "to_markdown"]
+           "ordered_cells", "load_results", "machine_info", "code_version", "summarize", "to_markdown", "unit_losses"]

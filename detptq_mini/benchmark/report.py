@@ -12,7 +12,7 @@ import statistics
 from ..lp import P_DEFAULT
 from .suites import SUITES, bits_pair, is_done
 
-__all__ = ["METHOD_NAMES", "summarize", "to_markdown"]
+__all__ = ["METHOD_NAMES", "summarize", "to_markdown", "unit_losses"]
 
 
 #: Display names of the methods, in table order (unknown methods follow, in order of appearance). ``brecq`` is the
@@ -43,6 +43,43 @@ def _mean(values):
 def _std(values):
     values = [v for v in values if v is not None]
     return statistics.stdev(values) if len(values) > 1 else None
+
+
+def unit_losses(results: dict, keys, field: str = "after_mse") -> dict[str, float]:
+    """Each unit's loss after reconstruction, the mean over the cells ``keys`` (e.g. a row's seeds).
+
+    Args:
+        results: a result file's dict (:func:`~detptq_mini.benchmark.load_results`).
+        keys: the cells' keys (``summarize(...)`` gives a row's per bits: ``row["cells"]["W4A4"]["keys"]``).
+        field: ``"after_mse"`` (default: the p = 2 loss of the unit's output with the quantized prefix as input,
+            every element quantized, the same measure for every method), ``"after"`` (with the unit's own p) or
+            ``"before"`` (before the unit was reconstructed).
+
+    Returns:
+        ``{unit: mean loss}`` in forward order. A key that is not a successful cell, or a cell without the
+        per-unit losses (a method without reconstruction, or a record made before they were kept), is an error.
+    """
+    allowed = ("after_mse", "after", "before")
+    if field not in allowed:
+        raise ValueError(f"field={field!r}; allowed: {', '.join(allowed)}")
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if not keys:
+        raise ValueError("keys is empty: give the keys of one or more cells")
+    cells = _cells_of(results)
+    per_unit: dict[str, list[float]] = {}
+    for key in keys:
+        rec = cells.get(key)
+        if rec is None or not is_done(rec):
+            raise ValueError(f"keys: {key!r} is not a successful cell of this result file")
+        units = (rec.get("reconstruction") or {}).get("units")
+        if not units or any(u.get(field) is None for u in units.values()):
+            raise ValueError(f"keys: cell {key!r} has no per-unit {field!r} losses (no reconstruction, or made "
+                             "before they were recorded)")
+        for name, u in units.items():
+            per_unit.setdefault(name, []).append(u[field])
+    if any(len(v) != len(keys) for v in per_unit.values()):
+        raise ValueError(f"keys: the cells {keys!r} do not reconstruct the same units")
+    return {name: statistics.fmean(v) for name, v in per_unit.items()}
 
 
 def _seed_groups(cells: dict) -> list[dict]:
