@@ -8,10 +8,10 @@ import re
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import FancyBboxPatch, Rectangle
 
 __all__ = ["CLASS_COLOURS", "draw_boxes", "plot_samples", "plot_detections", "plot_ratio_vs_bits", "plot_unit_losses",
-           "strip_cdn_links"]
+           "plot_reconstruction_flow", "strip_cdn_links"]
 
 CLASS_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
 
@@ -146,6 +146,57 @@ def plot_unit_losses(profiles: dict[str, dict[str, float]], title: str | None = 
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _box(ax, xy, w: float, h: float, text: str, fc: str, fs: float = 9, ls: str = "-") -> None:
+    x, y = xy
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                fc=fc, ec="#333333", lw=1.2, ls=ls))
+    ax.text(x, y, text, ha="center", va="center", fontsize=fs)
+
+
+def _arrow(ax, a, b, text: str | None = None, ls: str = "-", color: str = "#333333", rad: float = 0.0,
+           off=(0.0, 0.12), fs: float = 8) -> None:
+    ax.annotate("", xy=b, xytext=a, arrowprops=dict(arrowstyle="-|>", lw=1.2, color=color, ls=ls, shrinkA=2,
+                                                    shrinkB=2, connectionstyle=f"arc3,rad={rad}"))
+    if text:
+        ax.text((a[0] + b[0]) / 2 + off[0], (a[1] + b[1]) / 2 + off[1], text, ha="center", va="center",
+                fontsize=fs, color=color)
+
+
+def plot_reconstruction_flow() -> Figure:
+    """A diagram of one unit's reconstruction: the three cached tensors, QDrop's coin at the unit's input, the
+    loss against the FP output and the gradients to the rounding and the step sizes (method page, section 6)."""
+    fig, ax = plt.subplots(figsize=(6.8, 3.9))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 5.6)
+    ax.axis("off")
+    fp, qc, cache, coin, loss = "#dbe9f6", "#fde3cf", "#eeeeee", "#fff2b3", "#e2f0d9"
+    _box(ax, (1.1, 2.8), 1.8, 0.8, "calibration\nimages", cache)
+    _box(ax, (3.4, 4.6), 2.3, 0.8, "FP prefix\n(units before k)", fp)
+    _box(ax, (3.4, 1.0), 2.5, 0.8, "quantized prefix\n(already reconstructed)", qc)
+    _arrow(ax, (1.6, 3.2), (2.25, 4.45))
+    _arrow(ax, (1.6, 2.4), (2.15, 1.15))
+    for y, name in ((4.6, "$x_{fp}$"), (1.0, "$x_q$")):
+        _box(ax, (5.5, y), 0.9, 0.6, name, cache, ls="--")
+        _arrow(ax, (4.65, y), (5.05, y))
+    _box(ax, (7.7, 4.6), 1.6, 0.7, "FP unit k", fp)
+    _box(ax, (9.4, 4.6), 0.9, 0.6, "$y_{fp}$", cache, ls="--")
+    _arrow(ax, (5.95, 4.6), (6.9, 4.6))
+    _arrow(ax, (8.5, 4.6), (8.95, 4.6))
+    _box(ax, (5.5, 2.8), 1.8, 0.85, "coin per element:\nkeep $x_q$ (quant_prob)\nor drop to $x_{fp}$", coin, fs=8)
+    _arrow(ax, (5.5, 4.3), (5.5, 3.22))
+    _arrow(ax, (5.5, 1.3), (5.5, 2.38))
+    _box(ax, (7.7, 2.8), 1.75, 1.0, "quantized unit k\nrounding $V$,\nstep sizes $s$", qc)
+    _arrow(ax, (6.4, 2.8), (6.82, 2.8))
+    _box(ax, (9.4, 2.8), 1.1, 0.9, "$L_p$ loss\n+ rounding\nregulariser", loss, fs=8)
+    _arrow(ax, (8.58, 2.8), (8.85, 2.8))
+    _arrow(ax, (9.4, 4.3), (9.4, 3.25))
+    _arrow(ax, (9.4, 2.35), (7.95, 2.3), "gradients to $V$ and $s$", ls="--", color="#b2182b", rad=-0.5,
+           off=(0.3, -0.85))
+    ax.text(5.5, 0.25, "dashed: cached once per unit", ha="center", fontsize=8, color="#555555")
     fig.tight_layout()
     return fig
 

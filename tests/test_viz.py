@@ -73,3 +73,14 @@ def test_plot_unit_losses_draws_one_styled_line_per_profile():
         plot_unit_losses({"a": {"stem": 1.0, "head": 2.0}, "b": {"head": 1.0, "stem": 1.0}})
     with pytest.raises(ValueError, match="profiles is empty"):
         plot_unit_losses({})
+
+
+def test_reconstruction_flow_names_the_three_cached_tensors_and_the_coin():
+    from detptq_mini.viz import plot_reconstruction_flow
+
+    fig = plot_reconstruction_flow()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for needle in ("$x_{fp}$", "$x_q$", "$y_{fp}$", "coin per element", "gradients to $V$ and $s$"):
+        assert any(needle in t for t in texts), needle
+    assert len([p for p in fig.axes[0].patches if p.get_linestyle() == "--"]) == 3  # the cached tensors
+    plt.close(fig)
