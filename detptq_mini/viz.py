@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 from matplotlib.text import Text
@@ -117,7 +118,9 @@ def smallest_text_px(fig: Figure, column_px: float = COLUMN_PX) -> float:
     titles, legends, annotations). Returns ``inf`` for a figure without text.
     """
     column_px = check_number("column_px", column_px, 0, low_open=True)
-    renderer = fig.canvas.get_renderer()
+    # a figure that was shown is closed, its canvas a bare FigureCanvasBase: draw it on an Agg canvas
+    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
     width_px = fig.get_tightbbox(renderer).width * fig.dpi
     shrink = min(1.0, column_px / width_px) if width_px > 0 else 1.0
     sizes = [t.get_fontsize() for t in fig.findobj(Text)
