@@ -4,9 +4,12 @@ Round-to-nearest is not the best rounding for a layer's *output*: rounding a few
 can cancel the errors of others. AdaRound keeps the weight scale ``s`` fixed and learns, per weight, a
 continuous variable ``V`` whose rectified sigmoid ``h(V)`` in [0, 1] is added to ``floor(W / s)``::
 
-    h(V)     = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)        zeta = 1.1, gamma = -0.1
-    W_soft   = s * (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z)     during optimisation
-    W_hard   = s * (clamp(floor(W / s) + [V >= 0] + z, qmin, qmax) - z) at the end
+    h(V)     = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
+               with zeta = 1.1, gamma = -0.1
+    W_soft   = s * (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z)
+               during optimisation
+    W_hard   = s * (clamp(floor(W / s) + [V >= 0] + z, qmin, qmax) - z)
+               at the end
     f_reg(V) = sum over weights of (1 - |2 h(V) - 1| ** beta)
 
 ``zeta``/``gamma`` stretch the sigmoid so that ``h`` reaches exactly 0 and 1. ``V`` starts where

@@ -3,7 +3,8 @@
 A checkpoint is a ``torch.save`` of a dict, written atomically (a temporary file beside the target, then a rename:
 a failed save leaves no partial file and an existing file untouched). Every file starts with a header::
 
-    {"header": {"format": 1, "kind": "fp" | "quantized"}, "state_dict": ..., "config": ..., ...}
+    {"header": {"format": 1, "kind": "fp" | "quantized"},
+     "state_dict": ..., "config": ..., ...}
 
 * an **FP** checkpoint (:func:`save_checkpoint`; the shipped ``weights/detector.pt``) adds ``"meta"`` (how it was
   trained);

@@ -6,8 +6,10 @@ A deployment runtime does not know our :class:`~detptq_mini.quant.Quantizer`; it
 function, and a runtime may fuse each pair with the conv that follows into an integer kernel::
 
     x --Q(s_a, z_a, uint8)--DQ--+
-                                Conv -- ...          (one pair on the input, one on the weight of every conv)
+                                Conv -- ...
     W --Q(s_w, 0, int8, axis 0)--DQ--+
+
+    (one pair on the input, one on the weight of every conv)
 
 The mapping from our quantizer (method page, section 2) is exact at 8 bits: activations are asymmetric per tensor
 in ``[0, 255]`` (uint8, zero point in range), weights symmetric per output channel in ``[-128, 127]`` (int8,

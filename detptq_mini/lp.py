@@ -2,7 +2,8 @@
 
 For a tensor ``X`` (a layer's weights, or a sample of its input activations) and a candidate scale ``s``::
 
-    L_p(s) = mean(|X - Q(X; s)|^p)        s_p* = argmin_s L_p(s)        p in P = {1, 1.5, ..., 4.5}
+    L_p(s) = mean(|X - Q(X; s)|^p)        s_p* = argmin_s L_p(s)
+    p in P = {1, 1.5, ..., 4.5}
 
 ``Q`` is :func:`detptq_mini.quant.fake_quantize` (the same kernel, so the scales found are the scales used).
 Candidates are the ratios ``r = i / grid``, ``i = 1..grid`` (``r = 1`` is min-max):
@@ -77,13 +78,16 @@ def minmax_scale(x: Tensor, bits: int, axis: int | None = None, symmetric: bool 
     return scale.to(x.device), zero_point.to(x.device)
 
 
-def lp_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, p: float, axis: int | None = None,
+def lp_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
+             p: float, axis: int | None = None,
              symmetric: bool = False) -> Tensor:
-    """The metric ``L_p = mean(|X - Q(X; s, z)|^p)``, per channel when ``axis`` is given.
+    """The metric ``L_p = mean(|X - Q(X; s, z)|^p)``, per channel when
+    ``axis`` is given.
 
     Args:
         x: tensor ``X``.
-        scale, zero_point: ``s`` and ``z`` as :func:`detptq_mini.quant.fake_quantize` takes them.
+        scale, zero_point: ``s`` and ``z`` as
+            :func:`detptq_mini.quant.fake_quantize` takes them.
         bits, symmetric: the integer range.
         p: exponent, finite and > 0.
         axis: ``None`` per tensor, else the channel dimension.
@@ -96,7 +100,8 @@ def lp_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, p: float, 
     qmin, qmax = int_range(bits, symmetric)
     axis = check_axis(axis, x.dim())
     x = x.detach()
-    err = (x - fake_quantize(x, scale, zero_point, qmin, qmax, axis)).abs().double().pow(p)
+    x_hat = fake_quantize(x, scale, zero_point, qmin, qmax, axis)
+    err = (x - x_hat).abs().double().pow(p)
     return err.mean() if axis is None else _rows(err, axis).mean(1)
 
 

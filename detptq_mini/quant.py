@@ -7,8 +7,10 @@ A functional core (:func:`fake_quantize`, :func:`qparams_from_range`, :func:`fol
 The quantizer (paper symbols -> code): bit width ``b`` (``bits``), scale ``s`` (``scale``), zero point ``z``
 (``zero_point``), integer range ``[qmin, qmax]`` (:func:`int_range`)::
 
-    q     = clamp(round(x * (1 / s)) + z, qmin, qmax)      round half to even, as torch's fake-quant ops
+    q     = clamp(round(x * (1 / s)) + z, qmin, qmax)
     x_hat = (q - z) * s
+
+    (round half to even, as torch's fake-quant ops)
 
 Backward: the clipped straight-through estimator for ``x`` (Bengio et al. 2013: gradient 1 where
 ``qmin <= round(x / s) + z <= qmax``, else 0) and the LSQ gradient for ``s`` (Esser et al. 2020), so that a
@@ -65,23 +67,29 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------ fake quantize
-def fake_quantize_forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, *,
-                          out: Tensor | None = None, return_mask: bool = False):
-    """The forward of :func:`fake_quantize` without checks or autograd: the one kernel every caller shares.
+def fake_quantize_forward(x: Tensor, scale: Tensor, zero_point: Tensor,
+                          qmin: int, qmax: int, *,
+                          out: Tensor | None = None,
+                          return_mask: bool = False):
+    """The forward of :func:`fake_quantize` without checks or autograd: the
+    one kernel every caller shares.
 
     Args:
         x: input, any shape.
         scale: ``s``, broadcastable to ``x``, same dtype as ``x``.
-        zero_point: ``z``, integer-valued, broadcastable to ``x``, same dtype as ``x``.
+        zero_point: ``z``, integer-valued, broadcastable to ``x``, same
+            dtype as ``x``.
         qmin, qmax: integer range.
-        out: optional buffer of the broadcast shape (the scale search uses it to avoid allocations).
-        return_mask: also return the STE mask ``qmin <= round(x / s) + z <= qmax``.
+        out: optional buffer of the broadcast shape (the scale search uses
+            it to avoid allocations).
+        return_mask: also return the STE mask ``qmin <= round(x / s) + z <=
+            qmax``.
 
     Returns:
         ``x_hat``, or ``(x_hat, mask)`` with ``return_mask``.
     """
-    q = torch.mul(x, 1.0 / scale, out=out)  # reciprocal multiply, as torch's kernels
-    q.round_().add_(zero_point)  # torch.round: half to even, as std::nearbyint
+    q = torch.mul(x, 1.0 / scale, out=out)  # reciprocal multiply, as torch
+    q.round_().add_(zero_point)  # torch.round: half to even, as nearbyint
     mask = ((q >= qmin) & (q <= qmax)) if return_mask else None
     q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
     return (q, mask) if return_mask else q

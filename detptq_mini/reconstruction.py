@@ -11,7 +11,8 @@ the quantized network one unit at a time so that each unit's output matches the 
 * the unit's weights get learned rounding (:mod:`detptq_mini.adaround`: ``V``, Adam at ``lr_v``) and its
   input quantizers' step sizes are learned too (LSQ, Adam at ``lr_act`` with cosine decay to 0), on::
 
-      loss = mean_(b, y, x) sum_c |unit(x_in) - y_fp|^p  +  lam * sum_layers f_reg(V, beta)
+      loss = mean_(b, y, x) sum_c |unit(x_in) - y_fp|^p
+             + lam * sum_layers f_reg(V, beta)
 
   (the Lp reconstruction loss summed over channels, as BRECQ's ``lp_loss``), batch ``batch_size``; with
   ``loss_norm="before"`` the first term is divided by its value before reconstruction (an experiment of ours);

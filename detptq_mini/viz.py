@@ -1,19 +1,132 @@
-"""The figures the chapters show; every ``plot_*`` function returns a matplotlib Figure (nothing is drawn on
-import). :func:`strip_cdn_links` makes an animation's HTML player work offline."""
+"""The figures and tables the chapters show; every ``plot_*`` function returns a matplotlib Figure (nothing is
+drawn on import). :class:`Table` shows rows as an HTML table, :func:`smallest_text_px` checks that a figure's
+text stays legible in the book, and :func:`strip_cdn_links` makes an animation's HTML player work offline.
+
+The book's column is :data:`COLUMN_PX` pixels wide at a 1280 px window: a wider figure is shrunk to it, and
+its text with it. A figure is legible when :func:`smallest_text_px` is at least :data:`MIN_TEXT_PX`; the
+``plot_*`` functions draw at most three panels a row, sized for that.
+"""
 
 from __future__ import annotations
 
+import html
 import re
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyBboxPatch, Rectangle
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+from matplotlib.text import Text
 
-__all__ = ["CLASS_COLOURS", "draw_boxes", "plot_samples", "plot_detections", "plot_ratio_vs_bits", "plot_unit_losses",
-           "plot_reconstruction_flow", "strip_cdn_links"]
+from .checks import check_int, check_number
+from .model import UnitDetector
+from .quant import QuantConfig, quant_layers, quantize_model
+
+__all__ = [
+    "CLASS_COLOURS", "COLUMN_PX", "MIN_TEXT_PX", "Table", "smallest_text_px", "draw_boxes", "plot_samples",
+    "plot_detections", "unit_edges", "plot_units", "plot_ratio_vs_bits", "plot_unit_losses",
+    "plot_reconstruction_flow", "strip_cdn_links",
+]
 
 CLASS_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
+#: Width in pixels of the book's content column (a code block, a figure) at a 1280 px browser window.
+COLUMN_PX = 684
+#: The smallest text height, in displayed pixels, that a figure of the book may have.
+MIN_TEXT_PX = 9.0
+#: Panels a row at most: wider grids shrink their text below :data:`MIN_TEXT_PX`.
+MAX_COLS = 3
+
+
+class Table:
+    """Rows shown as a table: HTML in Jupyter and in the book, aligned text for ``print`` and ``repr``.
+
+    Args:
+        rows: one mapping per row, column name -> value (a missing key shows as an empty cell); or one sequence
+            per row, in the order of ``columns``.
+        columns: the columns, in order (default: the keys of the rows, in order of first appearance).
+        formats: column -> a format spec (``".3f"``, ``",d"``) or a function of the value returning a string;
+            other values are shown with ``str``. Numbers are right-aligned.
+        caption: a caption shown above the table, if given.
+
+    Example: ``Table([{"bits": "W8A8", "mAP": 0.886}], formats={"mAP": ".3f"})`` as the last line of a cell.
+    """
+
+    def __init__(self, rows: Sequence[Mapping | Sequence], columns: Sequence[str] | None = None,
+                 formats: Mapping[str, str | Callable] | None = None, caption: str | None = None):
+        rows = list(rows)
+        if columns is None:
+            if not all(isinstance(r, Mapping) for r in rows):
+                raise ValueError("columns is needed when rows are sequences (it names their values in order)")
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+        self.columns = [str(c) for c in columns]
+        if not self.columns:
+            raise ValueError("a table needs at least one column: rows are empty and no columns were given")
+        formats = dict(formats or {})
+        unknown = sorted(set(formats) - set(self.columns))
+        if unknown:
+            raise ValueError(f"formats has {unknown} that are not columns; allowed: {', '.join(self.columns)}")
+        self.rows: list[list[tuple[str, bool]]] = []  # (text, numeric) per cell
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                row = list(row)
+                if len(row) != len(self.columns):
+                    raise ValueError(f"rows[{i}] has {len(row)} values for {len(self.columns)} columns")
+                row = dict(zip(self.columns, row))
+            self.rows.append([self._cell(row.get(c), formats.get(c)) for c in self.columns])
+        self.caption = caption
+
+    @staticmethod
+    def _cell(value, fmt) -> tuple[str, bool]:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is None:
+            return "", False
+        if callable(fmt):
+            return str(fmt(value)), numeric
+        return (format(value, fmt) if fmt else str(value)), numeric
+
+    def _repr_html_(self) -> str:
+        def td(tag, text, numeric):
+            align = ' style="text-align: right"' if numeric else ""
+            return f"<{tag}{align}>{html.escape(text)}</{tag}>"
+
+        head = "".join(td("th", c, all(r[j][1] for r in self.rows) and bool(self.rows))
+                       for j, c in enumerate(self.columns))
+        body = "".join("<tr>" + "".join(td("td", t, n) for t, n in row) + "</tr>" for row in self.rows)
+        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        return f'<table class="table">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+    def __repr__(self) -> str:
+        widths = [max([len(c)] + [len(r[j][0]) for r in self.rows]) for j, c in enumerate(self.columns)]
+
+        def line(cells, numeric):
+            return "  ".join(t.rjust(w) if n else t.ljust(w) for t, n, w in zip(cells, numeric, widths)).rstrip()
+
+        numeric = [bool(self.rows) and all(r[j][1] for r in self.rows) for j in range(len(self.columns))]
+        out = [self.caption] if self.caption else []
+        out.append(line(self.columns, numeric))
+        out += [line([t for t, _ in r], [n for _, n in r]) for r in self.rows]
+        return "\n".join(out)
+
+
+def smallest_text_px(fig: Figure, column_px: float = COLUMN_PX) -> float:
+    """The height in displayed pixels of the smallest text of ``fig``, shown in a column ``column_px`` wide.
+
+    A notebook stores a figure at its ``dpi`` cropped to its content (``bbox_inches="tight"``); the book shows
+    it at that size, or shrunk to the column if it is wider. A text of ``s`` points then displays at
+    ``s * dpi / 72 * min(1, column_px / width_px)`` pixels. Only visible, non-empty texts count (tick labels,
+    titles, legends, annotations). Returns ``inf`` for a figure without text.
+    """
+    column_px = check_number("column_px", column_px, 0, low_open=True)
+    # a figure that was shown is closed, its canvas a bare FigureCanvasBase: draw it on an Agg canvas
+    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    width_px = fig.get_tightbbox(renderer).width * fig.dpi
+    shrink = min(1.0, column_px / width_px) if width_px > 0 else 1.0
+    sizes = [t.get_fontsize() for t in fig.findobj(Text)
+             if t.get_visible() and t.get_text().strip() and t.get_window_extent(renderer).width > 0]
+    return min(sizes) * fig.dpi / 72 * shrink if sizes else float("inf")
 
 
 def draw_boxes(ax, boxes, labels, class_names, scores=None, dashed: bool = False) -> None:
@@ -23,10 +136,12 @@ def draw_boxes(ax, boxes, labels, class_names, scores=None, dashed: bool = False
         colour = CLASS_COLOURS[lab % len(CLASS_COLOURS)]
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5, ec=colour, ls="--" if dashed else "-"))
         tag = class_names[lab] if scores is None else f"{class_names[lab]} {float(scores[i]):.2f}"
-        ax.text(x1, y1 - 1, tag, color="white", fontsize=6, va="bottom", bbox=dict(fc=colour, ec="none", pad=0.5))
+        ax.text(x1, y1 - 1, tag, color="white", fontsize=7, va="bottom", bbox=dict(fc=colour, ec="none", pad=0.5))
 
 
-def _grid(n: int, cols: int, size: float = 2.4) -> tuple[Figure, list]:
+def _grid(n: int, cols: int, size: float = 2.2) -> tuple[Figure, list]:
+    """``n`` panels, ``cols`` (at most :data:`MAX_COLS`) a row, each ``size`` inches square, axes off."""
+    cols = check_int("cols", cols, 1, MAX_COLS, hint="(more panels a row shrink their text below legibility)")
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
     for ax in axes.flat:
@@ -34,7 +149,7 @@ def _grid(n: int, cols: int, size: float = 2.4) -> tuple[Figure, list]:
     return fig, list(axes.flat)
 
 
-def plot_samples(dataset, n: int = 8, cols: int = 4) -> Figure:
+def plot_samples(dataset, n: int = 6, cols: int = 3) -> Figure:
     """The first ``n`` images of a :class:`~detptq_mini.data.ShapesDataset` with their ground-truth boxes."""
     fig, axes = _grid(n, cols)
     for i, ax in zip(range(n), axes):
@@ -47,7 +162,7 @@ def plot_samples(dataset, n: int = 8, cols: int = 4) -> Figure:
 
 
 def plot_detections(images: torch.Tensor, detections: list[dict], class_names, targets: list[dict] | None = None,
-                    score_thresh: float = 0.3, cols: int = 4, titles: list[str] | None = None) -> Figure:
+                    score_thresh: float = 0.3, cols: int = 3, titles: list[str] | None = None) -> Figure:
     """Detections above ``score_thresh`` (solid) over ground truth (dashed, if given), one panel per image."""
     fig, axes = _grid(len(images), cols)
     for i, ax in enumerate(axes[: len(images)]):
@@ -59,6 +174,124 @@ def plot_detections(images: torch.Tensor, detections: list[dict], class_names, t
         draw_boxes(ax, d["boxes"][keep], d["labels"][keep], class_names, scores=d["scores"][keep])
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def unit_edges(model: UnitDetector) -> list[tuple[str, str]]:
+    """Every ``(producer, consumer)`` pair of a detector's units, one per tensor a unit reads, in forward order.
+
+    The producer is the unit that writes the tensor, or ``"image"`` for the network's input. A unit that reads
+    two tensors (a concatenation of a skip connection) has two edges.
+    """
+    if not isinstance(model, UnitDetector):
+        raise ValueError(f"model must be a UnitDetector (it names its units), got {type(model).__name__}")
+    writer = {"image": "image"}
+    edges = []
+    for u in model.units:
+        edges += [(writer[n], u.name) for n in u.inputs]
+        writer[u.output] = u.name
+    return edges
+
+
+def _unit_layout(model: UnitDetector) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Columns (the first part of the unit names, in order) and each unit's ``(column, row)``.
+
+    Units go down their column in forward order; a unit fed from an earlier column starts no higher than the
+    highest unit it reads from there, so that skip connections run across or down, never far up.
+    """
+    groups = list(dict.fromkeys(u.name.split(".")[0] for u in model.units))
+    writer = {"image": "image"}
+    place: dict[str, tuple[int, int]] = {"image": (0, 0)}
+    last_row = {g: 0 for g in groups}  # the image box takes row 0 of the first column
+    for u in model.units:
+        col = groups.index(u.name.split(".")[0])
+        row = last_row[groups[col]] + 1 if last_row[groups[col]] or col == 0 else 0
+        fed = [place[writer[n]][1] for n in u.inputs if place[writer[n]][0] < col]
+        if fed:
+            row = max(row, min(fed))
+        place[u.name] = (col, row)
+        last_row[groups[col]] = row
+        writer[u.output] = u.name
+    return groups, place
+
+
+def _bits_label(bits: list[str]) -> str:
+    """``["W4A4", "W4A4", "W8A8"]`` -> ``"W4A4 x2, W8A8"``: a unit's convs by their bit widths."""
+    counts = dict.fromkeys(bits, 0)
+    for b in bits:
+        counts[b] += 1
+    return ", ".join(b if k == 1 else f"{b} x{k}" for b, k in counts.items())
+
+
+def plot_units(model: UnitDetector, config: QuantConfig | None = None) -> Figure:
+    """The detector's units as boxes and the tensors they pass as arrows, with where the quantizers sit.
+
+    One box per unit (its name without the column's prefix, then the bit widths of its convs), one arrow per
+    edge of :func:`unit_edges`, the columns in the order of the unit names' first parts (``backbone``,
+    ``neck``, ``head``). The bits come from the model that :func:`~detptq_mini.quant.quantize_model` builds
+    with ``config`` (default ``QuantConfig()``, W4A4 with the protocol ``"ours"``): every conv's weights and
+    input activation are fake-quantized, so a quantizer sits at the input of every conv; a conv the protocol
+    leaves in FP is marked ``FP``. Boxes are coloured by what their convs get: the low bit width, W8A8 (the
+    stem; the head units' prediction conv), or FP. Everything between convs (SiLU, adds, concatenations,
+    upsampling, pooling) is not quantized.
+    """
+    if not isinstance(model, UnitDetector):
+        raise ValueError(f"model must be a UnitDetector (it names its units), got {type(model).__name__}")
+    config = QuantConfig() if config is None else config
+    layers = quant_layers(quantize_model(model, config))
+    bits: dict[str, list[str]] = {u: [] for u in model.unit_names}
+    for conv in model.conv_names():
+        key = conv if conv in layers else conv.removesuffix(".conv")
+        layer = layers.get(key)
+        bits[model.unit_of(conv)].append("FP" if layer is None else f"W{layer.weight_quantizer.bits}A{layer.input_quantizer.bits}")
+    low = f"W{config.w_bits}A{config.a_bits}"
+    fills = {"low": "#c6dbef", "mixed": "#dadaeb", "eight": "#fdd0a2", "fp": "#e5e5e5"}
+
+    def kind(b: list[str]) -> str:
+        if set(b) == {"FP"}:
+            return "fp"
+        if low in b:
+            return "low" if set(b) == {low} else "mixed"
+        return "eight"
+
+    groups, place = _unit_layout(model)
+    rows = max(r for _, r in place.values()) + 1
+    fig, ax = plt.subplots(figsize=(6.6, 0.5 * rows + 1.0))
+    w, h, dx = 0.78, 0.62, 1.15  # box width and height, column pitch (data units; one row is 1)
+    centre = {n: (c * dx, -r) for n, (c, r) in place.items()}
+    for c, g in enumerate(groups):
+        ax.text(c * dx, 0.9, g, ha="center", va="bottom", fontsize=10, fontweight="bold")
+    for name, (x, y) in centre.items():
+        if name == "image":
+            label, fill, gid = "image", "white", "input"
+        else:
+            label = f"{name.split('.', 1)[-1]}\n{_bits_label(bits[name])}"
+            fill, gid = fills[kind(bits[name])], f"unit:{name}"
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02", fc=fill,
+                                    ec="#333333", lw=0.8, gid=gid))
+        ax.text(x, y, label, ha="center", va="center", fontsize=7.5, linespacing=1.1)
+    for src, dst in unit_edges(model):
+        (xa, ya), (xb, yb) = centre[src], centre[dst]
+        if xa == xb and ya - yb == 1:  # the next unit in the column: straight down
+            a, b, style = (xa, ya - h / 2), (xb, yb + h / 2), "arc3"
+        elif xa == xb:  # a skip connection inside a column: around the boxes' right side
+            a, b, style = (xa + w / 2, ya), (xb + w / 2, yb), "arc3,rad=-0.35"
+        else:  # to a later column: from the right side to the left side
+            a, b, style = (xa + w / 2, ya), (xb - w / 2, yb), "arc3"
+        ax.add_patch(FancyArrowPatch(a, b, connectionstyle=style, arrowstyle="-|>", mutation_scale=8, lw=0.8,
+                                     color="#555555", shrinkA=1, shrinkB=1, gid=f"edge:{src}->{dst}"))
+    names = {"low": f"{low} convs", "mixed": f"{low} convs and a W8A8 one", "eight": "W8A8 convs",
+             "fp": "FP convs (not quantized)"}
+    shown = dict.fromkeys(kind(b) for b in bits.values())
+    legend = [Rectangle((0, 0), 1, 1, fc=fills[k], ec="#333333", label=names[k]) for k in shown]
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
+    ax.set_xlim(-w / 2 - 0.1, (len(groups) - 1) * dx + w / 2 + 0.35)
+    ax.set_ylim(-rows + 0.4, 1.4)
+    ax.set_aspect("auto")
+    ax.axis("off")
+    ax.set_title(f"{len(model.units)} units, protocol {config.protocol!r}: every quantized conv "
+                 "fake-quantizes its input and weights", fontsize=8.5)
     fig.tight_layout()
     return fig
 

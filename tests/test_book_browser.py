@@ -288,6 +288,69 @@ def test_page_renders_offline(visit, page):
     assert not problems, f"{page}.html:\n  " + "\n  ".join(problems)
 
 
+# Every element that scrolls sideways when its content is wider than the column, and what it holds:
+# a code block (a code cell, a printed or returned text output, a code block of a page or a docstring) is a
+# <pre> in div.highlight or in a text output; a table is a <table> (markdown, docstring or HTML output) in its
+# scroll container (the theme's div.pst-scrollable-table-container, or the cell's output area).
+_TOO_WIDE = """() => {
+    const out = [];
+    const seen = new Set();
+    const start = el => JSON.stringify(el.innerText.replace(/\\s+/g, " ").trim().slice(0, 80));
+    const check = (el, what, shown) => {
+        if (seen.has(el) || !el.getClientRects().length) return;
+        seen.add(el);
+        if (el.scrollWidth > el.clientWidth) {
+            let msg = `${what} ${el.scrollWidth} px in ${el.clientWidth} px: ${start(shown || el)}`;
+            if (el.tagName === "PRE") {
+                const longest = el.innerText.split("\\n").reduce((a, b) => (b.length > a.length ? b : a), "");
+                msg += ` (longest line, ${longest.length} characters: ${JSON.stringify(longest.slice(0, 80))})`;
+            }
+            out.push(msg);
+        }
+    };
+    document.querySelectorAll("div.highlight pre, div.output pre").forEach(el => check(el, "code/text"));
+    document.querySelectorAll("article table").forEach(table => {
+        const box = table.closest(".pst-scrollable-table-container, div.output, div.cell_output");
+        if (box) check(box, "table", table);
+        const column = table.closest("article").clientWidth;
+        if (table.offsetWidth > column && !seen.has(table)) {
+            seen.add(table);
+            out.push(`table ${table.offsetWidth} px in the ${column} px column: ${start(table)}`);
+        }
+    });
+    document.querySelectorAll("div.output.text_html").forEach(el => check(el, "HTML output"));
+    return out;
+}"""
+
+#: Pages that still have blocks wider than the column, each with the reason; a page that gets fixed fails
+#: its xfail (strict) and must leave this list.
+PENDING = {
+    "notebooks/04_scale_search": "its code and printed tables are laid out when chapter 4 is reworked",
+    "notebooks/05_odol": "its code and printed tables are laid out when chapter 5 is reworked",
+    "notebooks/06_detptq": "its code is laid out when chapter 6 gets its inline selection loop",
+    "notebooks/07_reconstruction": "rewritten by the reconstruction work first, laid out after it",
+    "notebooks/08_results": "rewritten by the reconstruction work first, then split into results and ablations",
+    "notebooks/09_your_detector": "rewritten by the RetinaNet work, which lays it out",
+}
+
+
+def _fits_params():
+    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=PENDING[p])) if p in PENDING else p
+            for p in PAGES]
+
+
+def test_pending_pages_are_pages():
+    assert not set(PENDING) - set(PAGES), f"PENDING names pages the book does not have: {set(PENDING) - set(PAGES)}"
+
+
+@pytest.mark.parametrize("page", _fits_params())
+def test_page_fits_a_1280px_window(visit, page):
+    """No code block, text output or table is wider than its column: nothing scrolls sideways."""
+    v = visit(f"{page}.html")
+    wide = v.page.evaluate(_TOO_WIDE)
+    assert not wide, f"{page}.html at 1280 px: {len(wide)} block(s) wider than the column:\n  " + "\n  ".join(wide)
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_page_offers_its_source_for_download(visit, page):
     """The download button gives the page's own source (.ipynb for a chapter, .md for a page), served offline."""

@@ -1,4 +1,5 @@
-"""``viz.strip_cdn_links``: an animation's HTML player without its links to other hosts, whole tags only."""
+"""``viz``: the unit diagram, the table helper, legible figures, and ``strip_cdn_links`` (an animation's HTML
+player without its links to other hosts, whole tags only)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib import animation  # noqa: E402
 
-from detptq_mini.viz import strip_cdn_links  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+
+from detptq_mini.data import ShapesDataset  # noqa: E402
+from detptq_mini.quant import QuantConfig  # noqa: E402
+from detptq_mini.viz import (  # noqa: E402
+    MIN_TEXT_PX, Table, plot_detections, plot_ratio_vs_bits, plot_samples, plot_units, smallest_text_px,
+    strip_cdn_links, unit_edges,
+)
 
 CDN = "https://maxcdn.bootstrapcdn.com/font-awesome/4.4.0/css/font-awesome.min.css"
 
@@ -52,6 +61,109 @@ def test_matplotlib_player_keeps_no_remote_link():
     assert len(html) - len(out) < 200  # the tag and its line break, nothing more
 
 
+# ----------------------------------------------------------------------------- the unit diagram
+
+
+def _drawn(fig, cls, prefix):
+    return [a.get_gid().removeprefix(prefix) for a in fig.axes[0].patches
+            if isinstance(a, cls) and (a.get_gid() or "").startswith(prefix)]
+
+
+def test_unit_edges_are_the_tensors_each_unit_reads(pretrained):
+    edges = unit_edges(pretrained)
+    assert len(edges) == sum(len(u.inputs) for u in pretrained.units) == 26
+    assert edges[0] == ("image", "backbone.stem")
+    assert ("backbone.c2f3", "neck.td4") in edges and ("backbone.sppf", "neck.bu5") in edges  # skips
+    assert [d for s, d in edges if s == "neck.td3"] == ["neck.down3", "head.p3.cls", "head.p3.box"]
+
+
+def test_plot_units_draws_one_box_per_unit_and_one_arrow_per_edge(pretrained):
+    fig = plot_units(pretrained)
+    assert _drawn(fig, FancyBboxPatch, "unit:") == list(pretrained.unit_names)
+    assert _drawn(fig, FancyArrowPatch, "edge:") == [f"{s}->{d}" for s, d in unit_edges(pretrained)]
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert "stem\nW8A8" in texts  # protocol "ours": the stem at 8 bits
+    assert "p3.cls\nW4A4 x2, W8A8" in texts  # two W4A4 convs, then the 8-bit prediction conv
+    assert "c2f2\nW4A4 x6" in texts
+    assert smallest_text_px(fig) >= MIN_TEXT_PX
+    plt.close(fig)
+
+
+def test_plot_units_marks_the_head_fp_under_head_fp(pretrained):
+    fig = plot_units(pretrained, QuantConfig(w_bits=4, a_bits=8, protocol="head-fp"))
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    for unit in pretrained.head_units():
+        assert f"{unit.split('.', 1)[1]}\nFP x3" in texts
+    assert "down1\nW4A8" in texts
+    plt.close(fig)
+
+
+def test_plot_units_needs_a_unit_detector():
+    with pytest.raises(ValueError, match="model must be a UnitDetector"):
+        plot_units(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
+
+
+# ----------------------------------------------------------------------------- legible figures
+
+
+def test_the_library_figures_are_legible_at_the_book_width(pretrained):
+    """At most three panels a row, and every text at least MIN_TEXT_PX px high in the book's column."""
+    val = ShapesDataset("val", 6, seed=0)
+    images = val.images(0, 6)
+    dets = pretrained.detect(images)
+    summary = {"bits": ["W8A8", "W4A4"], "rows": [
+        {"label": lab, "cells": {b: {"ratio_to_fp_mean": r, "map_mean": r, "map_std": None, "n": 1}
+                                 for b, r in (("W8A8", 0.99), ("W4A4", 0.5 + k / 10))}}
+        for k, lab in enumerate(["min-max", "Lp p=2"])]}
+    figs = [plot_samples(val), plot_detections(images, dets, val.class_names, targets=[val[i][1] for i in range(6)]),
+            plot_ratio_vs_bits(summary)]
+    for fig in figs:
+        assert smallest_text_px(fig) >= MIN_TEXT_PX
+        plt.close(fig)
+    with pytest.raises(ValueError, match=r"cols=4 must be an integer in 1\.\.3"):
+        plot_samples(val, cols=4)
+
+
+def test_smallest_text_px_shrinks_a_wide_figure():
+    """A 10-inch figure at 100 dpi is shrunk to the 684 px column: 10 pt text displays at about 9.5 px."""
+    fig, ax = plt.subplots(figsize=(10, 2), dpi=100)
+    ax.set_title("t", fontsize=20)
+    ax.set_xlabel("x", fontsize=10)
+    px = smallest_text_px(fig)
+    width = fig.get_tightbbox(fig.canvas.get_renderer()).width * 100
+    assert px == pytest.approx(10 * 100 / 72 * 684 / width)
+    fig.set_size_inches(4, 2)
+    assert smallest_text_px(fig) == pytest.approx(10 * 100 / 72)  # narrower than the column: not shrunk
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def test_table_html_and_text():
+    t = Table([{"bits": "W8A8", "mAP": 0.8861, "n": 3}, {"bits": "W4A4 <b>", "mAP": 0.126}],
+              formats={"mAP": ".3f"}, caption="min-max")
+    html = t._repr_html_()
+    assert html.startswith('<table class="table"><caption>min-max</caption>')
+    assert "<th>bits</th>" in html and '<th style="text-align: right">mAP</th>' in html
+    assert '<td style="text-align: right">0.886</td>' in html and "W4A4 &lt;b&gt;" in html
+    assert "<td></td>" in html  # the missing n
+    assert repr(t).splitlines() == ["min-max", "bits        mAP  n", "W8A8      0.886  3", "W4A4 <b>  0.126"]
+
+
+def test_table_rows_as_sequences_and_bad_input():
+    t = Table([("a", 1), ("b", 22)], columns=["k", "v"], formats={"v": lambda v: f"{v:,d} px"})
+    assert repr(t).splitlines() == ["k      v", "a   1 px", "b  22 px"]  # numbers right-aligned
+    with pytest.raises(ValueError, match="columns is needed"):
+        Table([("a", 1)])
+    with pytest.raises(ValueError, match=r"rows\[0\] has 2 values for 3 columns"):
+        Table([("a", 1)], columns=["x", "y", "z"])
+    with pytest.raises(ValueError, match=r"formats has \['w'\] that are not columns"):
+        Table([{"v": 1}], formats={"w": ".1f"})
+    with pytest.raises(ValueError, match="at least one column"):
+        Table([])
+
+
 def test_plot_unit_losses_draws_one_styled_line_per_profile():
     from detptq_mini.viz import plot_unit_losses
 
@@ -64,6 +176,7 @@ def test_plot_unit_losses_draws_one_styled_line_per_profile():
     assert list(lines[1].get_ydata()) == [2e-3, 0.9, 3.0]
     assert lines[0].get_linestyle() != lines[1].get_linestyle() and lines[0].get_color() != lines[1].get_color()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["stem", "down1", "c2f1"] and ax.get_yscale() == "log"
+    assert smallest_text_px(fig) >= MIN_TEXT_PX
     plt.close(fig)
     fig = plot_unit_losses({"a": {"stem": 1.0, "head": 2.0}, "b": {"stem": 1.0}})  # b has a gap at "head"
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["stem", "head"]
@@ -83,4 +196,5 @@ def test_reconstruction_flow_names_the_three_cached_tensors_and_the_coin():
     for needle in ("$x_{fp}$", "$x_q$", "$y_{fp}$", "coin per element", "gradients to $V$ and $s$"):
         assert any(needle in t for t in texts), needle
     assert len([p for p in fig.axes[0].patches if p.get_linestyle() == "--"]) == 3  # the cached tensors
+    assert smallest_text_px(fig) >= MIN_TEXT_PX
     plt.close(fig)
