@@ -203,8 +203,8 @@ def test_run_notebooks_fails_and_keeps_a_raising_notebook(tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- what the book hides
 
-#: Chapters whose assert cells are not tagged yet: tagged when chapters 7-8 are rewritten.
-UNTAGGED = {"07_reconstruction.ipynb", "08_results.ipynb"}
+#: Chapters whose assert cells are not tagged yet (none left).
+UNTAGGED: set[str] = set()
 #: MyST-NB tags that drop a cell's output from the book (``remove-input`` keeps it and is not listed).
 HIDES_OUTPUT = {"remove-cell", "remove_cell", "remove-output", "remove_output"}
 #: Statements an assert cell may hold besides its asserts: helper assignments, and loops or ifs around them.
