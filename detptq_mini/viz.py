@@ -133,8 +133,8 @@ def _cell_text(value, fmt: str) -> str:
     """A table cell as text: numbers (not bools) with ``fmt``, None as an em dash, anything else as ``str``."""
     if value is None:
         return "\u2014"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return str(value)
+    if isinstance(value, (bool, numbers.Integral)) or not isinstance(value, numbers.Real):
+        return str(value)  # integers (counts) as they are
     return format(float(value), fmt)
 
 
@@ -189,8 +189,8 @@ def table(rows, columns, index=None, index_name: str = "", fmt: str = ".3f", tit
     """A :class:`Table` of ``rows`` under ``columns``: how the chapters show a result.
 
     Args:
-        rows: a sequence of rows, each a sequence with one value per column (numbers are formatted with ``fmt``,
-            None shows as an em dash, anything else as ``str``).
+        rows: a sequence of rows, each a sequence with one value per column (real numbers are formatted with
+            ``fmt``, integers and anything else with ``str``, None shows as an em dash).
         columns: the column headers, one per value of a row.
         index: the row labels shown as a first column (one per row), or None for no label column.
         index_name: the header of the label column.

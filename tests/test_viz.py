@@ -70,8 +70,8 @@ def test_table_is_an_html_table_with_formatted_escaped_cells():
 
 
 def test_table_text_is_aligned():
-    t = table([[1.0, "ab"], [10.25, "c"]], ["x", "name"], fmt=".1f")
-    assert repr(t).splitlines() == ["   x  name", " 1.0  ab", "10.2  c"]
+    t = table([[1.0, "ab", 3], [10.25, "c", 12]], ["x", "name", "n"], fmt=".1f")
+    assert repr(t).splitlines() == ["   x  name   n", " 1.0  ab     3", "10.2  c     12"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
