@@ -325,9 +325,6 @@ _TOO_WIDE = """() => {
 #: Pages that still have blocks wider than the column, each with the reason; a page that gets fixed fails
 #: its xfail (strict) and must leave this list.
 PENDING = {
-    "notebooks/04_scale_search": "its code and printed tables are laid out when chapter 4 is reworked",
-    "notebooks/05_odol": "its code and printed tables are laid out when chapter 5 is reworked",
-    "notebooks/06_detptq": "its code is laid out when chapter 6 gets its inline selection loop",
     "notebooks/07_reconstruction": "rewritten by the reconstruction work first, laid out after it",
     "notebooks/08_results": "rewritten by the reconstruction work first, then split into results and ablations",
     "notebooks/09_your_detector": "rewritten by the RetinaNet work, which lays it out",

@@ -198,3 +198,72 @@ def test_reconstruction_flow_names_the_three_cached_tensors_and_the_coin():
     assert len([p for p in fig.axes[0].patches if p.get_linestyle() == "--"]) == 3  # the cached tensors
     assert smallest_text_px(fig) >= MIN_TEXT_PX
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- viz.table
+
+from detptq_mini.viz import ResultTable, plot_selection_loop, table  # noqa: E402
+
+
+def test_table_is_an_html_table_with_formatted_escaped_cells():
+    t = table([[0.12345, None, "a<b"], [2, 3.5, "x"]], ["mAP", "p", "note"], index=["min-max", "Lp & p"],
+              index_name="method", title="W4A4")
+    assert isinstance(t, ResultTable)
+    out = t._repr_html_()
+    assert out.startswith('<table class="detptq-table"><caption>W4A4</caption>')
+    assert out.count("<tr>") == 3 and out.count("<th>") == 4 + 2  # header row + one label cell per row
+    assert "<td style=\"text-align: right\">0.123</td>" in out and "<td>a&lt;b</td>" in out
+    assert "<th>Lp &amp; p</th>" in out and "\u2014" in out  # escaped label, None as an em dash
+    assert "a<b" not in out
+
+
+def test_table_text_is_aligned():
+    t = table([[1.0, "ab", 3], [10.25, "c", 12]], ["x", "name", "n"], fmt=".1f")
+    assert repr(t).splitlines() == ["   x  name   n", " 1.0  ab     3", "10.2  c     12"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rows=[[1]], columns=[]), "columns is empty"),
+    (dict(rows=[[1, 2]], columns=["a"]), r"rows\[0\] has 2 values but columns has 1"),
+    (dict(rows=[[1]], columns=["a"], index=["r", "s"]), "index has 2 labels but there are 1 rows"),
+    (dict(rows=[[1]], columns=["a"], fmt="q"), "fmt='q' is not a format spec"),
+])
+def test_table_bad_input_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        table(**kwargs)
+
+
+# ----------------------------------------------------------------------------- viz.plot_selection_loop
+
+
+def test_selection_loop_diagram_has_every_step_readable_and_apart():
+    fig = plot_selection_loop()
+    try:
+        ax = fig.axes[0]
+        boxes = {t.get_gid(): t for t in ax.texts if t.get_bbox_patch() is not None}
+        assert set(boxes) == {"calib", "fp", "target", "layer", "p", "set", "run", "odol", "keep"}
+        assert "ODOL" in boxes["odol"].get_text() and "forward order" in boxes["layer"].get_text()
+        arrows = {a.get_gid() for a in ax.texts if a.get_gid() and "->" in a.get_gid()
+                  and not a.get_gid().startswith("label:")}
+        assert {"odol->p", "keep->layer", "target->odol", "run->odol"} <= arrows and len(arrows) == 10
+        # every text shows at >= 9 px when the figure is shown 684 px wide (the book's column)
+        width_in = fig.get_size_inches()[0]
+        assert all(t.get_fontsize() * 684 / (width_in * 72) >= 9 for t in ax.texts if t.get_text())
+        # no two step boxes overlap, and every box is inside the figure
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ext = {k: t.get_bbox_patch().get_window_extent(renderer) for k, t in boxes.items()}
+        keys = sorted(ext)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                assert not ext[a].overlaps(ext[b]), (a, b)
+        fb = fig.bbox
+        assert all(fb.x0 <= e.x0 and e.x1 <= fb.x1 and fb.y0 <= e.y0 and e.y1 <= fb.y1 for e in ext.values())
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("bad", [5, float("nan"), "10", True])
+def test_selection_loop_bad_fontsize(bad):
+    with pytest.raises(ValueError, match="fontsize="):
+        plot_selection_loop(bad)
