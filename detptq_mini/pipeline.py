@@ -40,7 +40,8 @@ from .checks import check_bits, check_bool, check_choice, check_images, check_in
 from .detptq import Granularity, Rest, select_p
 from .odol import ClsMode, FgMode, LocMode, OdolConfig
 from .lp import P_DEFAULT, apply_scales, search_model_scales
-from .quant import PROTOCOLS, LayerProtocol, QuantConfig, calibrate_minmax, fold_bn, quant_layers, quantize_model
+from .quant import (PROTOCOLS, LayerProtocol, QuantConfig, calibrate_deploy, calibrate_minmax, fold_bn, quant_layers,
+                    quantize_model)
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images"]
@@ -106,6 +107,10 @@ class PTQConfig:
         lr_v, lr_act: Adam learning rates of the rounding variables and of the activation step sizes.
         recon_loss_norm: ``"none"`` (default) or ``"before"``: each unit's Lp loss divided by its value before
             reconstruction (:attr:`~detptq_mini.reconstruction.ReconConfig.loss_norm`).
+        deploy: W8A8 only: after the method, calibrate the deploy quantizers (each conv's output and each SiLU's
+            sigmoid, min-max on the calibration images: :func:`~detptq_mini.quant.calibrate_deploy`), so that the
+            model computes what the fused int8 ONNX graph computes. Off by default (the study methods); in the
+            report's ``config`` only when True.
     """
 
     method: Method = "minmax"
@@ -141,6 +146,7 @@ class PTQConfig:
     act_iters: int | None = None
     act_p: float | None = None
     detptq_use: DetptqUse = "both"
+    deploy: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -163,6 +169,9 @@ class PTQConfig:
                              f"not method={self.method!r}")
         for name in ("grid", "max_elements", "batch_size"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
+        if check_bool("deploy", self.deploy) and (self.w_bits, self.a_bits) != (8, 8):
+            raise ValueError(f"deploy=True needs w_bits=8 and a_bits=8 (the fused int8 graph); got "
+                             f"w_bits={self.w_bits}, a_bits={self.a_bits}")
 
     def _check_detptq(self) -> None:
         """Validate the ``"detptq"`` options; with another method they must keep their defaults."""
@@ -228,7 +237,15 @@ class PTQConfig:
     def quant_config(self) -> QuantConfig:
         """The :class:`~detptq_mini.quant.QuantConfig` of the run: bits, 8-bit conventions and layer protocol."""
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, stem_8bit=self.stem_8bit, pred_8bit=self.pred_8bit,
-                           protocol=self.protocol)
+                           protocol=self.protocol, deploy=self.deploy)
+
+    def to_dict(self) -> dict:
+        """The config as a plain dict (the report's ``config``); ``deploy`` only when True, so that the reports
+        of the study methods read as before."""
+        out = asdict(self)
+        if not self.deploy:
+            del out["deploy"]
+        return out
 
 
 @dataclass
@@ -322,12 +339,14 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
         unit_p = selection.chosen if selection is not None and cfg.detptq_use != "scales" else None
         fp_model = fold_bn(copy.deepcopy(model).to(device).eval())
         history = reconstruct(qmodel, fp_model, images, cfg.recon_config(), unit_p=unit_p, progress=progress)
+    if cfg.deploy:  # the extra quantizers of the fused int8 graph, on the finished model's own tensors
+        calibrate_deploy(qmodel, images, batch_size=cfg.batch_size)
     chosen = {name: cfg.p for name in info} if cfg.method in FIXED_P_METHODS else {}
     if selection is not None:  # per layer (units expanded); weight and activation p apart with separate=True
         chosen = ({"weight": selection.layer_p("weight"), "act": selection.layer_p("act")} if cfg.separate
                   else selection.layer_p())
     report = {
-        "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": asdict(cfg),
+        "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": cfg.to_dict(),
         "quant_config": cfg.quant_config().to_dict(), "calib_images": len(images), "chosen_p": chosen,
         "layers": info, "seconds": time.perf_counter() - t0,
     }
