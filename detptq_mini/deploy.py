@@ -22,7 +22,8 @@ for all its readers, not each conv's own input scale; and every other tensor (th
 need a quantizer in the torch twin placed exactly as that tool places it. Writing the pairs from the twin itself
 makes the graph equal the twin by construction and keeps every conv's input scale; the cost is speed on the
 tensors left in float (the adds, concatenations and SiLU products read by several convs): 0.67x the FP32 graph's
-time against the peer's 0.64x (1.05x the peer), where the first export took 1.6x.
+time against the peer's 0.64x (1.05x the peer), where the first export took 1.6x (provisional figures: the
+machine was under load while they were taken; benchmarks/onnx_latency.py re-measures them).
 """
 
 from __future__ import annotations
