@@ -1,7 +1,7 @@
 """ONNX Runtime on CPU: every graph of a W8A8 model side by side in one run, for min-max and for DetPTQ.
 
 For each method (``--methods``, default min-max and DetPTQ), quantizes the shipped detector W8A8 on 256
-calibration images (seed 0) with the deploy quantizers (``run_ptq(..., deploy=True)``), then
+calibration images (seed 0) with the deploy quantizers (``run_ptq(..., deploy=True)``: their p chosen by ODOL), then
 :func:`detptq_mini.deploy.compare_graphs` measures, in ONNX Runtime with ``--threads`` threads:
 
 * mAP50:95 on the 500 val images of the fake-quant model (the fused graph's torch twin), the fused graph, the
@@ -59,11 +59,14 @@ def main() -> None:
            "fp32_torch_map": evaluate_model(fp_model, val)["map"], "methods": {}}
     for method in args.methods:
         t0 = time.perf_counter()
-        qmodel = run_ptq(fp_model, calib, method, 8, 8, deploy=True).model
+        result = run_ptq(fp_model, calib, method, 8, 8, deploy=True)
+        qmodel = result.model
         seconds = time.perf_counter() - t0
         r = compare_graphs(qmodel, calib, val, threads=args.threads, batches=(1, args.batch), rounds=args.rounds,
                            warmup=args.warmup, repeats=args.repeats)
-        res["methods"][method] = {"quantize_seconds": seconds, **r}
+        res["methods"][method] = {"quantize_seconds": seconds, "deploy": result.report["deploy"], **r}
+        if args.json:  # rewritten after every method, so that a long run keeps what it has measured
+            atomic_write_json(args.json, res)
         print(f"\n{method} W8A8 (deploy quantizers), {args.val} val images, {args.threads} thread(s)")
         print(f"  integer convs in ORT's optimized graph: " +
               ", ".join(f"{g} {r['integer_convs'][g]}/{r['convs']}" for g in GRAPH_NAMES))
@@ -72,8 +75,6 @@ def main() -> None:
         for b, t in r["latency_ms"].items():
             print(f"  {b}: " + ", ".join(f"{g} {t[g]:.3f} ms ({r['ratio_to_fp32'][b][g]:.2f}x FP32)" for g in GRAPH_NAMES)
                   + f"; fused / peer {r['ratio_fused_to_peer'][b]:.2f}")
-    if args.json:
-        atomic_write_json(args.json, res)
 
 
 if __name__ == "__main__":

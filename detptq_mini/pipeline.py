@@ -38,8 +38,8 @@ from torch import nn
 
 from .checks import check_bits, check_bool, check_choice, check_images, check_int, check_number, check_ps
 from .detptq import Granularity, Rest, select_p
-from .odol import ClsMode, FgMode, LocMode, OdolConfig
-from .lp import P_DEFAULT, apply_scales, search_model_scales
+from .odol import ChunkedOdol, ClsMode, FgMode, LocMode, OdolConfig
+from .lp import P_DEFAULT, apply_scales, lp_scale_search, search_model_scales
 from .quant import (PROTOCOLS, LayerProtocol, QuantConfig, calibrate_deploy, calibrate_minmax, fold_bn, quant_layers,
                     quantize_model)
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
@@ -108,9 +108,11 @@ class PTQConfig:
         recon_loss_norm: ``"none"`` (default) or ``"before"``: each unit's Lp loss divided by its value before
             reconstruction (:attr:`~detptq_mini.reconstruction.ReconConfig.loss_norm`).
         deploy: W8A8 only: after the method, calibrate the deploy quantizers (each conv's output and each SiLU's
-            sigmoid, min-max on the calibration images: :func:`~detptq_mini.quant.calibrate_deploy`), so that the
-            model computes what the fused int8 ONNX graph computes. Off by default (the study methods); in the
-            report's ``config`` only when True.
+            sigmoid: their ``s_p*`` on their own tensors over the calibration images, one p for all of them
+            chosen among ``ps`` by ODOL, as DetPTQ chooses p; :func:`~detptq_mini.quant.calibrate_deploy`), so
+            that the model computes what the fused int8 ONNX graph computes; the report gets ``"deploy"``: the
+            p and the ODOL of every candidate. Off by default (the study methods); in the report's ``config``
+            only when True.
     """
 
     method: Method = "minmax"
@@ -280,6 +282,30 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress
             for name, m in quant_layers(qmodel).items()}
 
 
+def _calibrate_deploy(qmodel: nn.Module, model: nn.Module, images: torch.Tensor, cfg: PTQConfig) -> dict:
+    """The deploy quantizers (``deploy=True``): for every p of ``cfg.ps``, each one's ``s_p*`` on its own tensor
+    (:func:`~detptq_mini.quant.calibrate_deploy` with the Lp search); the p with the lowest ODOL of the finished
+    model on the calibration images is kept, one p for all of them (method page, section 7). Returns
+    ``{"p", "odol": {p: ODOL}}``."""
+    device = images.device
+    odol_cfg = OdolConfig(cls=cfg.odol_cls, loc=cfg.odol_loc, fg=cfg.odol_fg, lam=cfg.odol_lam)
+    chunks = [images[i:i + cfg.select_batch_size] for i in range(0, len(images), cfg.select_batch_size)]
+    with torch.no_grad():
+        fp = copy.deepcopy(model).to(device).eval()
+        score = ChunkedOdol([fp(c) for c in chunks], odol_cfg)
+        del fp
+        odol = {}
+        for p in cfg.ps:
+            calibrate_deploy(qmodel, images, batch_size=cfg.batch_size, max_elements=2**14, seed=cfg.seed,
+                             search=lambda x, p=p: lp_scale_search(x, 8, (p,), grid=cfg.grid)[p])
+            qmodel.eval()
+            odol[p] = score([qmodel(c) for c in chunks])
+    best = min(odol, key=lambda p: (odol[p], p))
+    calibrate_deploy(qmodel, images, batch_size=cfg.batch_size, max_elements=2**14, seed=cfg.seed,
+                     search=lambda x: lp_scale_search(x, 8, (best,), grid=cfg.grid)[best])
+    return {"p": best, "odol": odol}
+
+
 def _detptq(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress: bool):
     """Search ``s_p*`` for every p of ``cfg.ps`` (and p = 2 for ``rest="quantized"``), then select p per layer."""
     n = len(images) if cfg.select_images is None else cfg.select_images
@@ -339,8 +365,7 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
         unit_p = selection.chosen if selection is not None and cfg.detptq_use != "scales" else None
         fp_model = fold_bn(copy.deepcopy(model).to(device).eval())
         history = reconstruct(qmodel, fp_model, images, cfg.recon_config(), unit_p=unit_p, progress=progress)
-    if cfg.deploy:  # the extra quantizers of the fused int8 graph, on the finished model's own tensors
-        calibrate_deploy(qmodel, images, batch_size=cfg.batch_size)
+    deploy = _calibrate_deploy(qmodel, model, images, cfg) if cfg.deploy else None
     chosen = {name: cfg.p for name in info} if cfg.method in FIXED_P_METHODS else {}
     if selection is not None:  # per layer (units expanded); weight and activation p apart with separate=True
         chosen = ({"weight": selection.layer_p("weight"), "act": selection.layer_p("act")} if cfg.separate
@@ -350,6 +375,8 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
         "quant_config": cfg.quant_config().to_dict(), "calib_images": len(images), "chosen_p": chosen,
         "layers": info, "seconds": time.perf_counter() - t0,
     }
+    if deploy is not None:
+        report["deploy"] = deploy  # the p of the deploy quantizers and the ODOL of every candidate
     if selection is not None:
         report["selection"] = selection.to_dict()  # the chosen p per item and the ODOL of every candidate
     if history is not None:

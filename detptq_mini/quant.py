@@ -28,8 +28,9 @@ BN folding follows Jacob et al. 2018 (integer-arithmetic-only inference).
 graph needs quantized besides the conv inputs and weights, so that the model simulates the fused int8 graph
 ``detptq_mini.export`` writes: each conv's output (``QuantConv2d.output_quantizer``, before its activation) and
 the sigmoid of each SiLU that follows a quantized conv (:class:`QuantSiLU`, ``x * Q(sigmoid(x))``), all 8-bit
-asymmetric per tensor. They are created disabled and uncalibrated; :func:`calibrate_deploy` sets their min-max
-ranges on the calibration images (after the method has set every other scale) and switches them on. Without
+asymmetric per tensor. They are created disabled and uncalibrated; :func:`calibrate_deploy` sets their scales on
+the calibration images (after the method has set every other scale: min-max, or a given search such as
+``run_ptq``'s ``s_p*`` with p chosen by ODOL) and switches them on. Without
 ``deploy`` nothing of this exists, so the study methods and their results are unchanged.
 """
 
@@ -723,28 +724,39 @@ def deploy_quantizers(qmodel: nn.Module) -> dict[str, Quantizer]:
     return out
 
 
-def calibrate_deploy(qmodel: nn.Module, images, batch_size: int = 32) -> nn.Module:
-    """Min-max calibration of the deploy quantizers of ``qmodel`` (in place), then switch them on; returns it.
+def calibrate_deploy(qmodel: nn.Module, images, batch_size: int = 32, search=None, max_elements: int = 2**16,
+                     seed: int = 0) -> nn.Module:
+    """Calibrate the deploy quantizers of ``qmodel`` (in place), then switch them on; returns it.
 
-    Run after the method has set every conv's scales: the ranges are those of the quantized model's own conv
-    outputs and sigmoids over ``images`` (the weight and input quantizers as they are, the deploy quantizers off
-    while the ranges are collected), widened to contain 0, 8-bit asymmetric (:func:`qparams_from_range`).
+    Run after the method has set every conv's scales: each quantizer sees the quantized model's own tensor (a
+    conv's output, a SiLU's sigmoid) over ``images``, with the weight and input quantizers as they are and the
+    deploy quantizers off while the tensors are collected. Each tensor is reduced to a seeded sample of at most
+    ``max_elements`` values per batch that always holds its minimum and maximum. The scale: min-max
+    (:func:`qparams_from_range`, 8-bit asymmetric, the range widened to contain 0) by default; ``search``, a
+    callable ``sample -> (scale, zero_point)``, replaces it (``run_ptq`` passes the L2 scale search).
     A ValueError if the model has none (quantize it with ``QuantConfig(deploy=True)``).
     """
     images = check_images(images, "images")
     batch_size = check_int("batch_size", batch_size, 1)
+    max_elements = check_int("max_elements", max_elements, 2)
+    seed = check_int("seed", seed, 0)
+    if search is not None and not callable(search):
+        raise ValueError(f"search must be None (min-max) or a callable sample -> (scale, zero_point), got "
+                         f"{type(search).__name__}")
     quantizers = deploy_quantizers(qmodel)
     if not quantizers:
         raise ValueError("qmodel has no deploy quantizers: quantize it with QuantConfig(deploy=True) "
                          "(run_ptq(..., deploy=True); command line: quantize --deploy)")
-    ranges: dict[str, list[Tensor]] = {}
+    samples: dict[str, list[Tensor]] = {}
+    gens = {n: torch.Generator().manual_seed(zlib.crc32(f"{seed}:{n}".encode())) for n in quantizers}
 
     def hook(name):
         def fn(module, args):
-            x = args[0].detach()
-            lo, hi = x.min(), x.max()
-            r = ranges.setdefault(name, [lo, hi])
-            r[0], r[1] = torch.minimum(r[0], lo), torch.maximum(r[1], hi)
+            x = args[0].detach().reshape(-1)
+            part = [x.min().view(1), x.max().view(1)]
+            if x.numel() > max_elements:
+                x = x[torch.randint(0, x.numel(), (max_elements,), generator=gens[name]).to(x.device)]
+            samples.setdefault(name, []).extend(part + [x.clone()])
         return fn
 
     for q in quantizers.values():
@@ -759,9 +771,9 @@ def calibrate_deploy(qmodel: nn.Module, images, batch_size: int = 32) -> nn.Modu
         for h in handles:
             h.remove()
     for name, q in quantizers.items():
-        if name not in ranges:
+        if name not in samples:
             raise ValueError(f"deploy quantizer {name!r} never ran on the calibration images")
-        lo, hi = ranges[name]
-        q.set_qparams(*qparams_from_range(lo.cpu(), hi.cpu(), q.bits, q.symmetric))
+        x = torch.cat(samples[name]).float().cpu()
+        q.set_qparams(*(qparams_from_range(x.min(), x.max(), q.bits, q.symmetric) if search is None else search(x)))
         q.enabled = True
     return qmodel

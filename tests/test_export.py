@@ -141,6 +141,8 @@ def test_deploy_quantizers_are_calibrated_on_and_only_with_deploy(deployed, w8a8
     assert len(d) == len(quant_layers(deployed.model)) + n_act == 63 + 57
     assert all(q.enabled and bool(q.calibrated) and q.bits == 8 for q in d.values())
     assert deployed.report["config"]["deploy"] and deployed.report["quant_config"]["deploy"]
+    odol = deployed.report["deploy"]["odol"]  # one p for them all, the lowest ODOL of the candidates
+    assert len(odol) == 8 and odol[deployed.report["deploy"]["p"]] == min(odol.values())
     # the study methods: nothing of it, and their reports read as before
     assert deploy_quantizers(w8a8) == {}
 
