@@ -11,7 +11,9 @@ a failed save leaves no partial file and an existing file untouched). Every file
 * a **quantized** checkpoint (:func:`save_quantized`) adds ``"quant"`` (the PTQ config, the quantization config,
   the chosen p) and ``"report"`` (the report of the run). The quantization config holds the layer protocol
   (``"protocol"``: ``"ours"`` or ``"head-fp"``, whose head convs are stored as FP convs); a file written before the
-  protocol existed has none and loads as ``"ours"``, which it is.
+  protocol existed has none and loads as ``"ours"``, which it is. With ``"deploy": true`` (``quantize --deploy``) the
+  state dict also holds the deploy quantizers (each conv's output, each SiLU's sigmoid) of the fused int8 graph,
+  calibrated by ``quantize``; they load switched on. A file without the key has none, as it was written.
 
 ``config`` is the FP detector's :class:`~detptq_mini.model.DetectorConfig` as a dict. ``format`` is the version of
 this layout: a reader refuses a file without it, or with a version it does not know (:data:`READ_FORMATS`), with a
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from .model import Detector, DetectorConfig
-from .quant import QuantConfig, quant_layers, quantize_model
+from .quant import QuantConfig, deploy_quantizers, quant_layers, quantize_model
 from .utils import atomic_torch_save
 
 if TYPE_CHECKING:  # an annotation only: reading and writing checkpoints needs none of the PTQ machinery
@@ -168,6 +170,11 @@ def quantized_from_checkpoint(ckpt: dict, what: str = "checkpoint",
             if not ok:
                 raise ValueError(f"{what}: layer {name!r} has no valid {kind} quantization parameters (scale finite "
                                  f"and > 0, zero point in {q.qmin}..{q.qmax}); it was not written by save_quantized")
+    for name, q in deploy_quantizers(qmodel).items():  # saved calibrated by run_ptq(deploy=True): switch them on
+        if not bool(q.calibrated):
+            raise ValueError(f"{what}: deploy quantizer {name!r} has no scale; its quantization config has "
+                             "deploy=True, so it was not written by save_quantized; re-run `quantize --deploy --out`")
+        q.enabled = True
     return qmodel.to(device).eval(), report
 
 

@@ -21,8 +21,9 @@ from . import benchmark  # used as benchmark.X, so that tests can stand in for b
 from .checkpoint import WEIGHTS_DIR, load_any, load_pretrained, pretrained_info, save_quantized
 from .data import ShapesDataset
 from .evaluate import evaluate_model
-from .export import (OnnxDetector, check_exportable, check_layers, compare_outputs, export_onnx, latency_per_image,
-                     onnx_session, qdq_summary, to_float)
+from .deploy import compare_graphs, optimized_graph
+from .export import (GRAPHS, OnnxDetector, check_exportable, check_layers, compare_outputs, export_onnx,
+                     latency_per_image, onnx_session, qdq_summary, to_float)
 from .odol import ClsMode, LocMode
 from .detptq import Rest
 from .pipeline import DETPTQ_USES, METHODS, RECON_METHODS, run_ptq
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=_positive_int, default=None,
                    help="calibration images per forward (default: up to 32); at most --calib")
     q.add_argument("--out", default=None, help="write the quantized checkpoint here (atomically)")
+    q.add_argument("--deploy", action="store_true",
+                   help="W8A8 only: also calibrate the quantizers of the fused int8 graph (each conv's output, each "
+                        "SiLU's sigmoid) on the calibration images, so the mAP reported and saved is the deployed "
+                        "graph's; `export` needs them for its default --graph fused")
     q.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads of this process (torch.set_num_threads; default: torch's default, the "
                         "cores or OMP_NUM_THREADS); the output says the threads used. `benchmark --jobs` sets it")
@@ -170,14 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--progress", action="store_true")
     b.add_argument("--device", default="cpu")
 
-    x = sub.add_parser("export", help="write a W8A8 checkpoint as an ONNX QDQ graph and check it in ONNX Runtime")
-    x.add_argument("--checkpoint", required=True, help="a W8A8 checkpoint written by `quantize --w-bits 8 --a-bits 8 --out`")
+    x = sub.add_parser("export", help="write a W8A8 checkpoint as an ONNX int8 graph and check it in ONNX Runtime")
+    x.add_argument("--checkpoint", required=True,
+                   help="a W8A8 checkpoint written by `quantize --w-bits 8 --a-bits 8 --deploy --out` (without "
+                        "--deploy: --graph qdq only)")
+    x.add_argument("--graph", choices=GRAPHS, default="fused",
+                   help="fused (default): Q/DQ wherever ONNX Runtime fuses integer kernels (needs --deploy at "
+                        "quantize); qdq: the first export, Q/DQ on conv inputs and weights only (float convs)")
     x.add_argument("--onnx", required=True, help="the .onnx file to write (atomically; its directory must exist)")
     x.add_argument("--val", type=_non_negative_int, default=500,
                    help="val images for the check: outputs and mAP of ONNX Runtime vs the fake-quant model (0: skip)")
     x.add_argument("--dynamo", action="store_true", help="export with the torch.export based exporter")
     x.add_argument("--benchmark", action="store_true",
-                   help="also time ONNX Runtime per image, this graph vs the FP32 graph of the same model")
+                   help="--graph fused: also compare, in one run, the mAP, integer-kernel count and latency (batch 1 "
+                        "and 16, timed interleaved) of this graph, the qdq graph, ONNX Runtime's own quantize_static "
+                        "(min-max, on the checkpoint's calibration images) and FP32")
     x.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     x.add_argument("--json", action="store_true", help="print one JSON object")
     x.add_argument("--device", default="cpu", help="where the fake-quant reference runs (ONNX Runtime: CPU)")
@@ -224,6 +236,9 @@ def _cmd_quantize(args) -> dict:
         raise UsageError(f"--act-iters {args.act_iters} must be >= 0")
     if args.out is not None:
         _check_out_dir(args.out, "--out")
+    if args.deploy and (args.w_bits, args.a_bits) != (8, 8):
+        raise UsageError(f"--deploy needs --w-bits 8 --a-bits 8 (the fused int8 graph); got --w-bits {args.w_bits} "
+                         f"--a-bits {args.a_bits}")
     if args.batch_size is not None and args.batch_size > args.calib:
         raise UsageError(f"--batch-size {args.batch_size} is more than the --calib {args.calib} calibration images; "
                          f"allowed: 1..{args.calib}")
@@ -233,6 +248,8 @@ def _cmd_quantize(args) -> dict:
     model = load_pretrained(device)
     calib = ShapesDataset("calib", args.calib, seed=args.seed)
     options = {"stem_8bit": not args.no_8bit_stem, "pred_8bit": not args.no_8bit_pred, "protocol": args.protocol}
+    if args.deploy:
+        options["deploy"] = True
     # flag (its argparse name) -> run_ptq option; the same name but for --loss-norm
     names = {name: name for name in ("p", "iters", "quant_prob", "batch_size", "lr_v", "lr_act", "odol_cls",
                                      "odol_loc", "qdrop_input", "act_iters", "act_p", "rest", "detptq_use")} | {"loss_norm": "recon_loss_norm"}
@@ -320,21 +337,24 @@ def _cmd_export(args) -> dict:
     qmodel, kind, report = load_any(args.checkpoint, "cpu")
     if kind != "quantized":
         raise UsageError(f"--checkpoint {args.checkpoint!r} holds an FP model; export needs a W8A8 checkpoint "
-                         "from `detptq-mini quantize --w-bits 8 --a-bits 8 --out PATH`")
+                         "from `detptq-mini quantize --w-bits 8 --a-bits 8 --deploy --out PATH`")
     try:
         check_exportable(qmodel)
+        export_onnx(qmodel, args.onnx, dynamo=args.dynamo, argument="--onnx", graph=args.graph)
     except ValueError as e:
-        raise UsageError(f"--checkpoint {args.checkpoint!r}: {e}") from None
-    export_onnx(qmodel, args.onnx, dynamo=args.dynamo, argument="--onnx")
+        raise UsageError(f"--checkpoint {args.checkpoint!r}: {str(e).replace('graph=', '--graph ')}") from None
     summary = qdq_summary(args.onnx)
-    out = {"onnx": args.onnx, "checkpoint": args.checkpoint, "method": report.get("method"), "opset": summary["opset"],
-           "convs": summary["convs"], "qdq_convs": summary["qdq_convs"],
+    kernels = optimized_graph(args.onnx, args.threads)
+    out = {"onnx": args.onnx, "checkpoint": args.checkpoint, "method": report.get("method"), "graph": args.graph,
+           "opset": summary["opset"], "convs": summary["convs"], "qdq_convs": summary["qdq_convs"],
            "per_channel_weight_convs": summary["per_channel_weight_convs"],
            "quantize_linear": summary["nodes"].get("QuantizeLinear", 0),
-           "dequantize_linear": summary["nodes"].get("DequantizeLinear", 0)}
+           "dequantize_linear": summary["nodes"].get("DequantizeLinear", 0),
+           "integer_convs": kernels["integer_convs"], "float_convs": kernels["float_convs"],
+           "all_convs_integer": kernels["integer_convs"] == summary["convs"] and kernels["float_convs"] == 0}
     session = onnx_session(args.onnx, args.threads)
-    if args.val > 0:
-        val = ShapesDataset("val", args.val, seed=0)
+    val = ShapesDataset("val", args.val, seed=0) if args.val > 0 else None
+    if val is not None:
         qmodel = qmodel.to(device)
         images = val.images()
         layers = check_layers(qmodel, images[:8], args.threads)
@@ -349,7 +369,18 @@ def _cmd_export(args) -> dict:
                                         default=None),  # None: every prediction conv is FP (protocol head-fp)
                    output_max_abs_diff=max(v["max_abs"] for v in cmp.values()),
                    output_mean_abs_diff=max(v["mean_abs"] for v in cmp.values()))
-    if args.benchmark:
+    if args.benchmark and args.graph == "fused":
+        # the peer calibrates on the checkpoint's own calibration images (quantize's --calib and --seed)
+        seed = (report.get("config") or {}).get("seed", 0)
+        calib = ShapesDataset("calib", int(report.get("calib_images") or 256), seed=int(seed)).images()
+        cmp_all = compare_graphs(qmodel.cpu(), calib, val or ShapesDataset("val", 100, seed=0),
+                                 fused_path=args.onnx, threads=args.threads)
+        out.update(benchmark=cmp_all, threads=args.threads,
+                   latency_fp32_ms=cmp_all["latency_ms"]["b1"]["fp32"],
+                   latency_fused_ms=cmp_all["latency_ms"]["b1"]["fused"],
+                   latency_ratio_fused_to_fp32=cmp_all["ratio_to_fp32"]["b1"]["fused"],
+                   latency_ratio_fused_to_peer=cmp_all["ratio_fused_to_peer"]["b1"])
+    elif args.benchmark:
         with tempfile.TemporaryDirectory() as tmp:
             fp_path = export_onnx(to_float(qmodel.cpu()), f"{tmp}/fp32.onnx")
             fp = latency_per_image(onnx_session(fp_path, args.threads))

@@ -53,16 +53,19 @@ from torch import Tensor, nn
 
 from .checks import check_bool, check_images, check_int, shown
 from .model import DenseOutputs
-from .quant import QuantConv2d, eval_mode, quant_layers
+from .quant import QuantConv2d, QuantSiLU, deploy_quantizers, eval_mode, quant_layers
 
 __all__ = [
-    "OPSET", "OUTPUT_NAMES", "check_exportable", "to_qdq", "to_float", "export_onnx", "qdq_summary", "onnx_session",
+    "OPSET", "OUTPUT_NAMES", "GRAPHS", "check_exportable", "to_qdq", "to_float", "export_onnx", "qdq_summary", "onnx_session",
     "OnnxDetector", "compare_outputs", "check_layers", "latency_per_image",
 ]
 
 OPSET = 17  # TorchScript exporter; dynamo=True exports at 18 (its lowest), both >= 13 for per-channel QDQ
 OUTPUT_NAMES: tuple[str, ...] = ("cls0", "cls1", "cls2", "box0", "box1", "box2")
 _RANGES = {(0, 255): torch.uint8, (-128, 127): torch.int8}  # the integer ranges ONNX QuantizeLinear has at 8 bits
+#: The graphs :func:`export_onnx` writes: ``"fused"``, every tensor an integer kernel needs quantized (the deploy
+#: quantizers), and ``"qdq"``, Q/DQ pairs on the conv inputs and weights only (the first export: float convs).
+GRAPHS: tuple[str, ...] = ("fused", "qdq")
 
 
 def check_exportable(qmodel: nn.Module) -> dict[str, QuantConv2d]:
@@ -88,22 +91,31 @@ def check_exportable(qmodel: nn.Module) -> dict[str, QuantConv2d]:
                                  "allowed: 0..255 (uint8) or -128..127 (int8)")
             if q.axis not in (None, 0):
                 raise ValueError(f"qmodel layer {name!r}: {kind} quantizer axis={q.axis}; allowed: None or 0")
+    for name, q in deploy_quantizers(qmodel).items():
+        if not q.enabled or not bool(q.calibrated):
+            raise ValueError(f"qmodel deploy quantizer {name!r} is disabled or has no scale; calibrate them with "
+                             "detptq_mini.quant.calibrate_deploy (run_ptq(..., deploy=True))")
     return layers
 
 
 class _QDQConv(nn.Module):
     """A :class:`QuantConv2d` for export: the same conv, its quantizers as torch quantization ops."""
 
-    def __init__(self, layer: QuantConv2d, dynamo: bool):
+    def __init__(self, layer: QuantConv2d, dynamo: bool, fused: bool = False):
         super().__init__()
         self.conv, self.dynamo = layer.conv, dynamo
         self.quantizers = []
-        for kind, q in (("w", layer.weight_quantizer), ("a", layer.input_quantizer)):
+        out = layer.output_quantizer if fused else None
+        for kind, q in (("w", layer.weight_quantizer), ("a", layer.input_quantizer), ("o", out)):
+            if q is None:
+                continue
             self.register_buffer(f"{kind}_scale", q.scale.detach().clone().float())
             self.register_buffer(f"{kind}_zero_point", q.zero_point.detach().clone().to(torch.int32))
             self.quantizers.append((kind, q.axis, q.qmin, q.qmax))
         # per-tensor qparams as Python numbers for the dynamo path (torch.export cannot read a buffer's value)
         self.scalars = {"a": (float(layer.input_quantizer.scale), int(layer.input_quantizer.zero_point))}
+        if out is not None:
+            self.scalars["o"] = (float(out.scale), int(out.zero_point))
         if layer.weight_quantizer.axis is None:
             self.scalars["w"] = (float(layer.weight_quantizer.scale), int(layer.weight_quantizer.zero_point))
 
@@ -123,26 +135,66 @@ class _QDQConv(nn.Module):
         return torch.fake_quantize_per_channel_affine(x, s, z, axis, qmin, qmax)
 
     def forward(self, x: Tensor) -> Tensor:
-        (_, w_axis, w_min, w_max), (_, a_axis, a_min, a_max) = self.quantizers
+        (_, w_axis, w_min, w_max), (_, a_axis, a_min, a_max), *out = self.quantizers
         w = self._qdq(self.conv.weight, "w", w_axis, w_min, w_max)
-        return self.conv._conv_forward(self._qdq(x, "a", a_axis, a_min, a_max), w, self.conv.bias)
+        y = self.conv._conv_forward(self._qdq(x, "a", a_axis, a_min, a_max), w, self.conv.bias)
+        return self._qdq(y, *out[0]) if out else y
 
 
-def to_qdq(qmodel: nn.Module, dynamo: bool = False) -> nn.Module:
+class _QDQSiLU(_QDQConv):
+    """A :class:`QuantSiLU` for export, ``x * QDQ(sigmoid(x))``: ONNX ``Sigmoid``, a Q/DQ pair, ``Mul``."""
+
+    def __init__(self, act: QuantSiLU, dynamo: bool):
+        nn.Module.__init__(self)
+        q = act.gate_quantizer
+        self.dynamo = dynamo
+        self.register_buffer("g_scale", q.scale.detach().clone().float())
+        self.register_buffer("g_zero_point", q.zero_point.detach().clone().to(torch.int32))
+        self.gate = ("g", q.axis, q.qmin, q.qmax)
+        self.scalars = {"g": (float(q.scale), int(q.zero_point))}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self._qdq(torch.sigmoid(x), *self.gate)
+
+
+def _graph_of(qmodel: nn.Module, graph: str | None, argument: str = "graph") -> str:
+    """``graph`` checked against :data:`GRAPHS`; ``None``: ``"fused"`` when ``qmodel`` has deploy quantizers."""
+    has = bool(deploy_quantizers(qmodel))
+    if graph is None:
+        return "fused" if has else "qdq"
+    if graph not in GRAPHS:
+        raise ValueError(f"{shown(argument, graph)} is not a graph; allowed: {', '.join(map(repr, GRAPHS))}")
+    if graph == "fused" and not has:
+        raise ValueError(f"{shown(argument, graph)} needs the deploy quantizers (each conv's output, each SiLU's "
+                         "sigmoid), and this model has none: quantize with deploy=True (command line: quantize "
+                         "--w-bits 8 --a-bits 8 --deploy --out PATH), or write graph='qdq'")
+    return graph
+
+
+def to_qdq(qmodel: nn.Module, dynamo: bool = False, graph: str | None = None) -> nn.Module:
     """An export copy of the W8A8 ``qmodel``: every :class:`QuantConv2d` computes with torch's quantization ops.
 
-    The copy's forward equals ``qmodel``'s bit for bit; it is in eval mode with gradients off. ``qmodel`` is
-    not modified. ``dynamo`` selects the ops its exporter understands (see the module docstring).
+    ``graph`` (one of :data:`GRAPHS`; default ``"fused"`` when ``qmodel`` has deploy quantizers, else ``"qdq"``):
+    ``"fused"`` keeps the deploy quantizers (each conv's output, each :class:`QuantSiLU`'s sigmoid), so the copy's
+    forward equals ``qmodel``'s bit for bit; ``"qdq"`` leaves them out (conv inputs and weights only), so it equals
+    ``qmodel`` with its deploy quantizers off. The copy is in eval mode with gradients off. ``qmodel`` is not
+    modified. ``dynamo`` selects the ops its exporter understands (see the module docstring).
     """
     check_bool("dynamo", dynamo)
     if dynamo:
         import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers torch.ops.quantized_decomposed
     names = list(check_exportable(qmodel))
+    fused = _graph_of(qmodel, graph) == "fused"
     out = copy.deepcopy(qmodel).eval().requires_grad_(False)
+    acts = [n for n, m in out.named_modules() if isinstance(m, QuantSiLU)]
     for name in names:
         parent, _, leaf = name.rpartition(".")
         holder = out.get_submodule(parent) if parent else out
-        setattr(holder, leaf, _QDQConv(getattr(holder, leaf), dynamo))
+        setattr(holder, leaf, _QDQConv(getattr(holder, leaf), dynamo, fused))
+    for name in acts:
+        parent, _, leaf = name.rpartition(".")
+        holder = out.get_submodule(parent) if parent else out
+        setattr(holder, leaf, _QDQSiLU(getattr(holder, leaf), dynamo) if fused else nn.SiLU())
     return out
 
 
@@ -159,6 +211,9 @@ def to_float(qmodel: nn.Module) -> nn.Module:
         parent, _, leaf = name.rpartition(".")
         holder = out.get_submodule(parent) if parent else out
         setattr(holder, leaf, getattr(holder, leaf).conv)
+    for name in [n for n, m in out.named_modules() if isinstance(m, QuantSiLU)]:  # the deploy quantizers' SiLUs
+        parent, _, leaf = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, leaf, nn.SiLU())
     return out
 
 
@@ -172,8 +227,13 @@ def _atomic_target(path, argument: str) -> tuple[Path, Path]:
 
 
 def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = False, opset: int | None = None,
-                argument: str = "path") -> Path:
+                argument: str = "path", graph: str | None = None) -> Path:
     """Write ``model`` to ``path`` as ONNX (atomically): a QDQ graph for a W8A8 quantized model, else FP32.
+
+    A quantized model with deploy quantizers (``run_ptq(..., deploy=True)``) is written as the **fused** graph
+    by default: Q/DQ pairs also on every conv's output and every SiLU's sigmoid, where ONNX Runtime's QDQ fusions
+    expect them, so that it runs every conv as ``QLinearConv`` (and the sigmoids and many SiLU products as
+    ``QLinearSigmoid``/``QLinearMul``); ``graph="qdq"`` writes the first export (conv inputs and weights only).
 
     Input ``images`` ``(batch, 3, image_size, image_size)`` float32 with a dynamic batch; outputs
     :data:`OUTPUT_NAMES` (the dense head outputs, levels in order).
@@ -185,6 +245,7 @@ def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = Fa
         dynamo: use the ``torch.export`` based exporter (needs onnxscript) instead of the TorchScript one.
         opset: ONNX opset (default :data:`OPSET`; 18 with ``dynamo``); at least 13.
         argument: the name ``path`` has in error messages (the CLI passes ``--onnx``).
+        graph: a quantized model's graph, one of :data:`GRAPHS` (see :func:`to_qdq`); ignored for an FP model.
     """
     path, tmp = _atomic_target(path, argument)
     image_size = check_int("image_size", image_size, 32, hint="and a multiple of 32")
@@ -194,7 +255,7 @@ def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = Fa
     opset = (18 if dynamo else OPSET) if opset is None else opset
     opset = check_int("opset", opset, 13, hint="(per-channel QuantizeLinear)")
     if quant_layers(model):
-        model = to_qdq(model, dynamo)
+        model = to_qdq(model, dynamo, graph)
     else:
         model = copy.deepcopy(model).eval().requires_grad_(False)
     device = next(iter(model.parameters()), torch.empty(0)).device
@@ -360,9 +421,14 @@ def compare_outputs(qmodel: nn.Module, session, images: Tensor, batch_size: int 
 
 
 def _step(layer: QuantConv2d) -> Tensor:
-    """``s_a * sum_k |W_q[c, k]|`` per output channel, shape ``(1, C_out, 1, 1)``."""
+    """``s_a * sum_k |W_q[c, k]|`` per output channel, shape ``(1, C_out, 1, 1)``; for a conv whose output is
+    quantized too (a deploy quantizer, scale ``s_o``), at least ``s_o``: its output moves by whole codes."""
     w = layer.weight_quantizer(layer.conv.weight.detach()).abs().flatten(1).sum(1)
-    return (layer.input_quantizer.scale * w).view(1, -1, 1, 1).float()
+    step = layer.input_quantizer.scale * w
+    out = layer.output_quantizer
+    if out is not None and out.enabled:
+        step = torch.maximum(step, out.scale.expand_as(step))
+    return step.view(1, -1, 1, 1).float()
 
 
 @torch.no_grad()
@@ -402,7 +468,8 @@ def check_layers(qmodel: nn.Module, images: Tensor, threads: int = 1) -> dict:
         buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_QDQConv(layer, dynamo=False).eval().requires_grad_(False), (x[:1],), buf,
+            fused = layer.output_quantizer is not None and layer.output_quantizer.enabled
+            torch.onnx.export(_QDQConv(layer, False, fused).eval().requires_grad_(False), (x[:1],), buf,
                               dynamo=False, opset_version=OPSET, input_names=["x"], output_names=["y"],
                               dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
         sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])

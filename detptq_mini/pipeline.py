@@ -38,9 +38,10 @@ from torch import nn
 
 from .checks import check_bits, check_bool, check_choice, check_images, check_int, check_number, check_ps
 from .detptq import Granularity, Rest, select_p
-from .odol import ClsMode, FgMode, LocMode, OdolConfig
-from .lp import P_DEFAULT, apply_scales, search_model_scales
-from .quant import PROTOCOLS, LayerProtocol, QuantConfig, calibrate_minmax, fold_bn, quant_layers, quantize_model
+from .odol import ChunkedOdol, ClsMode, FgMode, LocMode, OdolConfig
+from .lp import P_DEFAULT, apply_scales, lp_scale_search, search_model_scales
+from .quant import (PROTOCOLS, LayerProtocol, QuantConfig, calibrate_deploy, calibrate_minmax, fold_bn, quant_layers,
+                    quantize_model)
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images"]
@@ -106,6 +107,12 @@ class PTQConfig:
         lr_v, lr_act: Adam learning rates of the rounding variables and of the activation step sizes.
         recon_loss_norm: ``"none"`` (default) or ``"before"``: each unit's Lp loss divided by its value before
             reconstruction (:attr:`~detptq_mini.reconstruction.ReconConfig.loss_norm`).
+        deploy: W8A8 only: after the method, calibrate the deploy quantizers (each conv's output and each SiLU's
+            sigmoid: their ``s_p*`` on their own tensors over the calibration images, one p for all of them
+            chosen among ``ps`` by ODOL, as DetPTQ chooses p; :func:`~detptq_mini.quant.calibrate_deploy`), so
+            that the model computes what the fused int8 ONNX graph computes; the report gets ``"deploy"``: the
+            p and the ODOL of every candidate. Off by default (the study methods); in the report's ``config``
+            only when True.
     """
 
     method: Method = "minmax"
@@ -141,6 +148,7 @@ class PTQConfig:
     act_iters: int | None = None
     act_p: float | None = None
     detptq_use: DetptqUse = "both"
+    deploy: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -163,6 +171,9 @@ class PTQConfig:
                              f"not method={self.method!r}")
         for name in ("grid", "max_elements", "batch_size"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
+        if check_bool("deploy", self.deploy) and (self.w_bits, self.a_bits) != (8, 8):
+            raise ValueError(f"deploy=True needs w_bits=8 and a_bits=8 (the fused int8 graph); got "
+                             f"w_bits={self.w_bits}, a_bits={self.a_bits}")
 
     def _check_detptq(self) -> None:
         """Validate the ``"detptq"`` options; with another method they must keep their defaults."""
@@ -228,7 +239,15 @@ class PTQConfig:
     def quant_config(self) -> QuantConfig:
         """The :class:`~detptq_mini.quant.QuantConfig` of the run: bits, 8-bit conventions and layer protocol."""
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, stem_8bit=self.stem_8bit, pred_8bit=self.pred_8bit,
-                           protocol=self.protocol)
+                           protocol=self.protocol, deploy=self.deploy)
+
+    def to_dict(self) -> dict:
+        """The config as a plain dict (the report's ``config``); ``deploy`` only when True, so that the reports
+        of the study methods read as before."""
+        out = asdict(self)
+        if not self.deploy:
+            del out["deploy"]
+        return out
 
 
 @dataclass
@@ -261,6 +280,30 @@ def _calibrate(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress
         apply_scales(qmodel, scales, cfg.p)
     return {name: {"w_bits": m.weight_quantizer.bits, "a_bits": m.input_quantizer.bits}
             for name, m in quant_layers(qmodel).items()}
+
+
+def _calibrate_deploy(qmodel: nn.Module, model: nn.Module, images: torch.Tensor, cfg: PTQConfig) -> dict:
+    """The deploy quantizers (``deploy=True``): for every p of ``cfg.ps``, each one's ``s_p*`` on its own tensor
+    (:func:`~detptq_mini.quant.calibrate_deploy` with the Lp search); the p with the lowest ODOL of the finished
+    model on the calibration images is kept, one p for all of them (method page, section 7). Returns
+    ``{"p", "odol": {p: ODOL}}``."""
+    device = images.device
+    odol_cfg = OdolConfig(cls=cfg.odol_cls, loc=cfg.odol_loc, fg=cfg.odol_fg, lam=cfg.odol_lam)
+    chunks = [images[i:i + cfg.select_batch_size] for i in range(0, len(images), cfg.select_batch_size)]
+    with torch.no_grad():
+        fp = copy.deepcopy(model).to(device).eval()
+        score = ChunkedOdol([fp(c) for c in chunks], odol_cfg)
+        del fp
+        odol = {}
+        for p in cfg.ps:
+            calibrate_deploy(qmodel, images, batch_size=cfg.batch_size, max_elements=2**14, seed=cfg.seed,
+                             search=lambda x, p=p: lp_scale_search(x, 8, (p,), grid=cfg.grid)[p])
+            qmodel.eval()
+            odol[p] = score([qmodel(c) for c in chunks])
+    best = min(odol, key=lambda p: (odol[p], p))
+    calibrate_deploy(qmodel, images, batch_size=cfg.batch_size, max_elements=2**14, seed=cfg.seed,
+                     search=lambda x: lp_scale_search(x, 8, (best,), grid=cfg.grid)[best])
+    return {"p": best, "odol": odol}
 
 
 def _detptq(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress: bool):
@@ -322,15 +365,18 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
         unit_p = selection.chosen if selection is not None and cfg.detptq_use != "scales" else None
         fp_model = fold_bn(copy.deepcopy(model).to(device).eval())
         history = reconstruct(qmodel, fp_model, images, cfg.recon_config(), unit_p=unit_p, progress=progress)
+    deploy = _calibrate_deploy(qmodel, model, images, cfg) if cfg.deploy else None
     chosen = {name: cfg.p for name in info} if cfg.method in FIXED_P_METHODS else {}
     if selection is not None:  # per layer (units expanded); weight and activation p apart with separate=True
         chosen = ({"weight": selection.layer_p("weight"), "act": selection.layer_p("act")} if cfg.separate
                   else selection.layer_p())
     report = {
-        "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": asdict(cfg),
+        "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "config": cfg.to_dict(),
         "quant_config": cfg.quant_config().to_dict(), "calib_images": len(images), "chosen_p": chosen,
         "layers": info, "seconds": time.perf_counter() - t0,
     }
+    if deploy is not None:
+        report["deploy"] = deploy  # the p of the deploy quantizers and the ODOL of every candidate
     if selection is not None:
         report["selection"] = selection.to_dict()  # the chosen p per item and the ODOL of every candidate
     if history is not None:

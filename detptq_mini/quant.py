@@ -25,6 +25,15 @@ per channel (0)    ``(C_out,)``           ``[-2^(b-1),       weights, symmetric,
 =================  =====================  =================  ===========================================
 
 BN folding follows Jacob et al. 2018 (integer-arithmetic-only inference).
+
+**Deploy quantizers** (``QuantConfig(deploy=True)``, W8A8 only; method page, section 7): the tensors an integer
+graph needs quantized besides the conv inputs and weights, so that the model simulates the fused int8 graph
+``detptq_mini.export`` writes: each conv's output (``QuantConv2d.output_quantizer``, before its activation) and
+the sigmoid of each SiLU that follows a quantized conv (:class:`QuantSiLU`, ``x * Q(sigmoid(x))``), all 8-bit
+asymmetric per tensor. They are created disabled and uncalibrated; :func:`calibrate_deploy` sets their scales on
+the calibration images (after the method has set every other scale: min-max, or a given search such as
+``run_ptq``'s ``s_p*`` with p chosen by ODOL) and switches them on. Without
+``deploy`` nothing of this exists, so the study methods and their results are unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ __all__ = [
     "int_range", "fake_quantize", "fake_quantize_forward", "qparams_from_range", "fold_bn", "PROTOCOLS", "QuantConfig",
     "Quantizer", "QuantConv2d", "head_convs", "quantize_model", "quant_layers", "set_quant_state",
     "collect_activations", "calibrate_minmax", "quantization_off", "quant_state_kept", "eval_mode", "select_layers",
+    "QuantSiLU", "deploy_quantizers", "calibrate_deploy",
 ]
 
 SCALE_FLOOR = 1e-8  # scales are at least SCALE_FLOOR * max(1, |lo|, |hi|): finite and positive for all-zero data
@@ -283,6 +293,9 @@ class QuantConfig:
         protocol: which convs are quantized, one of :data:`PROTOCOLS`: ``"ours"`` every conv; ``"head-fp"`` every
             conv but those of the head units (``model.head_units()``), which stay plain FP ``nn.Conv2d`` (QDrop's
             public COCO code quantizes the backbone and the neck only).
+        deploy: also build the deploy quantizers (see the module docstring): each conv's output and each SiLU's
+            sigmoid, 8-bit, so that the model computes what the fused int8 ONNX graph computes. Needs
+            ``w_bits = a_bits = 8``. Omitted from :meth:`to_dict` when False, so older reports read the same.
     """
 
     w_bits: int = 4
@@ -293,17 +306,24 @@ class QuantConfig:
     stem_8bit: bool = True
     pred_8bit: bool = True
     protocol: LayerProtocol = "ours"
+    deploy: bool = False
 
     def __post_init__(self):
         for f in ("w_bits", "a_bits"):
             object.__setattr__(self, f, check_bits(f, getattr(self, f)))
-        for f in ("w_symmetric", "w_per_channel", "a_symmetric", "stem_8bit", "pred_8bit"):
+        for f in ("w_symmetric", "w_per_channel", "a_symmetric", "stem_8bit", "pred_8bit", "deploy"):
             check_bool(f, getattr(self, f))
         check_choice("protocol", self.protocol, PROTOCOLS)
+        if self.deploy and (self.w_bits, self.a_bits) != (8, 8):
+            raise ValueError(f"deploy=True needs w_bits=8 and a_bits=8 (the fused int8 graph), got "
+                             f"W{self.w_bits}A{self.a_bits}")
 
     def to_dict(self) -> dict:
-        """The config as a plain dict (JSON-ready)."""
-        return dataclasses.asdict(self)
+        """The config as a plain dict (JSON-ready); ``deploy`` only when True."""
+        out = dataclasses.asdict(self)
+        if not self.deploy:
+            del out["deploy"]
+        return out
 
 
 # ----------------------------------------------------------------- modules
@@ -377,16 +397,22 @@ class QuantConv2d(nn.Module):
         w_bits, a_bits: bit widths of the weights and of the input activation.
         w_symmetric, w_per_channel: weight quantizer range and granularity (axis 0 = output channels).
         a_symmetric: input quantizer range (per tensor).
+        deploy: also an ``output_quantizer`` (8-bit asymmetric per tensor, created disabled) on the conv's output,
+            the tensor an integer conv writes; ``None`` without ``deploy``.
     """
 
     def __init__(self, conv: nn.Conv2d, w_bits: int = 8, a_bits: int = 8, w_symmetric: bool = True,
-                 w_per_channel: bool = True, a_symmetric: bool = False):
+                 w_per_channel: bool = True, a_symmetric: bool = False, deploy: bool = False):
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         self.conv = conv
         self.weight_quantizer = Quantizer(w_bits, w_symmetric, 0 if w_per_channel else None, conv.out_channels)
         self.input_quantizer = Quantizer(a_bits, a_symmetric, None)
+        self.output_quantizer = None
+        if check_bool("deploy", deploy):
+            self.output_quantizer = Quantizer(8, False, None)
+            self.output_quantizer.enabled = False
 
     def set_quant_state(self, weights: bool | None = None, acts: bool | None = None) -> None:
         """Switch weight and/or input quantization on (``True``) or off (``False``); ``None`` leaves it."""
@@ -396,7 +422,22 @@ class QuantConv2d(nn.Module):
             self.input_quantizer.enabled = check_bool("acts", acts)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.conv.weight), self.conv.bias)
+        y = self.conv._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.conv.weight), self.conv.bias)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
+
+
+class QuantSiLU(nn.Module):
+    """SiLU with its sigmoid quantized, ``x * Q(sigmoid(x))``: the form in which an integer runtime fuses it (an
+    int8 sigmoid, then an int8 product). A deploy quantizer (:class:`QuantConfig` ``deploy``); ``gate_quantizer``
+    is 8-bit asymmetric per tensor and starts disabled, and then this is exactly ``nn.SiLU``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_quantizer = Quantizer(8, False, None)
+        self.gate_quantizer.enabled = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate_quantizer(torch.sigmoid(x))
 
 
 # ------------------------------------------------------------ model level
@@ -465,8 +506,13 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *,
         w_bits, a_bits = (8, 8) if w8a8 else (config.w_bits, config.a_bits)
         layer = QuantConv2d(qmodel.get_submodule(name), w_bits=w_bits, a_bits=a_bits,
                             w_symmetric=config.w_symmetric, w_per_channel=config.w_per_channel,
-                            a_symmetric=config.a_symmetric)
+                            a_symmetric=config.a_symmetric, deploy=config.deploy)
         _set_submodule(qmodel, name, layer)
+    if config.deploy:  # a SiLU right after a quantized conv (attributes conv / act, as ConvBNAct) gets its gate
+        for module in list(qmodel.modules()):
+            if isinstance(getattr(module, "conv", None), QuantConv2d) and isinstance(getattr(module, "act", None),
+                                                                                    nn.SiLU):
+                module.act = QuantSiLU()
     return qmodel
 
 
@@ -521,19 +567,25 @@ def quant_state_kept(qmodel: nn.Module) -> Iterator[dict[str, QuantConv2d]]:
     """
     layers = quant_layers(qmodel)
     saved = {n: (m.weight_quantizer.enabled, m.input_quantizer.enabled) for n, m in layers.items()}
+    deploy = {q: q.enabled for q in deploy_quantizers(qmodel).values()}
     try:
         yield layers
     finally:
         for n, (w, a) in saved.items():
             layers[n].set_quant_state(w, a)
+        for q, on in deploy.items():
+            q.enabled = on
 
 
 @contextmanager
 def quantization_off(qmodel: nn.Module) -> Iterator[None]:
-    """Within the block every quantizer of ``qmodel`` is off (the FP forward); the states are restored after."""
+    """Within the block every quantizer of ``qmodel`` is off (the FP forward), the deploy quantizers too; the
+    states are restored after."""
     with quant_state_kept(qmodel) as layers:
         for m in layers.values():
             m.set_quant_state(False, False)
+        for q in deploy_quantizers(qmodel).values():
+            q.enabled = False
         yield
 
 
@@ -665,4 +717,71 @@ def calibrate_minmax(qmodel: nn.Module, images, batch_size: int = 32) -> nn.Modu
     for name, layer in layers.items():
         iq, x = layer.input_quantizer, samples[name]
         iq.set_qparams(*qparams_from_range(x.min().cpu(), x.max().cpu(), iq.bits, iq.symmetric))
+    return qmodel
+
+
+def deploy_quantizers(qmodel: nn.Module) -> dict[str, Quantizer]:
+    """The deploy quantizers of ``qmodel`` by module path (``<conv>.output_quantizer``, ``<act>.gate_quantizer``),
+    in module order; empty for a model quantized without ``deploy``."""
+    out = {}
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantConv2d) and m.output_quantizer is not None:
+            out[f"{name}.output_quantizer"] = m.output_quantizer
+        elif isinstance(m, QuantSiLU):
+            out[f"{name}.gate_quantizer"] = m.gate_quantizer
+    return out
+
+
+def calibrate_deploy(qmodel: nn.Module, images, batch_size: int = 32, search=None, max_elements: int = 2**16,
+                     seed: int = 0) -> nn.Module:
+    """Calibrate the deploy quantizers of ``qmodel`` (in place), then switch them on; returns it.
+
+    Run after the method has set every conv's scales: each quantizer sees the quantized model's own tensor (a
+    conv's output, a SiLU's sigmoid) over ``images``, with the weight and input quantizers as they are and the
+    deploy quantizers off while the tensors are collected. Each tensor is reduced to a seeded sample of at most
+    ``max_elements`` values per batch that always holds its minimum and maximum. The scale: min-max
+    (:func:`qparams_from_range`, 8-bit asymmetric, the range widened to contain 0) by default; ``search``, a
+    callable ``sample -> (scale, zero_point)``, replaces it (``run_ptq`` passes the L2 scale search).
+    A ValueError if the model has none (quantize it with ``QuantConfig(deploy=True)``).
+    """
+    images = check_images(images, "images")
+    batch_size = check_int("batch_size", batch_size, 1)
+    max_elements = check_int("max_elements", max_elements, 2)
+    seed = check_int("seed", seed, 0)
+    if search is not None and not callable(search):
+        raise ValueError(f"search must be None (min-max) or a callable sample -> (scale, zero_point), got "
+                         f"{type(search).__name__}")
+    quantizers = deploy_quantizers(qmodel)
+    if not quantizers:
+        raise ValueError("qmodel has no deploy quantizers: quantize it with QuantConfig(deploy=True) "
+                         "(run_ptq(..., deploy=True); command line: quantize --deploy)")
+    samples: dict[str, list[Tensor]] = {}
+    gens = {n: torch.Generator().manual_seed(zlib.crc32(f"{seed}:{n}".encode())) for n in quantizers}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1)
+            part = [x.min().view(1), x.max().view(1)]
+            if x.numel() > max_elements:
+                x = x[torch.randint(0, x.numel(), (max_elements,), generator=gens[name]).to(x.device)]
+            samples.setdefault(name, []).extend(part + [x.clone()])
+        return fn
+
+    for q in quantizers.values():
+        q.enabled = False
+    handles = [q.register_forward_pre_hook(hook(n)) for n, q in quantizers.items()]
+    device = next(iter(qmodel.parameters()), torch.empty(0)).device
+    try:
+        with eval_mode(qmodel):
+            for start in range(0, len(images), batch_size):
+                qmodel(images[start:start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    for name, q in quantizers.items():
+        if name not in samples:
+            raise ValueError(f"deploy quantizer {name!r} never ran on the calibration images")
+        x = torch.cat(samples[name]).float().cpu()
+        q.set_qparams(*(qparams_from_range(x.min(), x.max(), q.bits, q.symmetric) if search is None else search(x)))
+        q.enabled = True
     return qmodel

@@ -115,3 +115,141 @@ def test_head_fp_exports_with_the_head_as_plain_fp_convs(pretrained, tmp_path):
     assert set(cmp) == set(OUTPUT_NAMES)
     assert all(v["step"] is None and v["max_steps"] is None and 0 <= v["mean_abs"] <= v["max_abs"] < float("inf")
                for v in cmp.values())
+
+
+# ------------------------------------------------------------------ the fused int8 graph (deploy quantizers)
+from detptq_mini.checkpoint import load_quantized, save_quantized  # noqa: E402
+from detptq_mini.cli import main  # noqa: E402
+from detptq_mini.deploy import compare_graphs, optimized_graph  # noqa: E402
+from detptq_mini.pipeline import PTQConfig  # noqa: E402
+from detptq_mini.quant import QuantConfig, QuantSiLU, calibrate_deploy, deploy_quantizers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def deployed(pretrained):
+    return run_ptq(pretrained, ShapesDataset("calib", 32, seed=0), "minmax", 8, 8, deploy=True)
+
+
+@pytest.fixture(scope="module")
+def fused(deployed, tmp_path_factory):
+    return export_onnx(deployed.model, tmp_path_factory.mktemp("fused") / "fused.onnx")
+
+
+def test_deploy_quantizers_are_calibrated_on_and_only_with_deploy(deployed, w8a8):
+    d = deploy_quantizers(deployed.model)
+    n_act = sum(isinstance(m, QuantSiLU) for m in deployed.model.modules())
+    assert len(d) == len(quant_layers(deployed.model)) + n_act == 63 + 57
+    assert all(q.enabled and bool(q.calibrated) and q.bits == 8 for q in d.values())
+    assert deployed.report["config"]["deploy"] and deployed.report["quant_config"]["deploy"]
+    odol = deployed.report["deploy"]["odol"]  # one p for them all, the lowest ODOL of the candidates
+    assert len(odol) == 8 and odol[deployed.report["deploy"]["p"]] == min(odol.values())
+    # the study methods: nothing of it, and their reports read as before
+    assert deploy_quantizers(w8a8) == {}
+
+
+def test_study_reports_have_no_deploy_key(pretrained):
+    r = run_ptq(pretrained, ShapesDataset("calib", 4), "minmax", 4, 8)
+    assert "deploy" not in r.report["config"] and "deploy" not in r.report["quant_config"]
+    assert deploy_quantizers(r.model) == {}
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_fused_export_copy_computes_the_twin_bit_for_bit(deployed, dynamo):
+    x = ShapesDataset("val", 4).images()
+    with torch.no_grad():
+        a, b = deployed.model(x), to_qdq(deployed.model, dynamo)(x)
+    assert all(torch.equal(u, v) for u, v in zip(a.cls + a.box, b.cls + b.box))
+
+
+def test_every_quantized_conv_is_an_integer_kernel_in_the_fused_graph(deployed, fused, tmp_path):
+    g = optimized_graph(fused)
+    assert g["integer_convs"] == len(quant_layers(deployed.model)) == 63 and g["float_convs"] == 0
+    assert g["nodes"].get("QLinearSigmoid", 0) == 57 and g["nodes"].get("QLinearMul", 0) > 0
+    qdq = optimized_graph(export_onnx(deployed.model, tmp_path / "qdq.onnx", graph="qdq"))
+    assert qdq["integer_convs"] == 0 and qdq["float_convs"] == 63  # the first export: float convs
+
+
+def test_fused_graph_map_within_0002_of_its_torch_twin(deployed, fused):
+    val = ShapesDataset("val", 200, seed=0)
+    m_twin = evaluate_model(deployed.model, val)["map"]
+    m_ort = evaluate_model(OnnxDetector(onnx_session(fused)), val)["map"]
+    assert abs(m_ort - m_twin) <= 0.002, (m_ort, m_twin)
+
+
+def test_fused_convs_within_a_step_but_the_stem(deployed):
+    """ONNX Runtime's u8s8 kernel on a CPU without VNNI saturates pairs of products in int16: the stem (image
+    codes up to 255) moves some outputs by several codes; every other conv stays within one step."""
+    r = check_layers(deployed.model, ShapesDataset("val", 2).images())
+    rest = {n: v for n, v in r["layers"].items() if n != "backbone.stem.conv"}
+    assert max(rest.values()) <= 4, max(rest, key=rest.get)
+
+
+def test_deploy_quantizers_survive_a_checkpoint_round_trip(deployed, pretrained, tmp_path):
+    path = tmp_path / "q.pt"
+    save_quantized(deployed, path, dict(pretrained.config.__dict__))
+    model, report = load_quantized(path)
+    a, b = deploy_quantizers(deployed.model), deploy_quantizers(model)
+    assert list(a) == list(b) and all(q.enabled for q in b.values())
+    assert all(torch.equal(a[n].scale, b[n].scale) and torch.equal(a[n].zero_point, b[n].zero_point) for n in a)
+    x = ShapesDataset("val", 2).images()
+    with torch.no_grad():
+        u, v = deployed.model(x), model(x)
+    assert all(torch.equal(p, q) for p, q in zip(u.cls + u.box, v.cls + v.box))
+    assert report["quant_config"]["deploy"] is True
+
+
+def test_deploy_bad_input(pretrained, w8a8, tmp_path):
+    with pytest.raises(ValueError, match="deploy=True needs w_bits=8 and a_bits=8"):
+        PTQConfig(method="minmax", w_bits=4, a_bits=8, deploy=True)
+    with pytest.raises(ValueError, match="deploy=True needs w_bits=8 and a_bits=8"):
+        QuantConfig(w_bits=4, a_bits=4, deploy=True)
+    with pytest.raises(ValueError, match="deploy=.yes. must be a bool"):
+        PTQConfig(method="minmax", w_bits=8, a_bits=8, deploy="yes")
+    with pytest.raises(ValueError, match="graph='fused' needs the deploy quantizers"):
+        export_onnx(w8a8, tmp_path / "q.onnx", graph="fused")
+    with pytest.raises(ValueError, match="graph='int4' is not a graph; allowed: 'fused', 'qdq'"):
+        export_onnx(w8a8, tmp_path / "q.onnx", graph="int4")
+    with pytest.raises(ValueError, match="has no deploy quantizers"):
+        calibrate_deploy(w8a8, ShapesDataset("calib", 2).images())
+    with pytest.raises(ValueError, match="has no deploy quantizers"):
+        compare_graphs(w8a8, ShapesDataset("calib", 2).images(), ShapesDataset("val", 2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_graphs_reports_every_graph(deployed):
+    calib = ShapesDataset("calib", 8, seed=0).images()
+    r = compare_graphs(deployed.model, calib, ShapesDataset("val", 16, seed=0), batches=(1, 2), rounds=1, warmup=0,
+                       repeats=1)
+    graphs = ("fp32", "fused", "qdq", "ort_quantize_static")
+    assert set(r["map"]) == {"fake_quant", *graphs} and r["all_convs_integer"]
+    assert r["integer_convs"] == {"fp32": 0, "fused": 63, "qdq": 0, "ort_quantize_static": 63}
+    assert set(r["latency_ms"]) == {"b1", "b2"} and all(v > 0 for t in r["latency_ms"].values() for v in t.values())
+    assert r["ratio_to_fp32"]["b1"]["fp32"] == 1.0
+
+
+def test_cli_quantize_deploy_then_export_benchmark_json(tmp_path, capsys):
+    import json
+
+    q, m = tmp_path / "q.pt", tmp_path / "m.onnx"
+    assert main(["quantize", "--method", "minmax", "--w-bits", "8", "--a-bits", "8", "--calib", "8", "--val", "8",
+                 "--deploy", "--out", str(q), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quant_config"]["deploy"] is True
+    assert main(["export", "--checkpoint", str(q), "--onnx", str(m), "--val", "16", "--benchmark", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["graph"] == "fused" and out["all_convs_integer"] and out["integer_convs"] == 63
+    b = out["benchmark"]
+    assert {"fake_quant", "fused", "qdq", "ort_quantize_static", "fp32"} == set(b["map"])
+    assert set(b["latency_ms"]) == {"b1", "b16"} and b["integer_convs"]["ort_quantize_static"] == 63
+
+
+def test_cli_deploy_errors(tmp_path, capsys, w8a8, pretrained):
+    assert main(["quantize", "--method", "minmax", "--w-bits", "4", "--a-bits", "8", "--deploy"]) == 2
+    assert "--deploy needs --w-bits 8 --a-bits 8" in capsys.readouterr().err
+    q = tmp_path / "plain.pt"
+    save_quantized(run_ptq(pretrained, ShapesDataset("calib", 4), "minmax", 8, 8), q, dict(pretrained.config.__dict__))
+    assert main(["export", "--checkpoint", str(q), "--onnx", str(tmp_path / "m.onnx"), "--val", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--graph 'fused' needs the deploy quantizers" in err and "--deploy" in err
+    assert main(["export", "--checkpoint", str(q), "--onnx", str(tmp_path / "m.onnx"), "--val", "0",
+                 "--graph", "qdq", "--json"]) == 0
+    assert not (tmp_path / "m.onnx").with_name("x").exists()

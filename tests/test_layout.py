@@ -23,7 +23,7 @@ PKG = Path(detptq_mini.__file__).parent
 # that `checkpoint` (every checkpoint read and write) serves train, pipeline, export and the CLI.
 ORDER = (
     "checks", "utils", "data", "model", "adapter", "quant", "lp", "evaluate", "odol", "detptq", "adaround", "qdrop",
-    "reconstruction", "checkpoint", "pipeline", "train", "studies", "export", "viz",
+    "reconstruction", "checkpoint", "pipeline", "train", "studies", "export", "deploy", "viz",
     "benchmark.suites", "benchmark.report", "benchmark.runner", "benchmark", "cli",
 )
 
