@@ -61,6 +61,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return v
+
+
 def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
@@ -172,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "MKL_NUM_THREADS and quantize --threads: at least 1) so that they share the cores; the file "
                         "is still rewritten after every cell, in the suite's order, and records each cell's jobs "
                         "and threads")
+    b.add_argument("--stop-after", type=_positive_float, default=None, metavar="MINUTES",
+                   help="start no cell after this many minutes; the running cells finish and are recorded, the "
+                        "next run resumes with the rest (for background compute that must end in time)")
     b.add_argument("--progress", action="store_true")
     b.add_argument("--device", default="cpu")
 
@@ -320,9 +333,11 @@ def _cmd_benchmark(args) -> int:
         command += ["--device", args.device]
     if args.jobs != 1:
         command += ["--jobs", str(args.jobs)]
+    if args.stop_after is not None:
+        command += ["--stop-after", f"{args.stop_after:g}"]
     run = benchmark.run_suite(suite, out, progress=args.progress, only=args.only, device=args.device,
                               reuse=args.reuse or (), command=shlex.join(command), exclude=args.exclude,
-                              jobs=args.jobs)
+                              jobs=args.jobs, stop_after=args.stop_after)
     for key in run.failed:
         print(f"detptq-mini: cell {key} failed: {run.results['cells'][key].get('error', '')}", file=sys.stderr)
     print(run.summary())

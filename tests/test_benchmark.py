@@ -685,6 +685,41 @@ def test_an_interrupted_run_with_jobs_kills_its_children(tmp_path, monkeypatch):
     assert not out.exists()  # the killed cells are not recorded
 
 
+def test_stop_after_starts_no_cell_late_lets_the_running_ones_finish_and_the_next_run_resumes(tmp_path, monkeypatch):
+    from detptq_mini.benchmark import runner
+
+    out = tmp_path / "s.json"
+    log = []
+    # cells 0 and 1 start at once; 1 ends at 0.2 s, before the stop at 1 s: 2 starts; it ends at 1.7 s: 3 never starts
+    seconds = dict(zip([c.key for c in JOB_CELLS], [3.0, 0.2, 1.5, 0.2]))
+    monkeypatch.setattr(runner, "run_cell", _stub_run_cell(log, seconds=seconds))
+    run = run_suite(JOB_CELLS, out, jobs=2, stop_after=1 / 60)
+    started = [k for k, *_ in log]
+    assert sorted(started) == sorted(c.key for c in JOB_CELLS[:3])  # the 3rd started before the stop, ran after it
+    assert run.ran == [c.key for c in JOB_CELLS[:3]] and run.not_started == [JOB_CELLS[3].key] and run.ok
+    assert "1 not started (stop_after)" in run.summary()
+    assert list(load_results(out)["cells"]) == [c.key for c in JOB_CELLS[:3]]  # the finished cells are recorded
+    log.clear()
+    monkeypatch.setattr(runner, "run_cell", _stub_run_cell(log))
+    run = run_suite(JOB_CELLS, out, jobs=2)
+    assert [k for k, *_ in log] == run.ran == [JOB_CELLS[3].key] and not run.not_started
+    assert list(load_results(out)["cells"]) == [c.key for c in JOB_CELLS]
+
+
+@pytest.mark.parametrize("value", [0, -1, "5", True, float("nan")])
+def test_bad_stop_after_is_refused(value, tmp_path):
+    with pytest.raises(ValueError, match="stop_after=.* must be a number of minutes > 0, or None"):
+        run_suite(JOB_CELLS, tmp_path / "x.json", stop_after=value)
+
+
+@pytest.mark.parametrize("value, word", [("0", "must be a finite number > 0"), ("soon", "'soon' is not a number"),
+                                         ("inf", "must be a finite number > 0")])
+def test_bad_stop_after_on_the_command_line_is_a_usage_error(value, word, tmp_path, capsys):
+    assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json"), "--stop-after", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stop-after" in err[0] and word in err[0]
+
+
 @pytest.mark.parametrize("jobs", [0, -1, 1.5, "2", True])
 def test_bad_jobs_is_refused(jobs, tmp_path):
     with pytest.raises(ValueError, match=f"jobs={jobs!r} must be an integer >= 1"):
@@ -714,7 +749,9 @@ def test_the_cli_passes_jobs_and_logs_it(tmp_path, monkeypatch):
     assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json"), "--jobs", "2"]) == 0
     assert seen["jobs"] == 2 and seen["command"].endswith("--jobs 2")
     assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json")]) == 0
-    assert seen["jobs"] == 1 and "--jobs" not in seen["command"]
+    assert seen["jobs"] == 1 and "--jobs" not in seen["command"] and seen["stop_after"] is None
+    assert main(["benchmark", "--quick", "--out", str(tmp_path / "q.json"), "--stop-after", "90"]) == 0
+    assert seen["stop_after"] == 90 and seen["command"].endswith("--stop-after 90")
 
 
 def test_two_real_cells_at_once_each_with_its_share_of_the_threads(tmp_path):

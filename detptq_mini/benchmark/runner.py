@@ -246,6 +246,7 @@ class SuiteRun:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    not_started: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -255,8 +256,9 @@ class SuiteRun:
     def summary(self) -> str:
         """One line: cells run, reused (when any), skipped, failed."""
         reused = f"{len(self.reused)} reused, " if self.reused else ""
+        later = f", {len(self.not_started)} not started (stop_after)" if self.not_started else ""
         return (f"benchmark {self.results['suite']}: {len(self.ran)} run, {reused}{len(self.skipped)} skipped, "
-                f"{len(self.failed)} failed in {self.seconds:.4g} s -> {self.out_path}")
+                f"{len(self.failed)} failed{later} in {self.seconds:.4g} s -> {self.out_path}")
 
 
 
@@ -279,7 +281,7 @@ def _reusable(reuse) -> dict[str, dict]:
 
 def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False, only: str | None = None,
               device: str = "cpu", reuse=(), command: str | None = None, exclude: str | None = None,
-              jobs: int = 1) -> SuiteRun:
+              jobs: int = 1, stop_after: float | None = None) -> SuiteRun:
     """Run every cell of a suite not already done in ``out_path``, one subprocess each; resumable.
 
     Args:
@@ -302,6 +304,9 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
             ``quantize --threads``; see :func:`run_cell`), so that the cells share the cores instead of fighting
             over them; their wall times are then those of a shared machine. Only this process writes the file,
             after each finished cell, with the cells in the suite's order whatever order they finish in.
+        stop_after: start no cell (nor copy one) once this many minutes (a number > 0) have passed since the call;
+            the cells running then finish and are recorded, the rest are listed in ``.not_started`` for the next
+            run (which resumes). None (default): run every cell. For compute that must end with a session.
 
     Returns:
         a :class:`SuiteRun` (``.failed`` non-empty if any cell failed; those cells are retried by the next run).
@@ -314,6 +319,9 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     """
     t0 = time.perf_counter()
     jobs = check_int("jobs", jobs, 1)
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, (int, float))
+                                   or not stop_after > 0):
+        raise ValueError(f"stop_after={stop_after!r} must be a number of minutes > 0, or None")
     name, cells = select_cells(name_or_cells, only, exclude)
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
@@ -367,6 +375,9 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="benchmark-cell") as pool:
             try:
                 while queue or running:
+                    if queue and stop_after is not None and time.perf_counter() - t0 > 60 * stop_after:
+                        run.not_started = [c.key for c in queue]
+                        queue.clear()
                     while queue and len(running) < jobs:
                         cell = queue.pop(0)
                         if cell.key in reusable:
