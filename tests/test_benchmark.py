@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -930,3 +931,63 @@ def test_unit_losses_refuses_what_it_cannot_average():
             unit_losses(results, [key])
     with pytest.raises(ValueError, match="same units"):
         unit_losses(results, [a["key"], other["key"]])
+
+
+def _stats(values):
+    """A summarize() cell of these per-seed mAPs."""
+    import statistics
+
+    return {"n": len(values), "map_mean": statistics.fmean(values),
+            "map_std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def test_compare_applies_the_two_pooled_std_rule():
+    import statistics
+
+    from detptq_mini.benchmark import compare
+
+    a, b = [0.80, 0.82, 0.81], [0.70, 0.71, 0.69]
+    c = compare(_stats(a), _stats(b))
+    pooled = ((statistics.variance(a) * 2 + statistics.variance(b) * 2) / 4) ** 0.5
+    assert c.gap == pytest.approx(0.11) and c.pooled_std == pytest.approx(pooled) and (c.n_a, c.n_b) == (3, 3)
+    assert c.verdict == "a" and c.a_beats_b and not c.b_beats_a
+    assert compare(_stats(b), _stats(a)).verdict == "b"
+    assert "A ahead by more than 2 pooled std" in str(c) and "+0.1100" in str(c)
+    # a gap of 1.5 pooled std: noise at k = 2, A ahead at k = 1
+    near = [v + 1.5 * pooled for v in b]
+    assert compare(_stats(near), _stats(b)).verdict == "noise"
+    assert compare(_stats(near), _stats(b), k=1).verdict == "a"
+    # one seed a side: no claim, however large the gap; one seed on one side: the other side's spread judges it
+    assert compare(_stats([0.9]), _stats([0.1])).verdict == "one seed"
+    one = compare(_stats([0.80]), _stats(b))
+    assert one.pooled_std == pytest.approx((statistics.variance(b) * 2 / 2) ** 0.5) and one.verdict == "a"
+
+
+def test_compare_on_the_committed_results_matches_a_computation_by_hand():
+    import statistics
+
+    from detptq_mini.benchmark import compare
+
+    full = load_results(ROOT / "benchmarks" / "results" / "full.json")
+    rows = {r["label"]: r for r in summarize(full)["rows"]}
+    a, b = rows["joint"]["cells"]["W4A4"], rows["QDrop (two coins)"]["cells"]["W4A4"]
+    va = [full["cells"][k]["map"] for k in a["keys"]]
+    vb = [full["cells"][k]["map"] for k in b["keys"]]
+    pooled = (((len(va) - 1) * statistics.variance(va) + (len(vb) - 1) * statistics.variance(vb))
+              / (len(va) + len(vb) - 2)) ** 0.5
+    c = compare(a, b)
+    assert c.gap == pytest.approx(statistics.fmean(va) - statistics.fmean(vb))
+    assert c.pooled_std == pytest.approx(pooled)
+    assert c.verdict == ("a" if c.gap > 2 * pooled else "b" if -c.gap > 2 * pooled else "noise")
+
+
+@pytest.mark.parametrize("kw, word", [({"field": "ratio"}, "field='ratio' must be 'map' or 'map50'"),
+                                      ({"k": 0}, "k=0 must be a finite number > 0"),
+                                      ({"k": True}, "k=True must be a finite number > 0")])
+def test_compare_refuses_bad_arguments(kw, word):
+    from detptq_mini.benchmark import compare
+
+    with pytest.raises(ValueError, match=re.escape(word)):
+        compare(_stats([0.1, 0.2]), _stats([0.1, 0.3]), **kw)
+    with pytest.raises(ValueError, match="b must be a cell of summarize"):
+        compare(_stats([0.1, 0.2]), {"map": 0.1})

@@ -7,7 +7,7 @@ Three modules, data flowing one way (``suites`` <- ``report`` <- ``runner``):
   (:data:`FULL_BITS`, :data:`SEEDS`, :data:`RECON_ITERS`, :data:`RECON_LR`, ...), :func:`select_cells`.
 * :mod:`.report`: a result file as tables: :func:`summarize` (one JSON-ready dict for the book) and
   :func:`to_markdown` (a row per method, a column per bits, mean ± std over seeds, % of FP, cost, settings, the
-  commands and the machine).
+  commands and the machine); :func:`compare` judges "A beats B" over the seeds (gap > 2 pooled std).
 * :mod:`.runner`: :func:`run_suite` runs a suite one cell per subprocess (:func:`run_cell`), one at a time or
   ``jobs`` at once, rewrites the result file and its markdown atomically after every cell (cells in the suite's
   order: :func:`ordered_cells`), resumes where a run stopped and logs every run's command and code
@@ -16,7 +16,7 @@ Three modules, data flowing one way (``suites`` <- ``report`` <- ``runner``):
 Command line: ``detptq-mini benchmark --suite full`` (see ``benchmarks/README.md``).
 """
 
-from .report import METHOD_NAMES, summarize, to_markdown, unit_losses
+from .report import METHOD_NAMES, Comparison, compare, summarize, to_markdown, unit_losses
 from .runner import (SuiteRun, cell_args, code_version, load_results, machine_info, ordered_cells, run_cell,
                      run_suite)
 from .suites import (EIGHT_BIT_OFF, FULL_BITS, FULL_CALIB, FULL_VAL, LOSS_NORM_BEFORE, LP_EXTRA_P, ODOL_COMBOS,
@@ -26,4 +26,5 @@ from .suites import (EIGHT_BIT_OFF, FULL_BITS, FULL_CALIB, FULL_VAL, LOSS_NORM_B
 __all__ = ["Cell", "SUITES", "RECON_ITERS", "RECON_LR", "RECON_METHODS", "FULL_BITS", "FULL_CALIB", "FULL_VAL", "SEEDS",
            "LP_EXTRA_P", "ODOL_COMBOS", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "METHOD_NAMES",
            "SuiteRun", "bits_pair", "is_done", "suite_cells", "select_cells", "cell_args", "run_cell", "run_suite",
-           "ordered_cells", "load_results", "machine_info", "code_version", "summarize", "to_markdown", "unit_losses"]
+           "ordered_cells", "load_results", "machine_info", "code_version", "summarize", "to_markdown", "unit_losses",
+           "Comparison", "compare"]

@@ -7,12 +7,14 @@ cell, the settings of each row, then the commands that made the file and the mac
 
 from __future__ import annotations
 
+import math
 import statistics
+from dataclasses import dataclass
 
 from ..lp import P_DEFAULT
 from .suites import SUITES, bits_pair, is_done
 
-__all__ = ["METHOD_NAMES", "summarize", "to_markdown", "unit_losses"]
+__all__ = ["METHOD_NAMES", "Comparison", "compare", "summarize", "to_markdown", "unit_losses"]
 
 
 #: Display names of the methods, in table order (unknown methods follow, in order of appearance). ``brecq`` is the
@@ -80,6 +82,75 @@ def unit_losses(results: dict, keys, field: str = "after_mse") -> dict[str, floa
     if any(len(v) != len(keys) for v in per_unit.values()):
         raise ValueError(f"keys: the cells {keys!r} do not reconstruct the same units")
     return {name: statistics.fmean(v) for name, v in per_unit.items()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two rows' cells compared over calibration seeds (:func:`compare`).
+
+    Attributes:
+        gap: mean of A minus mean of B.
+        pooled_std: the pooled sample standard deviation of the two rows' seeds, or None when neither row has two
+            seeds.
+        n_a, n_b: how many seeds each mean is over.
+        k: the multiple of ``pooled_std`` the gap must exceed.
+        verdict: ``"a"`` (A ahead: ``gap > k * pooled_std``), ``"b"`` (B ahead: ``-gap > k * pooled_std``),
+            ``"noise"`` (within ``k`` pooled standard deviations) or ``"one seed"`` (no spread to judge by).
+    """
+
+    gap: float
+    pooled_std: float | None
+    n_a: int
+    n_b: int
+    k: float
+    verdict: str
+
+    @property
+    def a_beats_b(self) -> bool:
+        return self.verdict == "a"
+
+    @property
+    def b_beats_a(self) -> bool:
+        return self.verdict == "b"
+
+    def __str__(self) -> str:
+        spread = "no spread (one seed each)" if self.pooled_std is None else f"pooled std {self.pooled_std:.4f}"
+        words = {"a": f"A ahead by more than {self.k:g} pooled std", "b": f"B ahead by more than {self.k:g} pooled std",
+                 "noise": "within noise", "one seed": "one seed: no claim"}[self.verdict]
+        return f"A - B = {self.gap:+.4f} ({self.n_a} and {self.n_b} seeds, {spread}): {words}"
+
+
+def compare(a: dict, b: dict, field: str = "map", k: float = 2.0) -> Comparison:
+    """Whether row A beats row B at one bits column, by the rule the book uses for every "A beats B" claim: the
+    gap between the means over calibration seeds must exceed ``k`` (default 2) times the pooled standard deviation
+    of the seeds; otherwise the two are "within noise".
+
+    Args:
+        a, b: a row's cell of :func:`summarize` (``row["cells"][bits]``: ``{"n", "<field>_mean", "<field>_std",
+            ...}``).
+        field: ``"map"`` (mAP50:95) or ``"map50"``.
+        k: a number > 0.
+
+    The pooled variance is ``((n_a - 1) s_a^2 + (n_b - 1) s_b^2) / (n_a + n_b - 2)``; a row of one seed adds no
+    spread of its own. With one seed on both sides there is no spread to judge by: the verdict is ``"one seed"``.
+    """
+    if field not in ("map", "map50"):
+        raise ValueError(f"field={field!r} must be 'map' or 'map50'")
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0 or math.isinf(k):
+        raise ValueError(f"k={k!r} must be a finite number > 0")
+    for name, c in (("a", a), ("b", b)):
+        if not isinstance(c, dict) or f"{field}_mean" not in c or "n" not in c:
+            raise ValueError(f"{name} must be a cell of summarize()'s rows (with 'n' and '{field}_mean'), "
+                             f"got {c!r:.80}")
+    n_a, n_b = a["n"], b["n"]
+    gap = a[f"{field}_mean"] - b[f"{field}_mean"]
+    df = n_a + n_b - 2
+    if n_a < 2 and n_b < 2:
+        return Comparison(gap, None, n_a, n_b, k, "one seed")
+    var = sum((n - 1) * (c[f"{field}_std"] or 0.0) ** 2 for n, c in ((n_a, a), (n_b, b)) if n > 1) / df
+    pooled = math.sqrt(var)
+    verdict = "a" if gap > k * pooled else "b" if -gap > k * pooled else "noise"
+    return Comparison(gap, pooled, n_a, n_b, k, verdict)
 
 
 def _seed_groups(cells: dict) -> list[dict]:
