@@ -27,7 +27,7 @@ from .quant import QuantConfig, quant_layers, quantize_model
 
 __all__ = [
     "CLASS_COLOURS", "COLUMN_PX", "MIN_TEXT_PX", "Table", "smallest_text_px", "draw_boxes", "plot_samples",
-    "plot_detections", "unit_edges", "plot_units", "plot_ratio_vs_bits", "plot_unit_losses",
+    "plot_detections", "unit_edges", "plot_units", "summary_table", "plot_ratio_vs_bits", "plot_unit_losses",
     "plot_reconstruction_flow", "strip_cdn_links", "ResultTable", "table", "plot_selection_loop",
 ]
 
@@ -297,6 +297,46 @@ def plot_units(model: UnitDetector, config: QuantConfig | None = None) -> Figure
     return fig
 
 
+def summary_table(summary: dict, labels: Sequence[str], bits: Sequence[str] | None = None, pct: bool = False,
+                  caption: str | None = None) -> Table:
+    """A benchmark table: a row per method, a column per bits, each entry the mean over calibration seeds.
+
+    Args:
+        summary: :func:`detptq_mini.benchmark.summarize` of a result file.
+        labels: the rows, by their ``label``, in the order shown; each must be a row of ``summary``.
+        bits: the columns (default: every bits of ``summary``, widest first).
+        pct: entries as % of the FP mAP50:95 (``"92.3 % (3)"``) instead of mAP50:95 with the sample standard
+            deviation (``"0.819 ± 0.004 (3)"``); the number of seeds is in parentheses.
+        caption: shown above the table.
+
+    A row with no cell done at some bits shows "—" there.
+    """
+    rows = {row["label"]: row for row in summary["rows"]}
+    missing = [lab for lab in labels if lab not in rows]
+    if missing:
+        raise ValueError(f"labels: {missing!r} are not rows of the summary; allowed: {sorted(rows)!r}")
+    bits = list(summary["bits"] if bits is None else bits)
+    unknown = [b for b in bits if b not in summary["bits"]]
+    if unknown:
+        raise ValueError(f"bits: {unknown!r} are not columns of the summary; allowed: {summary['bits']!r}")
+
+    def entry(c):
+        if c is None:
+            return "—"
+        if pct:
+            return f"{100 * c['ratio_to_fp_mean']:.1f} % ({c['n']})"
+        std = "" if c["map_std"] is None else f" ± {c['map_std']:.3f}"
+        return f"{c['map_mean']:.3f}{std} ({c['n']})"
+
+    return Table([{"method": lab, **{b: entry(rows[lab]["cells"].get(b)) for b in bits}} for lab in labels],
+                 columns=["method", *bits], caption=caption)
+
+
+#: Line styles and markers that tell series apart beside their colours (for readers who do not see colours alike).
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
 def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: str | None = None) -> Figure:
     """Percent of the FP mAP50:95 against bits, one line per method: the picture of a benchmark table.
 
@@ -326,7 +366,8 @@ def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: st
                 else 100 * cells[bits[j]]["ratio_to_fp_mean"] * cells[bits[j]]["map_std"] / cells[bits[j]]["map_mean"]
                 for j in xs]  # the FP mAP is one number: the ratio's std is the mAP's std over the FP mAP
         dx = (i - (len(labels) - 1) / 2) * 0.04  # a small offset keeps overlapping error bars apart
-        line = ax.errorbar([x + dx for x in xs], ys, yerr=errs, marker="o", ms=4, capsize=3, label=lab)
+        line = ax.errorbar([x + dx for x in xs], ys, yerr=errs, marker=_MARKERS[i % len(_MARKERS)], ms=4, capsize=3,
+                           ls=_LINESTYLES[i % len(_LINESTYLES)], label=lab)
         most = max(cells[bits[j]]["n"] for j in xs)
         for x, y, j in zip(xs, ys, xs):
             if cells[bits[j]]["n"] < most:

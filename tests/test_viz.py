@@ -267,3 +267,53 @@ def test_selection_loop_diagram_has_every_step_readable_and_apart():
 def test_selection_loop_bad_fontsize(bad):
     with pytest.raises(ValueError, match="fontsize="):
         plot_selection_loop(bad)
+
+
+# ----------------------------------------------------------------------------- benchmark tables and lines
+
+def _summary():
+    return {"bits": ["W8A8", "W4A4"], "rows": [
+        {"label": "min-max", "cells": {"W8A8": {"ratio_to_fp_mean": 0.999, "map_mean": 0.8861, "map_std": 0.0012,
+                                                "n": 3},
+                                       "W4A4": {"ratio_to_fp_mean": 0.118, "map_mean": 0.1049, "map_std": None,
+                                                "n": 1}}},
+        {"label": "joint", "cells": {"W4A4": {"ratio_to_fp_mean": 0.923, "map_mean": 0.8189, "map_std": 0.0041,
+                                              "n": 3}}}]}
+
+
+def test_summary_table_shows_mean_std_and_seeds_and_a_dash_where_no_cell():
+    from detptq_mini.viz import summary_table
+
+    t = summary_table(_summary(), ["joint", "min-max"], caption="mAP50:95")
+    assert t.columns == ["method", "W8A8", "W4A4"] and t.caption == "mAP50:95"
+    assert [[text for text, _ in row] for row in t.rows] == [["joint", "—", "0.819 ± 0.004 (3)"],
+                                                             ["min-max", "0.886 ± 0.001 (3)", "0.105 (1)"]]
+    pct = summary_table(_summary(), ["min-max"], bits=["W4A4"], pct=True)
+    assert [[text for text, _ in row] for row in pct.rows] == [["min-max", "11.8 % (1)"]]
+    assert "<td>0.819 ± 0.004 (3)</td>" in t._repr_html_()
+    with pytest.raises(ValueError, match=r"labels: \['BRECQ'\] are not rows of the summary"):
+        summary_table(_summary(), ["BRECQ"])
+    with pytest.raises(ValueError, match=r"bits: \['W3A3'\] are not columns of the summary"):
+        summary_table(_summary(), ["joint"], bits=["W3A3"])
+
+
+def test_row_of_and_cell_of_name_what_there_is():
+    from detptq_mini.benchmark import cell_of, row_of
+
+    s = _summary()
+    assert row_of(s, "joint")["label"] == "joint" and cell_of(s, "joint", "W4A4")["n"] == 3
+    assert cell_of(s, "joint", "W8A8") is None
+    with pytest.raises(ValueError, match=r"label='QDrop' is not a row of the summary; allowed: \['min-max', 'joint'\]"):
+        cell_of(s, "QDrop", "W4A4")
+
+
+def test_plot_ratio_vs_bits_tells_series_apart_by_line_style_and_marker_too():
+    labels = [f"m{i}" for i in range(5)]
+    summary = {"bits": ["W8A8", "W4A4"], "rows": [
+        {"label": lab, "cells": {b: {"ratio_to_fp_mean": 0.5, "map_mean": 0.5, "map_std": None, "n": 1}
+                                 for b in ("W8A8", "W4A4")}} for lab in labels]}
+    fig = plot_ratio_vs_bits(summary)
+    lines = [c.lines[0] for c in fig.axes[0].containers if c.get_label() in labels]  # each series' data line
+    styles = [(ln.get_linestyle(), ln.get_marker()) for ln in lines]
+    assert len(lines) == 5 and len(set(styles)) == 5 and len({s for s, _ in styles}) == 4
+    plt.close(fig)

@@ -16,7 +16,7 @@ Three modules, data flowing one way (``suites`` <- ``report`` <- ``runner``):
 Command line: ``detptq-mini benchmark --suite full`` (see ``benchmarks/README.md``).
 """
 
-from .report import METHOD_NAMES, Comparison, compare, summarize, to_markdown, unit_losses
+from .report import METHOD_NAMES, Comparison, cell_of, compare, row_of, summarize, to_markdown, unit_losses
 from .runner import (SuiteRun, cell_args, code_version, load_results, machine_info, ordered_cells, run_cell,
                      run_suite)
 from .suites import (EIGHT_BIT_OFF, FULL_BITS, FULL_CALIB, FULL_VAL, LOSS_NORM_BEFORE, LP_EXTRA_P, ODOL_COMBOS,
@@ -27,4 +27,4 @@ __all__ = ["Cell", "SUITES", "RECON_ITERS", "RECON_LR", "RECON_METHODS", "FULL_B
            "LP_EXTRA_P", "ODOL_COMBOS", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "METHOD_NAMES",
            "SuiteRun", "bits_pair", "is_done", "suite_cells", "select_cells", "cell_args", "run_cell", "run_suite",
            "ordered_cells", "load_results", "machine_info", "code_version", "summarize", "to_markdown", "unit_losses",
-           "Comparison", "compare"]
+           "Comparison", "compare", "row_of", "cell_of"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..lp import P_DEFAULT
 from .suites import SUITES, bits_pair, is_done
 
-__all__ = ["METHOD_NAMES", "Comparison", "compare", "summarize", "to_markdown", "unit_losses"]
+__all__ = ["METHOD_NAMES", "Comparison", "compare", "row_of", "cell_of", "summarize", "to_markdown", "unit_losses"]
 
 
 #: Display names of the methods, in table order (unknown methods follow, in order of appearance). ``brecq`` is the
@@ -82,6 +82,22 @@ def unit_losses(results: dict, keys, field: str = "after_mse") -> dict[str, floa
     if any(len(v) != len(keys) for v in per_unit.values()):
         raise ValueError(f"keys: the cells {keys!r} do not reconstruct the same units")
     return {name: statistics.fmean(v) for name, v in per_unit.items()}
+
+
+def row_of(summary: dict, label: str) -> dict:
+    """The row of :func:`summarize`'s ``summary`` whose ``label`` is ``label`` (e.g. ``"Lp p=2"``, ``"joint"``,
+    ``"QDrop (two coins)"``); an unknown label is an error that lists the labels there are."""
+    for row in summary["rows"]:
+        if row["label"] == label:
+            return row
+    raise ValueError(f"label={label!r} is not a row of the summary; allowed: {[r['label'] for r in summary['rows']]!r}")
+
+
+def cell_of(summary: dict, label: str, bits: str) -> dict | None:
+    """The table entry of row ``label`` at ``bits`` (e.g. ``"W4A4"``): ``{"n", "seeds", "keys", "map_mean",
+    "map_std", ...}`` over the calibration seeds done (see :func:`summarize`), or None when that row has no cell
+    done at those bits. An unknown label is an error (:func:`row_of`)."""
+    return row_of(summary, label)["cells"].get(bits)
 
 
 @dataclass(frozen=True)
