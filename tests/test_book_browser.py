@@ -326,7 +326,6 @@ _TOO_WIDE = """() => {
 #: its xfail (strict) and must leave this list.
 PENDING = {
     "notebooks/07_reconstruction": "rewritten by the reconstruction work first, laid out after it",
-    "notebooks/08_results": "rewritten by the reconstruction work first, then split into results and ablations",
     "notebooks/09_your_detector": "rewritten by the RetinaNet work, which lays it out",
 }
 
