@@ -108,7 +108,8 @@ DEFAULT_ANCHOR_SIZES: tuple[tuple[float, ...], ...] = tuple(
 #: sizes per level an octave third apart, for the shapes' 8-54 px boxes. Of the 27,850 boxes of the 8,000 training
 #: images, an anchor overlaps 87 % at IoU >= 0.5 (the matcher's foreground threshold) against 54 % for torchvision's
 #: sizes (none of the boxes under 16 px), and the base 8 of a plain division by 4 reaches 65 %
-#: (``detptq-mini train --model retinanet-r18 --check-anchors``; ``anchor_recall`` in :mod:`detptq_mini.train`).
+#: (``detptq-mini train --model retinanet-r18 --check-anchors --train-size 8000``; ``anchor_recall`` in
+#: :mod:`detptq_mini.train`).
 R18_ANCHOR_SIZES: tuple[tuple[float, ...], ...] = _anchor_sizes((12.0, 24.0, 48.0, 96.0, 192.0))
 #: Anchor aspect ratios (height / width) at every level: torchvision's.
 ASPECT_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0)
