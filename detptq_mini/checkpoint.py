@@ -364,7 +364,8 @@ def save_quantized(result: PTQResult, path, fp_config: dict, model: str = "yolo"
         fp_config: the FP detector's config as a dict (``dict(model.config.__dict__)``).
         model: the FP detector's name (:data:`MODELS`), written in the header.
     """
-    payload = {"header": checkpoint_header("quantized", model), "state_dict": result.model.state_dict(), "config": fp_config,
+    payload = {"header": checkpoint_header("quantized", model), "state_dict": result.model.state_dict(),
+               "config": fp_config,
                "quant": {"ptq_config": result.report["config"], "quant_config": result.report["quant_config"],
                          "chosen_p": result.report["chosen_p"]},
                "report": {k: v for k, v in result.report.items() if k != "seconds"}}

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=None, help="override the number of epochs (default: as shipped)")
     t.add_argument("--train-size", type=_positive_int, default=None,
                    help="override the number of training images (default: as shipped, 8000)")
-    t.add_argument("--batch-size", type=_positive_int, default=None, help="override the batch size (default: as shipped)")
+    t.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="override the batch size (default: as shipped)")
     t.add_argument("--val", type=_positive_int, default=None,
                    help="override the number of val images of the final mAP (default: as shipped, 500)")
     t.add_argument("--seed", type=int, default=0)
@@ -360,8 +361,9 @@ def _cmd_quantize(args) -> dict:
     if args.out is not None:
         save_quantized(res, args.out, asdict(model.config), args.model)
     r = res.report
-    out = {"model": args.model, "method": r["method"], "w_bits": r["w_bits"], "a_bits": r["a_bits"], "map": m["map"], "map50": m["map50"],
-           "fp_map": fp["map"], "fp_map50": fp["map50"], "ratio_to_fp": m["map"] / fp["map"] if fp["map"] > 0 else None,  # None: an FP model that finds nothing
+    ratio = m["map"] / fp["map"] if fp["map"] > 0 else None  # None: an FP model that finds nothing
+    out = {"model": args.model, "method": r["method"], "w_bits": r["w_bits"], "a_bits": r["a_bits"], "map": m["map"],
+           "map50": m["map50"], "fp_map": fp["map"], "fp_map50": fp["map50"], "ratio_to_fp": ratio,
            "calib_images": r["calib_images"], "calib_seed": args.seed, "val_images": args.val,
            "config": r["config"], "quant_config": r["quant_config"], "chosen_p": r["chosen_p"],
            "seconds": r["seconds"], "threads": torch.get_num_threads()}

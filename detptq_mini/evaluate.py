@@ -70,8 +70,9 @@ def predict(model: nn.Module, dataset: ShapesDataset, batch_size: int = 64, devi
     """Run ``model`` over ``dataset`` and return COCO-format detections (image ids ``i + 1``).
 
     The detections are ``model.detect(x)`` when the model has a ``detect`` method (the shipped detector, whose
-    ``detect`` is :func:`~detptq_mini.model.postprocess` of its outputs, and :class:`~detptq_mini.adapter.RetinaNetAdapter`),
-    else :func:`~detptq_mini.model.postprocess` of ``model(x)`` (e.g. an ONNX Runtime session's outputs).
+    ``detect`` is :func:`~detptq_mini.model.postprocess` of its outputs, and
+    :class:`~detptq_mini.adapter.RetinaNetAdapter`), else :func:`~detptq_mini.model.postprocess` of ``model(x)``
+    (e.g. an ONNX Runtime session's outputs).
     """
     dets: list[dict] = []
     starts = range(0, len(dataset), batch_size)

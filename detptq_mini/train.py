@@ -54,7 +54,8 @@ from .model import STRIDES, DenseOutputs, Detector, DetectorConfig, distances_to
 from .utils import atomic_torch_save, atomic_write_json
 
 __all__ = ["LossConfig", "TrainConfig", "detection_loss", "assign", "train", "ModelEMA", "cosine_lr",
-           "RetinaTrainConfig", "train_retinanet", "read_train_state", "anchor_recall", "retina_anchors", "RETINA_STATE", "RETINA_FP32"]
+           "RetinaTrainConfig", "train_retinanet", "read_train_state", "anchor_recall", "retina_anchors",
+           "RETINA_STATE", "RETINA_FP32"]
 
 
 @dataclass(frozen=True)

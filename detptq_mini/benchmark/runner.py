@@ -45,7 +45,8 @@ __all__ = ["cell_args", "run_cell", "code_version", "machine_info", "load_result
 
 def cell_args(cell: Cell, device: str = "cpu", threads: int | None = None) -> list[str]:
     """The ``detptq-mini`` arguments of a cell (``quantize ... --json``); with ``threads``, ``--threads`` too."""
-    args = ["quantize", *(["--model", cell.model] if cell.model != "yolo" else []), "--method", cell.method, "--w-bits", str(cell.w_bits), "--a-bits", str(cell.a_bits),
+    model = ["--model", cell.model] if cell.model != "yolo" else []  # yolo: the command of every earlier cell
+    args = ["quantize", *model, "--method", cell.method, "--w-bits", str(cell.w_bits), "--a-bits", str(cell.a_bits),
             "--seed", str(cell.seed), "--calib", str(cell.calib), "--val", str(cell.val)]
     if cell.p is not None:
         args += ["--p", f"{cell.p:g}"]
