@@ -330,6 +330,9 @@ def _cmd_quantize(args) -> dict:
         raise UsageError(f"--act-iters {args.act_iters} must be >= 0")
     if args.out is not None:
         _check_out_dir(args.out, "--out")
+    if args.deploy and args.model != "yolo":
+        raise UsageError(f"--deploy is only for --model yolo (its quantizers are those of the YOLO-style detector's "
+                         f"fused int8 graph), not {args.model}")
     if args.deploy and (args.w_bits, args.a_bits) != (8, 8):
         raise UsageError(f"--deploy needs --w-bits 8 --a-bits 8 (the fused int8 graph); got --w-bits {args.w_bits} "
                          f"--a-bits {args.a_bits}")

@@ -75,6 +75,8 @@ def test_quantize_protocol_reaches_the_report(tmp_path, capsys):
     (["evaluate", "--model", "r50"], "argument --model: invalid choice: 'r50'"),
     (["export", "--model", "retinanet-r18", "--checkpoint", "q.pt", "--onnx", "m.onnx"],
      "--model retinanet-r18: export writes the YOLO-style detector's int8 ONNX graph only; allowed: yolo"),
+    (["quantize", "--model", "retinanet-r18", "--method", "minmax", "--w-bits", "8", "--a-bits", "8", "--deploy"],
+     "--deploy is only for --model yolo"),
     (["train", "--model", "retinanet-r18", "--train-size", "4", "--batch-size", "8"],
      "--batch-size 8 is more than the 4 training images; allowed: 1..4"),
 ])
