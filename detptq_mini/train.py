@@ -364,8 +364,9 @@ def anchor_recall(dataset: ShapesDataset, config: RetinaNetConfig = RetinaNetCon
     "low-quality" match, but a poor one).
 
     Returns:
-        ``{"boxes": n, "recall": {t: fraction}, "mean_best_iou": float, "by_size": {bucket: {"boxes": n, "recall":
-        {t: fraction}}}}``, the buckets by the box's longer side in pixels: ``"<16"``, ``"16-32"``, ``">=32"``.
+        a dict: ``boxes`` (their number), ``recall`` (``{t: fraction}``), ``mean_best_iou`` (each box's best IoU,
+        averaged) and ``by_size`` (``{bucket: {"boxes": n, "recall": {t: fraction}}}``, the buckets by the box's
+        longer side in pixels: ``"<16"``, ``"16-32"``, ``">=32"``).
     """
     if not isinstance(dataset, ShapesDataset):
         raise ValueError(f"dataset must be a ShapesDataset, got {type(dataset).__name__}")
