@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test notebooks weights clean venv
+.PHONY: book test notebooks weights weights-retinanet clean venv
 
 venv: $(STAMP)
 
@@ -31,6 +31,13 @@ notebooks: $(STAMP)
 ## make weights: retrain the shipped FP detector (about 30 CPU minutes) and write it into the package
 weights: $(STAMP)
 	$(VENV)/bin/detptq-mini train --progress
+
+## make weights-retinanet: train RetinaNet-ResNet18-FPN from scratch (about 90 minutes, one torch thread on a free core)
+## and write its float16 weights into the package; resumes from runs/retinanet-r18/ when an earlier run saved its state
+RETINA_STATE := runs/retinanet-r18/retinanet-r18.state.pt
+weights-retinanet: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/detptq-mini train --model retinanet-r18 --threads 1 --progress \
+	    $(if $(wildcard $(RETINA_STATE)),--resume,)
 
 clean:
 	rm -rf _build

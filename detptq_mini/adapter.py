@@ -36,6 +36,16 @@ submodule or reads a tensor no earlier unit writes) fails when it is built, with
 :class:`RetinaNetAdapter` is that subclass for ``torchvision.models.detection.RetinaNet`` with a ResNet-FPN
 backbone (``retinanet_resnet50_fpn`` and ``_v2``), so the same ``run_ptq(..., "detptq")`` call quantizes it.
 
+**The paper's detector on the shapes** (``--model retinanet-r18``): :func:`build_retinanet_r18` builds
+RetinaNet-ResNet18-FPN as torchvision builds it (256-channel FPN and head, P3-P7), from scratch and trainable:
+``resnet_fpn_backbone("resnet18", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5,
+returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))`` (torchvision's defaults, ``FrozenBatchNorm2d`` and
+three trainable stages, would freeze a random stem and ``layer1``), ``min_size = max_size = 128`` (our images, not
+resized). Its anchors are :data:`R18_ANCHOR_SIZES` [ours]: torchvision's sizes times 3/8 (12 px at P3 instead of
+32 px), because our objects are 8-54 px on 128 px images (the book's method page says why).
+:func:`retinanet_r18_detector` gives the frozen-BN adapter of such a model, which is what a checkpoint of
+``--model retinanet-r18`` loads into; :class:`RetinaNetConfig` is its (stored) configuration.
+
 Units (each a real module; calling it on the unit's input tensors gives its single output tensor, which is
 what block reconstruction needs):
 
@@ -67,18 +77,101 @@ layer protocol ``"head-fp"`` leaves their convs (subnets and predictions) in FP.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from .checks import check_int
 from .model import DenseOutputs, Unit, UnitDetector
 
-__all__ = ["RetinaNetAdapter", "freeze_batchnorm", "SharedHead", "TopDown"]
+__all__ = ["RetinaNetAdapter", "freeze_batchnorm", "SharedHead", "TopDown", "RetinaNetConfig", "DEFAULT_ANCHOR_SIZES",
+           "R18_ANCHOR_SIZES", "ASPECT_RATIOS", "build_retinanet_r18", "retinanet_r18_detector"]
+
+
+def _anchor_sizes(base: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
+    """Three sizes an octave third apart at each level, from each level's base size (torchvision's pattern)."""
+    return tuple((x, round(x * 2 ** (1 / 3), 2), round(x * 2 ** (2 / 3), 2)) for x in base)
+
+
+#: torchvision's RetinaNet anchor sizes in pixels, per level P3..P7 (its ``_default_anchorgen``, the int() included):
+#: (32, 40, 50) at P3 ... (512, 645, 812) at P7.
+DEFAULT_ANCHOR_SIZES: tuple[tuple[float, ...], ...] = tuple(
+    (float(x), float(int(x * 2 ** (1 / 3))), float(int(x * 2 ** (2 / 3)))) for x in (32, 64, 128, 256, 512))
+#: Our anchor sizes [ours]: torchvision's times 3/8, base 12, 24, 48, 96, 192 px at P3..P7 (strides 8..128), three
+#: sizes per level an octave third apart, for the shapes' 8-54 px boxes. Of the 27,850 boxes of the 8,000 training
+#: images, an anchor overlaps 87 % at IoU >= 0.5 (the matcher's foreground threshold) against 54 % for torchvision's
+#: sizes (none of the boxes under 16 px), and the base 8 of a plain division by 4 reaches 65 %
+#: (``detptq-mini train --model retinanet-r18 --check-anchors --train-size 8000``; ``anchor_recall`` in
+#: :mod:`detptq_mini.train`).
+R18_ANCHOR_SIZES: tuple[tuple[float, ...], ...] = _anchor_sizes((12.0, 24.0, 48.0, 96.0, 192.0))
+#: Anchor aspect ratios (height / width) at every level: torchvision's.
+ASPECT_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class RetinaNetConfig:
+    """What builds ``--model retinanet-r18`` (stored as the ``config`` of its checkpoints).
+
+    Attributes:
+        num_classes: K, the shapes' 4 classes.
+        image_size: images are ``image_size`` square; RetinaNet's ``min_size = max_size = image_size`` (no resize).
+        anchor_sizes: per level P3..P7, the anchor sizes in pixels (:data:`R18_ANCHOR_SIZES`).
+        aspect_ratios: the aspect ratios of every level (:data:`ASPECT_RATIOS`).
+    """
+
+    num_classes: int = 4
+    image_size: int = 128
+    anchor_sizes: tuple[tuple[float, ...], ...] = R18_ANCHOR_SIZES
+    aspect_ratios: tuple[float, ...] = ASPECT_RATIOS
+
+    def __post_init__(self):
+        check_int("num_classes", self.num_classes, 1)
+        check_int("image_size", self.image_size, 32)
+        sizes = tuple(tuple(float(v) for v in level) for level in self.anchor_sizes)
+        if len(sizes) != 5 or len({len(level) for level in sizes}) != 1 or not all(
+                v > 0 for level in sizes for v in level):
+            raise ValueError(f"anchor_sizes={self.anchor_sizes!r} must give 5 levels (P3..P7) of the same number of "
+                             "sizes > 0, in pixels")
+        ratios = tuple(float(r) for r in self.aspect_ratios)
+        if not ratios or not all(r > 0 for r in ratios):
+            raise ValueError(f"aspect_ratios={self.aspect_ratios!r} must be a non-empty tuple of numbers > 0")
+        object.__setattr__(self, "anchor_sizes", sizes)
+        object.__setattr__(self, "aspect_ratios", ratios)
+
+
+def build_retinanet_r18(config: RetinaNetConfig = RetinaNetConfig()) -> RetinaNet:
+    """torchvision's RetinaNet-ResNet18-FPN from scratch, every layer trainable with ``nn.BatchNorm2d`` (for training).
+
+    Returns the torchvision model (train mode as built): in train mode ``model(images, targets)`` gives torchvision's
+    own RetinaNet losses (focal loss and L1 on the box deltas); :func:`retinanet_r18_detector` wraps a trained one.
+    """
+    if not isinstance(config, RetinaNetConfig):
+        raise ValueError(f"config must be a RetinaNetConfig, got {type(config).__name__}")
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
+                                   trainable_layers=5, returned_layers=[2, 3, 4],
+                                   extra_blocks=LastLevelP6P7(256, 256))
+    anchors = AnchorGenerator(config.anchor_sizes, (config.aspect_ratios,) * len(config.anchor_sizes))
+    return RetinaNet(backbone, config.num_classes, min_size=config.image_size, max_size=config.image_size,
+                     anchor_generator=anchors)
+
+
+def retinanet_r18_detector(config: RetinaNetConfig = RetinaNetConfig(),
+                           model: RetinaNet | None = None) -> "RetinaNetAdapter":
+    """The restartable detector of ``--model retinanet-r18``: ``model`` (default: a fresh
+    :func:`build_retinanet_r18`) with its BN frozen (:func:`freeze_batchnorm`, folded later by quantization, as for
+    any RetinaNet), wrapped by :class:`RetinaNetAdapter`; eval mode, ``.config`` set to ``config``."""
+    if model is None:
+        model = build_retinanet_r18(config)
+    adapter = RetinaNetAdapter(freeze_batchnorm(model).eval())
+    adapter.config = config
+    return adapter
 
 _RETURN_LAYERS = {"layer2": "0", "layer3": "1", "layer4": "2"}
 
@@ -174,6 +267,7 @@ class RetinaNetAdapter(UnitDetector):
     def __init__(self, model: RetinaNet):
         super().__init__()
         _check_retinanet(model)
+        self.config = None  # a RetinaNetConfig when built by retinanet_r18_detector
         src = copy.deepcopy(model).eval()
         body, fpn = src.backbone.body, src.backbone.fpn
         cls_head, box_head = src.head.classification_head, src.head.regression_head

@@ -15,15 +15,23 @@ a failed save leaves no partial file and an existing file untouched). Every file
   state dict also holds the deploy quantizers (each conv's output, each SiLU's sigmoid) of the fused int8 graph,
   calibrated by ``quantize``; they load switched on. A file without the key has none, as it was written.
 
-``config`` is the FP detector's :class:`~detptq_mini.model.DetectorConfig` as a dict. ``format`` is the version of
+The header names the model (``"model"``: one of :data:`MODELS`, ``"yolo"`` the shipped YOLO-style detector,
+``"retinanet-r18"`` torchvision's RetinaNet-ResNet18-FPN through :func:`~detptq_mini.adapter.retinanet_r18_detector`);
+a file written before it existed has none and is ``"yolo"``, which it is. Every reader that is told which model to
+expect (``model=``, the command line's ``--model``) refuses a file of the other, naming both.
+``config`` is the FP detector's :class:`~detptq_mini.model.DetectorConfig` (``yolo``) or
+:class:`~detptq_mini.adapter.RetinaNetConfig` (``retinanet-r18``) as a dict. A checkpoint written in float16
+(:func:`ship_float16`, the shipped RetinaNet) says so in its header (``"dtype": "float16"``); it loads into the
+float32 model. ``format`` is the version of
 this layout: a reader refuses a file without it, or with a version it does not know (:data:`READ_FORMATS`), with a
 ValueError that says what to re-run. The header is a dict so that later releases can describe more of the model in it
-(e.g. ``"model": "yolo"``, the layer protocol) without a new format version: a key a reader does not know is ignored,
+(the model, the dtype) without a new format version: a key a reader does not know is ignored,
 and a missing one means today's detector.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict
@@ -33,6 +41,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
+from .adapter import RetinaNetAdapter, RetinaNetConfig, retinanet_r18_detector
+from .checks import check_choice
+from .data import ShapesDataset
+from .evaluate import evaluate_model
 from .model import Detector, DetectorConfig
 from .quant import QuantConfig, deploy_quantizers, quant_layers, quantize_model
 from .utils import atomic_torch_save
@@ -44,13 +56,54 @@ __all__ = [
     "WEIGHTS_DIR", "FORMAT_VERSION", "READ_FORMATS", "KINDS", "Loaded", "checkpoint_header", "read_checkpoint",
     "check_state_dict", "detector_from_config", "detector_from_checkpoint", "quantized_from_checkpoint",
     "save_checkpoint", "load_checkpoint", "save_quantized", "load_quantized", "load_any", "load_pretrained",
-    "pretrained_info",
+    "pretrained_info", "MODELS", "PRETRAINED_FILES", "check_model", "checkpoint_model", "model_name", "ship_float16",
+    "pretrained_path",
 ]
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")  # the shipped FP checkpoint detector.pt and its detector.json
 FORMAT_VERSION = 1  # the format every checkpoint is written in
 READ_FORMATS: tuple[int, ...] = (1,)  # the formats this release reads
 KINDS: tuple[str, ...] = ("fp", "quantized")
+#: The detectors a checkpoint can hold (``--model``): the shipped YOLO-style detector and RetinaNet-ResNet18-FPN.
+MODELS: tuple[str, ...] = ("yolo", "retinanet-r18")
+#: The shipped weights of each model in :data:`WEIGHTS_DIR` (``<name>.pt`` and its metadata ``<name>.json``).
+PRETRAINED_FILES: dict[str, str] = {"yolo": "detector", "retinanet-r18": "retinanet-r18"}
+#: How to make each model's shipped weights when they are missing.
+_MAKE = {"yolo": "`make weights` (detptq-mini train)",
+         "retinanet-r18": "`make weights-retinanet` (detptq-mini train --model retinanet-r18, about 90 minutes on 2 "
+                          "cores)"}
+
+
+def check_model(model, argument: str = "model") -> str:
+    """``model`` if it is one of :data:`MODELS`, else a ValueError naming ``argument`` and the allowed names."""
+    return check_choice(argument, model, MODELS)
+
+
+def model_name(model: nn.Module) -> str:
+    """The :data:`MODELS` name of a detector (FP or quantized): ``"retinanet-r18"`` for a
+    :class:`~detptq_mini.adapter.RetinaNetAdapter` built with a :class:`~detptq_mini.adapter.RetinaNetConfig`,
+    ``"yolo"`` for a :class:`~detptq_mini.model.Detector`; else a ValueError (a checkpoint cannot rebuild it)."""
+    if isinstance(model, RetinaNetAdapter) and isinstance(model.config, RetinaNetConfig):
+        return "retinanet-r18"
+    if isinstance(model, Detector):
+        return "yolo"
+    raise ValueError(f"model is a {type(model).__name__}; a detptq-mini checkpoint holds one of {', '.join(MODELS)} "
+                     "(a Detector, or a RetinaNetAdapter made by retinanet_r18_detector)")
+
+
+def checkpoint_model(ckpt: dict, what: str = "checkpoint", expected: str | None = None) -> str:
+    """The model a checkpoint dict holds (its header's ``"model"``; none: ``"yolo"``).
+
+    With ``expected`` (a :data:`MODELS` name), a checkpoint of another model is a ValueError naming both.
+    """
+    found = ckpt.get("header", {}).get("model", "yolo")
+    if found not in MODELS:
+        raise ValueError(f"{what} holds model={found!r}, which this release cannot build; allowed: "
+                         f"{', '.join(map(repr, MODELS))}")
+    if expected is not None and check_model(expected) != found:
+        raise ValueError(f"{what} holds model {found!r}, not {expected!r}: it does not load into {expected!r}; pass "
+                         f"--model {found} (model={found!r}); allowed: {', '.join(MODELS)}")
+    return found
 
 
 class Loaded(NamedTuple):
@@ -64,11 +117,15 @@ class Loaded(NamedTuple):
     report: dict
 
 
-def checkpoint_header(kind: str) -> dict:
-    """The header written at the top of every checkpoint: ``{"format": FORMAT_VERSION, "kind": kind}``."""
+def checkpoint_header(kind: str, model: str = "yolo", dtype: str = "float32") -> dict:
+    """The header written at the top of every checkpoint: ``{"format": FORMAT_VERSION, "kind": kind, "model": model}``
+    (and ``"dtype": "float16"`` for a float16 file)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not a checkpoint kind; allowed: {', '.join(map(repr, KINDS))}")
-    return {"format": FORMAT_VERSION, "kind": kind}
+    header = {"format": FORMAT_VERSION, "kind": kind, "model": check_model(model)}
+    if check_choice("dtype", dtype, ("float32", "float16")) != "float32":
+        header["dtype"] = dtype
+    return header
 
 
 def _check_header(ckpt: dict, what: str) -> str:
@@ -86,11 +143,12 @@ def _check_header(ckpt: dict, what: str) -> str:
     return kind
 
 
-def read_checkpoint(path, device: str | torch.device = "cpu") -> dict:
+def read_checkpoint(path, device: str | torch.device = "cpu", model: str | None = None) -> dict:
     """The raw dict of a detptq-mini checkpoint (FP or quantized), its header checked.
 
     Errors (ValueError, naming the file): it is missing; it is not a detptq-mini checkpoint; its format version is
-    missing, old or unknown (:data:`READ_FORMATS` are read), or its kind is not one of :data:`KINDS`.
+    missing, old or unknown (:data:`READ_FORMATS` are read), or its kind is not one of :data:`KINDS`; its model is
+    unknown, or (with ``model``) not ``model``.
     """
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -102,6 +160,7 @@ def read_checkpoint(path, device: str | torch.device = "cpu") -> dict:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
         raise ValueError(f"checkpoint={str(path)!r} is not a detptq-mini checkpoint (needs 'state_dict' and 'config')")
     _check_header(ckpt, f"checkpoint {str(path)!r}")
+    checkpoint_model(ckpt, f"checkpoint {str(path)!r}", model)
     return ckpt
 
 
@@ -123,21 +182,29 @@ def check_state_dict(model: nn.Module, state: dict, what: str = "state_dict") ->
         raise ValueError(f"{what} does not fit this model's architecture: " + "; ".join(parts))
 
 
-def detector_from_config(config: dict, what: str = "checkpoint") -> Detector:
-    """A fresh :class:`~detptq_mini.model.Detector` from a checkpoint's config dict (lists become tuples)."""
+def detector_from_config(config: dict, what: str = "checkpoint", model: str = "yolo") -> nn.Module:
+    """A fresh detector of ``model`` (:data:`MODELS`) from a checkpoint's config dict (lists become tuples): a
+    :class:`~detptq_mini.model.Detector` for ``"yolo"``, a frozen-BN
+    :func:`~detptq_mini.adapter.retinanet_r18_detector` for ``"retinanet-r18"``."""
     cfg = dict(config)
-    for key in ("widths", "depths"):
-        if key in cfg:
-            cfg[key] = tuple(cfg[key])
     try:
+        if check_model(model) == "retinanet-r18":
+            if "anchor_sizes" in cfg:
+                cfg["anchor_sizes"] = tuple(tuple(level) for level in cfg["anchor_sizes"])
+            if "aspect_ratios" in cfg:
+                cfg["aspect_ratios"] = tuple(cfg["aspect_ratios"])
+            return retinanet_r18_detector(RetinaNetConfig(**cfg))
+        for key in ("widths", "depths"):
+            if key in cfg:
+                cfg[key] = tuple(cfg[key])
         return Detector(DetectorConfig(**cfg))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{what} has a config this version cannot build: {e}") from None
 
 
-def detector_from_checkpoint(ckpt: dict, what: str = "checkpoint") -> Detector:
+def detector_from_checkpoint(ckpt: dict, what: str = "checkpoint") -> nn.Module:
     """The FP detector (eval mode) of a checkpoint dict read by :func:`read_checkpoint`; ``what`` names it in errors."""
-    model = detector_from_config(ckpt["config"], what)
+    model = detector_from_config(ckpt["config"], what, checkpoint_model(ckpt, what))
     check_state_dict(model, ckpt["state_dict"], what)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
@@ -154,7 +221,8 @@ def quantized_from_checkpoint(ckpt: dict, what: str = "checkpoint",
         qc = QuantConfig(**quant["quant_config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} has a quantization config this version cannot build: {e}") from None
-    qmodel = quantize_model(detector_from_config(ckpt["config"], what).eval(), qc)
+    fp = detector_from_config(ckpt["config"], what, checkpoint_model(ckpt, what)).eval()
+    qmodel = quantize_model(fp, qc)
     check_state_dict(qmodel, ckpt["state_dict"], what)
     qmodel.load_state_dict(ckpt["state_dict"])
     report = ckpt.get("report") or {}
@@ -179,25 +247,67 @@ def quantized_from_checkpoint(ckpt: dict, what: str = "checkpoint",
 
 
 # ------------------------------------------------------------------ FP
-def save_checkpoint(model: Detector, path: str | os.PathLike, meta: dict | None = None) -> None:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, meta: dict | None = None,
+                    dtype: str = "float32") -> None:
     """Write an FP checkpoint ``{"header", "state_dict", "config", "meta"}`` atomically.
 
     Args:
-        model: the FP detector.
+        model: the FP detector: a :class:`~detptq_mini.model.Detector` or a
+            :func:`~detptq_mini.adapter.retinanet_r18_detector` (its name, :func:`model_name`, goes in the header).
         path: the file to write; its directory must exist (else a ValueError naming ``path``).
         meta: how the weights were made (training config, seed, val mAP...); stored as given.
+        dtype: ``"float32"`` (default) or ``"float16"``: every floating tensor stored in half precision (half the
+            file; check the mAP with :func:`ship_float16`, which writes through here).
     """
-    atomic_torch_save({"header": checkpoint_header("fp"), "state_dict": model.state_dict(),
+    state = model.state_dict()
+    if check_choice("dtype", dtype, ("float32", "float16")) == "float16":
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    atomic_torch_save({"header": checkpoint_header("fp", model_name(model), dtype), "state_dict": state,
                        "config": asdict(model.config), "meta": meta or {}}, path)
 
 
-def load_checkpoint(path, device: str | torch.device = "cpu") -> Detector:
+def ship_float16(model: nn.Module, path: str | os.PathLike, meta: dict | None = None,
+                 val: ShapesDataset | None = None, tol: float = 1e-3, device: str | torch.device = "cpu") -> dict:
+    """Write ``model`` as a float16 FP checkpoint, once its float16 weights are checked to keep the FP mAP.
+
+    The float16 model (every floating tensor of the state dict rounded to float16, loaded back into float32: what
+    :func:`load_checkpoint` gives from the file) is evaluated on ``val`` beside ``model``; if the mAP50:95 or the mAP50
+    moves by more than ``tol``, nothing is written and a ValueError says by how much.
+
+    Args:
+        model: the FP detector (float32).
+        path: the file (its directory must exist).
+        meta: stored in the checkpoint, with the check's figures under ``"float16"``.
+        val: the images of the check (default: the 500 val images, seed 0).
+        tol: the largest change allowed in mAP50:95 and mAP50 (default 0.001).
+        device: where the models are evaluated.
+
+    Returns:
+        ``{"map_float32", "map_float16", "map50_float32", "map50_float16", "max_abs_diff", "val_images", "tol"}``.
+    """
+    val = ShapesDataset("val", 500, seed=0) if val is None else val
+    half = copy.deepcopy(model)
+    half.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    m32 = evaluate_model(model, val, device=device)
+    m16 = evaluate_model(half, val, device=device)
+    diff = max(abs(m16["map"] - m32["map"]), abs(m16["map50"] - m32["map50"]))
+    check = {"map_float32": m32["map"], "map_float16": m16["map"], "map50_float32": m32["map50"],
+             "map50_float16": m16["map50"], "max_abs_diff": diff, "val_images": len(val), "tol": tol}
+    if not diff <= tol:
+        raise ValueError(f"float16 weights change the FP mAP by {diff:.4g} > tol={tol} (float32 mAP "
+                         f"{m32['map']:.4f}, float16 {m16['map']:.4f}); {str(path)!r} is not written")
+    save_checkpoint(model, path, {**(meta or {}), "float16": check}, dtype="float16")
+    return check
+
+
+def load_checkpoint(path, device: str | torch.device = "cpu", model: str | None = None) -> nn.Module:
     """Load an FP detector written by :func:`save_checkpoint`; eval mode, on ``device``.
 
-    A file that is not such a checkpoint (or a quantized one), of a format this release does not read, or weights
-    that do not fit the architecture give a ValueError that names the problem.
+    A file that is not such a checkpoint (or a quantized one), of a format this release does not read, of another
+    model than ``model`` (when given), or weights that do not fit the architecture give a ValueError that names the
+    problem.
     """
-    ckpt = read_checkpoint(path, device)
+    ckpt = read_checkpoint(path, device, model)
     what = f"checkpoint {str(path)!r}"
     if ckpt["header"]["kind"] == "quantized":
         raise ValueError(f"checkpoint={str(path)!r} holds a quantized model; load it with "
@@ -205,21 +315,44 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> Detector:
     return detector_from_checkpoint(ckpt, what).to(device).eval()
 
 
-def load_pretrained(device: str | torch.device = "cpu") -> Detector:
-    """The shipped FP detector (trained by ``detptq-mini train``), in eval mode on ``device``."""
-    path = WEIGHTS_DIR / "detector.pt"
+def pretrained_path(name: str = "yolo") -> Path:
+    """The shipped weights of model ``name`` (:data:`MODELS`) in the package; they may not exist yet."""
+    if isinstance(name, (str, torch.device)) and str(name).split(":")[0] in ("cpu", "cuda", "mps"):
+        raise ValueError(f"name={str(name)!r} is not a model; allowed: {', '.join(map(repr, MODELS))} (the device "
+                         "is the keyword argument device=...)")
+    return WEIGHTS_DIR / f"{PRETRAINED_FILES[check_model(name, 'name')]}.pt"
+
+
+def load_pretrained(name: str = "yolo", device: str | torch.device = "cpu") -> nn.Module:
+    """A shipped FP detector, in eval mode on ``device``; no network.
+
+    Args:
+        name: ``"yolo"`` (default: the YOLO-style detector, ``detptq-mini train``) or ``"retinanet-r18"``
+            (RetinaNet-ResNet18-FPN, ``detptq-mini train --model retinanet-r18``, shipped in float16); another name
+            is a ValueError naming the allowed ones.
+        device: where it goes.
+
+    Raises:
+        FileNotFoundError: the weights are not in the package yet; the message says how to make them.
+    """
+    path = pretrained_path(name)
     if not path.exists():
-        raise FileNotFoundError(f"shipped weights missing at {path}; reinstall the package or run `detptq-mini train`")
-    return load_checkpoint(path, device)
+        raise FileNotFoundError(f"the shipped weights of {name!r} are not in this package ({path}); make them with "
+                                f"{_MAKE[name]}")
+    return load_checkpoint(path, device, name)
 
 
-def pretrained_info() -> dict:
-    """Metadata of the shipped weights (training config, seed, val mAP, the command that made them)."""
-    return json.loads((WEIGHTS_DIR / "detector.json").read_text())
+def pretrained_info(name: str = "yolo") -> dict:
+    """Metadata of a model's shipped weights (training config, seed, val mAP, the command that made them)."""
+    path = pretrained_path(name).with_suffix(".json")
+    if not path.exists():
+        raise FileNotFoundError(f"the shipped weights of {name!r} are not in this package ({path}); make them with "
+                                f"{_MAKE[name]}")
+    return json.loads(path.read_text())
 
 
 # ------------------------------------------------------------------ quantized
-def save_quantized(result: PTQResult, path, fp_config: dict) -> None:
+def save_quantized(result: PTQResult, path, fp_config: dict, model: str = "yolo") -> None:
     """Write the quantized model of a :func:`~detptq_mini.pipeline.run_ptq` result atomically.
 
     The file holds the header, the weights and quantization parameters, the FP detector's config, the PTQ and
@@ -229,33 +362,37 @@ def save_quantized(result: PTQResult, path, fp_config: dict) -> None:
         result: the :class:`~detptq_mini.pipeline.PTQResult`.
         path: the file to write; its directory must exist (else a ValueError naming ``out``).
         fp_config: the FP detector's config as a dict (``dict(model.config.__dict__)``).
+        model: the FP detector's name (:data:`MODELS`), written in the header.
     """
-    payload = {"header": checkpoint_header("quantized"), "state_dict": result.model.state_dict(), "config": fp_config,
+    payload = {"header": checkpoint_header("quantized", model), "state_dict": result.model.state_dict(),
+               "config": fp_config,
                "quant": {"ptq_config": result.report["config"], "quant_config": result.report["quant_config"],
                          "chosen_p": result.report["chosen_p"]},
                "report": {k: v for k, v in result.report.items() if k != "seconds"}}
     atomic_torch_save(payload, path, "out")
 
 
-def load_quantized(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_quantized(path, device: str | torch.device = "cpu", model: str | None = None) -> tuple[nn.Module, dict]:
     """Load a checkpoint written by :func:`save_quantized`; returns the quantized model and its report.
 
     Errors (ValueError, naming ``checkpoint``): the file is missing or not a checkpoint; its format version is
     missing, old or unknown; it holds an FP model; its weights do not fit the architecture its config describes
     (another architecture); its quantization config cannot be built, or gives other bit widths than the ones it was
-    saved with, or a quantizer has no valid scale (another quantization config).
+    saved with, or a quantizer has no valid scale (another quantization config); it holds another model than
+    ``model`` (when given).
     """
-    return quantized_from_checkpoint(read_checkpoint(path, device), f"checkpoint {str(path)!r}", device)
+    return quantized_from_checkpoint(read_checkpoint(path, device, model), f"checkpoint {str(path)!r}", device)
 
 
-def load_any(path, device: str | torch.device = "cpu") -> Loaded:
+def load_any(path, device: str | torch.device = "cpu", model: str | None = None) -> Loaded:
     """The model of any detptq-mini checkpoint, FP or quantized (the file is read once), in eval mode on ``device``.
 
     Returns:
         a :class:`Loaded`: ``model``, ``kind`` (``"fp"`` or ``"quantized"``, from the header) and ``report``.
-        Errors are those of :func:`load_checkpoint` and :func:`load_quantized`.
+        Errors are those of :func:`load_checkpoint` and :func:`load_quantized` (with ``model``, a checkpoint of
+        another model is refused).
     """
-    ckpt = read_checkpoint(path, device)
+    ckpt = read_checkpoint(path, device, model)
     what = f"checkpoint {str(path)!r}"
     if ckpt["header"]["kind"] == "quantized":
         model, report = quantized_from_checkpoint(ckpt, what, device)

@@ -67,7 +67,13 @@ def detections_to_coco(dets: list[dict[str, torch.Tensor]], image_ids: list[int]
 @torch.no_grad()
 def predict(model: nn.Module, dataset: ShapesDataset, batch_size: int = 64, device: str | torch.device = "cpu",
             progress: bool = False) -> list[dict]:
-    """Run ``model`` over ``dataset`` and return COCO-format detections (image ids ``i + 1``)."""
+    """Run ``model`` over ``dataset`` and return COCO-format detections (image ids ``i + 1``).
+
+    The detections are ``model.detect(x)`` when the model has a ``detect`` method (the shipped detector, whose
+    ``detect`` is :func:`~detptq_mini.model.postprocess` of its outputs, and
+    :class:`~detptq_mini.adapter.RetinaNetAdapter`), else :func:`~detptq_mini.model.postprocess` of ``model(x)``
+    (e.g. an ONNX Runtime session's outputs).
+    """
     dets: list[dict] = []
     starts = range(0, len(dataset), batch_size)
     if progress:
@@ -75,7 +81,8 @@ def predict(model: nn.Module, dataset: ShapesDataset, batch_size: int = 64, devi
     with eval_mode(model):
         for s in starts:
             x = dataset.images(s, s + batch_size).to(device)
-            res = postprocess(model(x))
+            # a detector's own detect() (RetinaNet decodes anchor deltas); else the YOLO-style decoding
+            res = model.detect(x) if callable(getattr(model, "detect", None)) else postprocess(model(x))
             dets += detections_to_coco(res, list(range(s + 1, s + 1 + len(x))))
     return dets
 

@@ -991,3 +991,52 @@ def test_compare_refuses_bad_arguments(kw, word):
         compare(_stats([0.1, 0.2]), _stats([0.1, 0.3]), **kw)
     with pytest.raises(ValueError, match="b must be a cell of summarize"):
         compare(_stats([0.1, 0.2]), {"map": 0.1})
+
+
+# --- cells on another model (--model) ------------------------------------------------------------------------------
+
+def test_a_cell_on_retinanet_has_the_model_first_in_its_key_and_every_yolo_key_is_unchanged():
+    from dataclasses import asdict
+
+    from detptq_mini.benchmark import on_model
+
+    c = Cell("lp", 4, 4, 0, p=2.4, calib=128)
+    r = Cell("lp", 4, 4, 0, p=2.4, calib=128, model="retinanet-r18")
+    assert c.model == "yolo" and c.key == "lp-p2.4-W4A4-s0-c128-v500"
+    assert r.key == "retinanet-r18-lp-p2.4-W4A4-s0-c128-v500"
+    assert cell_args(r)[:3] == ["quantize", "--model", "retinanet-r18"] and "--model" not in cell_args(c)
+    for cells in SUITES.values():  # a record made before the field (no "model") rebuilds the same key
+        for cell in cells:
+            old = {k: v for k, v in asdict(cell).items() if k != "model"}
+            assert cell.model == "yolo" and Cell(**old).key == cell.key and not cell.key.startswith("retinanet")
+    assert [x.key for x in on_model(SUITES["quick"], "retinanet-r18")] == [
+        "retinanet-r18-" + x.key for x in SUITES["quick"]]
+    assert on_model(SUITES["quick"], "yolo") == SUITES["quick"]
+    with pytest.raises(ValueError, match=r"model='r50' is not allowed; allowed: 'yolo', 'retinanet-r18'"):
+        Cell("lp", 4, 4, model="r50")
+
+
+def test_a_suite_on_retinanet_goes_to_its_own_file_its_records_carry_the_model(tmp_path, monkeypatch, capsys):
+    from detptq_mini.benchmark import runner
+
+    log = []
+    monkeypatch.setattr(runner, "run_cell", _stub_run_cell(log, seconds={f"retinanet-r18-{c.key}": 0.0
+                                                                         for c in SUITES["quick"]}))
+    out = tmp_path / "r.json"
+    run = run_suite("quick", out, only="minmax", model="retinanet-r18")
+    assert run.ran == ["retinanet-r18-minmax-W4A8-s0-c8-v50"] and log[0][0] == run.ran[0]
+    data = load_results(out)
+    assert data["model"] == "retinanet-r18" and data["cells"][run.ran[0]]["cell"]["model"] == "retinanet-r18"
+    summary = summarize(data)
+    assert summary["progress"]["ok"] == 1 and summary["rows"][0]["model"] == "retinanet-r18"
+    with pytest.raises(ValueError, match="holds suite 'quick' on model 'retinanet-r18', not 'yolo'"):
+        run_suite("quick", out, only="minmax")
+    assert main(["benchmark", "--suite", "quick", "--model", "retinanet-r18", "--out", str(out), "--list"]) == 0
+    assert "retinanet-r18-minmax-W4A8-s0-c8-v50\tok" in capsys.readouterr().out
+
+
+def test_a_real_cell_record_says_its_model():
+    from detptq_mini.benchmark import run_cell
+
+    rec = run_cell(Cell("nope", 8, 8, calib=2, val=2, model="retinanet-r18"))
+    assert rec["model"] == "retinanet-r18" and rec["status"] == "failed" and "--method 'nope'" in rec["error"]

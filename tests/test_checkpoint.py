@@ -39,7 +39,7 @@ def test_fp_round_trip_and_header(tmp_path, model):
     p = tmp_path / "m.pt"
     save_checkpoint(model, p, {"note": "x"})
     raw = torch.load(p, weights_only=True)
-    assert raw["header"] == {"format": FORMAT_VERSION, "kind": "fp"} and FORMAT_VERSION in READ_FORMATS
+    assert raw["header"] == {"format": FORMAT_VERSION, "kind": "fp", "model": "yolo"} and FORMAT_VERSION in READ_FORMATS
     assert raw["meta"] == {"note": "x"}
     again = load_checkpoint(p)
     x = torch.rand(1, 3, 128, 128)
@@ -56,7 +56,7 @@ def test_quantized_round_trip_and_header(tmp_path, pretrained, w8a8):
     p = tmp_path / "q.pt"
     save_quantized(w8a8, p, dict(pretrained.config.__dict__))
     raw = torch.load(p, weights_only=True)
-    assert raw["header"] == {"format": FORMAT_VERSION, "kind": "quantized"}
+    assert raw["header"] == {"format": FORMAT_VERSION, "kind": "quantized", "model": "yolo"}
     q2, report = load_quantized(p)
     x = ShapesDataset("val", 2, seed=0).images()
     assert all(torch.equal(a, b) for a, b in zip(_outputs(w8a8.model, x), _outputs(q2, x)))
@@ -114,7 +114,7 @@ def test_train_writes_a_versioned_checkpoint(tmp_path):
     model, _ = train(cfg, out_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.json", "detector.pt"]
     ckpt = read_checkpoint(tmp_path / "detector.pt")
-    assert ckpt["header"] == {"format": FORMAT_VERSION, "kind": "fp"}
+    assert ckpt["header"] == {"format": FORMAT_VERSION, "kind": "fp", "model": "yolo"}
     assert json.loads(json.dumps(ckpt["meta"])) == json.loads((tmp_path / "detector.json").read_text())
     x = torch.rand(1, 3, 64, 64)
     again = load_checkpoint(tmp_path / "detector.pt")

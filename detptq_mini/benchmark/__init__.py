@@ -21,10 +21,10 @@ from .runner import (SuiteRun, cell_args, code_version, load_results, machine_in
                      run_suite)
 from .suites import (EIGHT_BIT_OFF, FULL_BITS, FULL_CALIB, FULL_VAL, LOSS_NORM_BEFORE, LP_EXTRA_P, ODOL_COMBOS,
                      QUANT_PROB_ONE, RECON_ITERS, RECON_LR, RECON_METHODS, SEEDS, SUITES, Cell, bits_pair, is_done,
-                     select_cells, suite_cells)
+                     on_model, select_cells, suite_cells)
 
 __all__ = ["Cell", "SUITES", "RECON_ITERS", "RECON_LR", "RECON_METHODS", "FULL_BITS", "FULL_CALIB", "FULL_VAL", "SEEDS",
            "LP_EXTRA_P", "ODOL_COMBOS", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "METHOD_NAMES",
-           "SuiteRun", "bits_pair", "is_done", "suite_cells", "select_cells", "cell_args", "run_cell", "run_suite",
-           "ordered_cells", "load_results", "machine_info", "code_version", "summarize", "to_markdown", "unit_losses",
-           "Comparison", "compare", "row_of", "cell_of"]
+           "SuiteRun", "bits_pair", "is_done", "on_model", "suite_cells", "select_cells", "cell_args", "run_cell",
+           "run_suite", "ordered_cells", "load_results", "machine_info", "code_version", "summarize", "to_markdown",
+           "unit_losses", "Comparison", "compare", "row_of", "cell_of"]

@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..lp import P_DEFAULT
-from .suites import SUITES, bits_pair, is_done
+from .suites import SUITES, bits_pair, is_done, on_model
 
 __all__ = ["METHOD_NAMES", "Comparison", "compare", "row_of", "cell_of", "summarize", "to_markdown", "unit_losses"]
 
@@ -24,7 +24,7 @@ __all__ = ["METHOD_NAMES", "Comparison", "compare", "row_of", "cell_of", "summar
 METHOD_NAMES: dict[str, str] = {"minmax": "min-max", "lp": "Lp", "detptq": "DetPTQ simple",
                                 "brecq": "BRECQ", "joint": "joint",
                                 "qdrop": "QDrop", "detptq-qdrop": "DetPTQ+QDrop"}
-_GROUP_FIELDS = ("method", "p", "w_bits", "a_bits", "calib", "val", "iters", "lr_v", "lr_act", "extra")
+_GROUP_FIELDS = ("method", "p", "w_bits", "a_bits", "calib", "val", "iters", "lr_v", "lr_act", "extra", "model")
 _ODOL_NAMES = {"kl": "KL", "l2": "L2", "l1": "L1", "iou": "IoU"}
 #: ``--qdrop-input`` values named in a row's label (others are shown as ``qdrop input <value>``): the earlier QDrop
 #: scheme, which the cells called ``qdrop`` and ``detptq-qdrop`` ran before QDrop was made the reference's.
@@ -179,7 +179,9 @@ def _seed_groups(cells: dict) -> list[dict]:
         if not is_done(rec):
             continue
         cell = rec["cell"]
-        gk = tuple(tuple(v) if isinstance(v, list) else v for v in (cell.get(f) for f in _GROUP_FIELDS))
+        # a record made before cells had a model is of the yolo model
+        gk = tuple(tuple(v) if isinstance(v, list) else v
+                   for v in (cell.get(f, "yolo" if f == "model" else None) for f in _GROUP_FIELDS))
         groups.setdefault(gk, []).append(rec)
     out = []
     for gk, recs in groups.items():
@@ -288,7 +290,8 @@ def summarize(results: dict) -> dict:
     """
     cells = _cells_of(results)
     suite = results.get("suite") if "cells" in results else None
-    expected = [c.key for c in SUITES[suite]] if suite in SUITES else None
+    # a file of a suite run on another model than yolo says so (run_suite(model=...))
+    expected = [c.key for c in on_model(SUITES[suite], results.get("model", "yolo"))] if suite in SUITES else None
     in_suite = set(expected or ())
     renamed = [k for k, rec in cells.items() if isinstance(rec, dict) and rec.get("renamed_from")
                and (expected is None or k not in in_suite and rec["renamed_from"] in in_suite)]
@@ -306,7 +309,7 @@ def summarize(results: dict) -> dict:
 
     # rows: (method, p, calib, val, extra), split by budget where one bits column would get two budgets
     def rid(g):
-        return g["method"], g["p"], g["calib"], g["val"], tuple(g["extra"])
+        return g["method"], g["p"], g["calib"], g["val"], tuple(g["extra"]), g["model"]
 
     per_cell: dict[tuple, set] = {}
     for g in groups:
@@ -319,6 +322,8 @@ def summarize(results: dict) -> dict:
         row = rows.setdefault(r, {"method": g["method"], "p": g["p"], "calib": g["calib"], "val": g["val"],
                                   "extra": g["extra"], "iters": iters, "lr_v": lr_v, "lr_act": lr_act,
                                   "best_fixed_p": False, "cells": {}})
+        if g["model"] != "yolo":
+            row["model"] = g["model"]
         row["cells"][g["bits"]] = g["stats"]
     rows_list = list(rows.values())
 

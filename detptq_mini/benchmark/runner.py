@@ -45,7 +45,8 @@ __all__ = ["cell_args", "run_cell", "code_version", "machine_info", "load_result
 
 def cell_args(cell: Cell, device: str = "cpu", threads: int | None = None) -> list[str]:
     """The ``detptq-mini`` arguments of a cell (``quantize ... --json``); with ``threads``, ``--threads`` too."""
-    args = ["quantize", "--method", cell.method, "--w-bits", str(cell.w_bits), "--a-bits", str(cell.a_bits),
+    model = ["--model", cell.model] if cell.model != "yolo" else []  # yolo: the command of every earlier cell
+    args = ["quantize", *model, "--method", cell.method, "--w-bits", str(cell.w_bits), "--a-bits", str(cell.a_bits),
             "--seed", str(cell.seed), "--calib", str(cell.calib), "--val", str(cell.val)]
     if cell.p is not None:
         args += ["--p", f"{cell.p:g}"]
@@ -157,7 +158,7 @@ def run_cell(cell: Cell, device: str = "cpu", threads: int | None = None, childr
         stderr = err.read().decode(errors="replace")
     rec = {"key": cell.key, "cell": asdict(cell), "status": "ok", "returncode": rc, "wall_seconds": round(wall, 3),
            "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_mb": round(_maxrss_mb(ru.ru_maxrss), 1),
-           "load_avg": _load_avg(), "threads": None}
+           "load_avg": _load_avg(), "threads": None, "model": cell.model}
     result = None
     if rc == 0:
         try:
@@ -281,7 +282,7 @@ def _reusable(reuse) -> dict[str, dict]:
 
 def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False, only: str | None = None,
               device: str = "cpu", reuse=(), command: str | None = None, exclude: str | None = None,
-              jobs: int = 1, stop_after: float | None = None) -> SuiteRun:
+              jobs: int = 1, stop_after: float | None = None, model: str = "yolo") -> SuiteRun:
     """Run every cell of a suite not already done in ``out_path``, one subprocess each; resumable.
 
     Args:
@@ -307,6 +308,8 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
         stop_after: start no cell (nor copy one) once this many minutes (a number > 0) have passed since the call;
             the cells running then finish and are recorded, the rest are listed in ``.not_started`` for the next
             run (which resumes). None (default): run every cell. For compute that must end with a session.
+        model: a named suite's cells run on this detector (:func:`~detptq_mini.benchmark.suites.on_model`;
+            ``"yolo"``, the default, leaves them and their keys as they are).
 
     Returns:
         a :class:`SuiteRun` (``.failed`` non-empty if any cell failed; those cells are retried by the next run).
@@ -322,18 +325,22 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, (int, float))
                                    or not stop_after > 0):
         raise ValueError(f"stop_after={stop_after!r} must be a number of minutes > 0, or None")
-    name, cells = select_cells(name_or_cells, only, exclude)
+    name, cells = select_cells(name_or_cells, only, exclude, model=model)
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise ValueError(f"out_path={str(out_path)!r}: directory {str(out_path.parent)!r} does not exist")
     reusable = _reusable(reuse)
     machine = machine_info()
     data = load_results(out_path)
+    on = {"model": model} if model != "yolo" else {}  # a file of yolo cells stays as it was before models existed
     if data is None:
-        data = {"suite": name, "machine": machine, "runs": [], "cells": {}}
+        data = {"suite": name, **on, "machine": machine, "runs": [], "cells": {}}
     elif data["suite"] != name:
         raise ValueError(f"out_path={str(out_path)!r} holds suite {data['suite']!r}, not {name!r}; choose another out")
-    all_keys = [c.key for c in suite_cells(name_or_cells)[1]]
+    elif data.get("model", "yolo") != model:
+        raise ValueError(f"out_path={str(out_path)!r} holds suite {name!r} on model {data.get('model', 'yolo')!r}, "
+                         f"not {model!r}; choose another out")
+    all_keys = [c.key for c in suite_cells(name_or_cells, model)[1]]
     done = [c for c in cells if is_done(data["cells"].get(c.key))]
     todo = [c for c in cells if not is_done(data["cells"].get(c.key))]
     run = SuiteRun(results=data, out_path=out_path, skipped=[c.key for c in done])
@@ -361,7 +368,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
         cells_now[cell.key] = rec
         entry.update(seconds=round(time.perf_counter() - t0, 1), ran=len(run.ran), reused=len(run.reused),
                      failed=len(run.failed))
-        data = {"suite": name, "machine": data.get("machine", machine), "runs": [*runs, dict(entry)],
+        data = {"suite": name, **on, "machine": data.get("machine", machine), "runs": [*runs, dict(entry)],
                 "cells": ordered_cells(cells_now, all_keys)}
         atomic_write_json(out_path, data)
         atomic_write_text(out_path.with_suffix(".md"), to_markdown(data))  # a stopped run leaves both in step

@@ -21,15 +21,16 @@ Decisions of ``full``, stated in the book too:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..checks import check_int, check_number, shown
+from ..checkpoint import MODELS
+from ..checks import check_choice, check_int, check_number, shown
 from ..lp import P_DEFAULT
 
 __all__ = ["Cell", "FULL_BITS", "SEEDS", "FULL_CALIB", "FULL_VAL", "RECON_ITERS", "RECON_LR", "RECON_METHODS",
            "LP_EXTRA_P", "ODOL_COMBOS", "HEAD_FP", "TWO_COIN", "BRECQ_LR_ACT", "QDROP_PROBS",
            "LONG_ITERS", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "SUITES", "bits_pair",
-           "suite_cells", "select_cells", "is_done"]
+           "suite_cells", "select_cells", "is_done", "on_model"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Cell:
         lr_v, lr_act: ``--lr-v`` and ``--lr-act`` (the reconstruction's Adam learning rates), or None (the library's
             defaults).
         extra: further ``quantize`` arguments, e.g. ``("--no-8bit-stem",)``.
+        model: the detector (``quantize --model``, one of :data:`~detptq_mini.checkpoint.MODELS`): ``"yolo"`` (the
+            default, and then not in the key, so that every key made before the field existed is unchanged) or
+            ``"retinanet-r18"``, which starts the key.
     """
 
     method: str
@@ -60,8 +64,10 @@ class Cell:
     lr_v: float | None = None
     lr_act: float | None = None
     extra: tuple[str, ...] = ()
+    model: str = "yolo"
 
     def __post_init__(self):
+        check_choice("model", self.model, MODELS)
         if not isinstance(self.method, str) or not self.method or any(c.isspace() for c in self.method):
             raise ValueError(f"method={self.method!r} must be a non-empty method name without spaces")
         for name in ("w_bits", "a_bits", "seed", "calib", "val", "iters"):
@@ -81,8 +87,8 @@ class Cell:
     @property
     def key(self) -> str:
         """A stable, readable id, e.g. ``"lp-p2.5-W4A4-s0-c64-v500"`` (``-i<iters>``, ``-lrv<lr_v>``,
-        ``-lra<lr_act>`` and ``+<arg>`` when set)."""
-        parts = [self.method]
+        ``-lra<lr_act>`` and ``+<arg>`` when set; ``"retinanet-r18-lp-p2.5-..."`` on another model than yolo)."""
+        parts = [self.method] if self.model == "yolo" else [self.model, self.method]
         if self.p is not None:
             parts.append(f"p{self.p:g}")
         parts += [self.bits, f"s{self.seed}", f"c{self.calib}", f"v{self.val}"]
@@ -318,13 +324,20 @@ def is_done(rec) -> bool:
     return isinstance(rec, dict) and rec.get("status") == "ok"
 
 
-def suite_cells(name_or_cells) -> tuple[str, list[Cell]]:
+def on_model(cells: list[Cell], model: str) -> list[Cell]:
+    """The cells run on ``model`` (:data:`~detptq_mini.checkpoint.MODELS`); ``"yolo"`` leaves them as they are."""
+    check_choice("model", model, MODELS)
+    return [c if c.model == model else replace(c, model=model) for c in cells]
+
+
+def suite_cells(name_or_cells, model: str = "yolo") -> tuple[str, list[Cell]]:
     """The suite's name and all its cells: a key of :data:`SUITES`, or a non-empty list of :class:`Cell` (named
-    ``"custom"``). Unlike :func:`select_cells`, no filter and no check that the keys are unique."""
+    ``"custom"``); a suite's cells on ``model`` (:func:`on_model`; a list's cells keep their own). Unlike
+    :func:`select_cells`, no filter and no check that the keys are unique."""
     if isinstance(name_or_cells, str):
         if name_or_cells not in SUITES:
             raise ValueError(f"suite={name_or_cells!r} is not a suite; allowed: {', '.join(SUITES)}")
-        return name_or_cells, list(SUITES[name_or_cells])
+        return name_or_cells, on_model(SUITES[name_or_cells], model)
     cells = list(name_or_cells)
     if not cells or not all(isinstance(c, Cell) for c in cells):
         raise ValueError("name_or_cells must be a suite name or a non-empty list of Cell")
@@ -332,7 +345,7 @@ def suite_cells(name_or_cells) -> tuple[str, list[Cell]]:
 
 
 def select_cells(name_or_cells, only: str | None = None, exclude: str | None = None,
-                 argument_names: dict[str, str] | None = None) -> tuple[str, list[Cell]]:
+                 argument_names: dict[str, str] | None = None, model: str = "yolo") -> tuple[str, list[Cell]]:
     """The suite's name and cells, keeping those whose key contains ``only`` and not ``exclude`` (error if none is
     left), e.g. ``exclude="-i"``: every cell but the reconstruction cells.
 
@@ -345,7 +358,7 @@ def select_cells(name_or_cells, only: str | None = None, exclude: str | None = N
     def show(arg: str, value) -> str:
         return shown(names[arg], value)
 
-    name, cells = suite_cells(name_or_cells)
+    name, cells = suite_cells(name_or_cells, model)
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ValueError("the cells' keys are not unique: each cell must differ")
