@@ -674,12 +674,22 @@ def test_an_interrupted_run_with_jobs_kills_its_children(tmp_path, monkeypatch):
         return _stub_run_cell([], seconds={cell.key: 0})(cell)
 
     monkeypatch.setattr(runner, "run_cell", run_cell)
-    threading.Timer(1.0, _thread.interrupt_main).start()  # as a Ctrl-C
+    sent = []
+
+    def ctrl_c():  # as a Ctrl-C once both children run (not after a fixed delay: a loaded machine may be slow)
+        deadline = time.perf_counter() + 60
+        while len(pids) < 2 and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the main thread is back in its wait loop
+        sent.append(time.perf_counter())
+        _thread.interrupt_main()
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
     out = tmp_path / "i.json"
-    t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         run_suite(JOB_CELLS, out, jobs=2)
-    assert time.perf_counter() - t0 < 10 and len(pids) == 2  # two children started, both killed and reaped
+    assert sent and time.perf_counter() - sent[0] < 10  # stopped soon after the Ctrl-C, not after the children's 60 s
+    assert len(pids) == 2  # two children started, both killed and reaped
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
