@@ -307,10 +307,14 @@ def test_w4a8_int8_weights_run_as_integer_convs_int4_as_float_convs(w4a8_deploye
     a, b = OnnxDetector(onnx_session(p8))(x), OnnxDetector(onnx_session(p4))(x)
     with torch.no_grad():
         ref = w4a8_deployed(x)
-    for u, v, r in zip(a.cls + a.box, b.cls + b.box, ref.cls + ref.box):
+    preds = [n for n in layers if n.endswith(".pred")]  # in output order: cls of each level, then box
+    steps = [layers[n].output_quantizer.scale for n in [p for p in preds if ".cls." in p] + [
+        p for p in preds if ".box." in p]]
+    for u, v, r, step in zip(a.cls + a.box, b.cls + b.box, ref.cls + ref.box, steps):
         assert u.shape == v.shape == r.shape and torch.isfinite(v).all()
-        # the same function: only the integer vs float conv arithmetic differs (a few output codes)
-        assert (u - v).abs().mean() < 0.05 and (v - r).abs().mean() < 0.05
+        # the same function: int8 codes and int4 storage agree closely; against the torch twin, ONNX Runtime's
+        # integer arithmetic (the stem's int16 pairs) moves outputs by a few output codes on average
+        assert (u - v).abs().mean() < 0.5 * step and (v - r).abs().mean() < 3 * step
 
 
 def test_w4a8_graph_map_within_0002_of_its_twin(w4a8_deployed, tmp_path):
