@@ -221,11 +221,11 @@ def compare_graphs(qmodel: nn.Module, calib: Tensor, val: ShapesDataset, fused_p
         threads, batches, rounds, warmup, repeats: ONNX Runtime threads and :func:`latency_table`'s settings.
 
     Returns:
-        ``{"map": {"fake_quant", "fp32", "fused", "qdq", "ort_quantize_static"}, "map_diff_fused_vs_fake_quant",
-        "convs", "integer_convs": {graph: n}, "float_convs": {graph: n}, "all_convs_integer",
-        "optimized_nodes": {graph: {op: n}}, "latency_ms": {"b<batch>": {graph: ms per image}},
-        "ratio_to_fp32": {"b<batch>": {graph: ratio}}, "ratio_fused_to_peer": {"b<batch>": ratio}, "threads",
-        "rounds", "repeats"}``.
+        a dict: ``map`` (mAP of ``fake_quant`` and of every graph), ``map_diff_fused_vs_fake_quant``, ``convs``,
+        ``integer_convs`` and ``float_convs`` (per graph), ``all_convs_integer``, ``optimized_nodes`` (per graph,
+        op -> count), ``latency_ms`` (per batch key ``b1``, ``b16``, ...: per graph, ms per image),
+        ``ratio_to_fp32`` (the same keys), ``ratio_fused_to_peer`` (per batch key), ``threads``, ``rounds``,
+        ``repeats``.
     """
     layers = check_exportable(qmodel)
     if not deploy_quantizers(qmodel):
