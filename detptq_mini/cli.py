@@ -23,7 +23,7 @@ from .checkpoint import MODELS, WEIGHTS_DIR, load_any, load_pretrained, pretrain
 from .data import ShapesDataset
 from .evaluate import evaluate_model
 from .deploy import compare_graphs, optimized_graph
-from .export import (GRAPHS, OnnxDetector, check_exportable, check_layers, compare_outputs, export_onnx,
+from .export import (GRAPHS, WEIGHTS, OnnxDetector, check_exportable, check_layers, compare_outputs, export_onnx,
                      latency_per_image, onnx_session, qdq_summary, to_float)
 from .odol import ClsMode, LocMode
 from .detptq import Rest
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration images per forward (default: up to 32); at most --calib")
     q.add_argument("--out", default=None, help="write the quantized checkpoint here (atomically)")
     q.add_argument("--deploy", action="store_true",
-                   help="W8A8 only: also calibrate the quantizers of the fused int8 graph (each conv's output, each "
+                   help="W8A8 or W4A8: also calibrate the quantizers of the fused int8 graph (each conv's output, each "
                         "SiLU's sigmoid) on the calibration images, so the mAP reported and saved is the deployed "
                         "graph's; `export` needs them for its default --graph fused")
     q.add_argument("--threads", type=_positive_int, default=None,
@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--progress", action="store_true")
     b.add_argument("--device", default="cpu")
 
-    x = sub.add_parser("export", help="write a W8A8 checkpoint as an ONNX int8 graph and check it in ONNX Runtime")
+    x = sub.add_parser("export", help="write a W8A8 (or W4A8) checkpoint as an ONNX int8 graph and check it in "
+                                      "ONNX Runtime")
     x.add_argument("--model", choices=MODELS, default="yolo",
                    help="the checkpoint's detector: yolo only (the int8 graph is the YOLO-style detector's; "
                         "retinanet-r18 is an error)")
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--graph", choices=GRAPHS, default="fused",
                    help="fused (default): Q/DQ wherever ONNX Runtime fuses integer kernels (needs --deploy at "
                         "quantize); qdq: the first export, Q/DQ on conv inputs and weights only (float convs)")
+    x.add_argument("--weights", choices=WEIGHTS, default="int8",
+                   help="how a W4A8 checkpoint's 4-bit weights are stored: int8 (default; integer convs) or int4 "
+                        "(ONNX int4, opset 21, half the bytes; ONNX Runtime 1.32 runs those convs in float)")
     x.add_argument("--onnx", required=True, help="the .onnx file to write (atomically; its directory must exist)")
     x.add_argument("--val", type=_non_negative_int, default=500,
                    help="val images for the check: outputs and mAP of ONNX Runtime vs the fake-quant model (0: skip)")
@@ -333,9 +337,9 @@ def _cmd_quantize(args) -> dict:
     if args.deploy and args.model != "yolo":
         raise UsageError(f"--deploy is only for --model yolo (its quantizers are those of the YOLO-style detector's "
                          f"fused int8 graph), not {args.model}")
-    if args.deploy and (args.w_bits, args.a_bits) != (8, 8):
-        raise UsageError(f"--deploy needs --w-bits 8 --a-bits 8 (the fused int8 graph); got --w-bits {args.w_bits} "
-                         f"--a-bits {args.a_bits}")
+    if args.deploy and (args.a_bits != 8 or args.w_bits not in (4, 8)):
+        raise UsageError(f"--deploy needs --a-bits 8 and --w-bits 8 or 4 (the fused graph: W8A8 or W4A8); got "
+                         f"--w-bits {args.w_bits} --a-bits {args.a_bits}")
     if args.batch_size is not None and args.batch_size > args.calib:
         raise UsageError(f"--batch-size {args.batch_size} is more than the --calib {args.calib} calibration images; "
                          f"allowed: 1..{args.calib}")
@@ -447,9 +451,11 @@ def _cmd_export(args) -> dict:
                          "from `detptq-mini quantize --w-bits 8 --a-bits 8 --deploy --out PATH`")
     try:
         check_exportable(qmodel)
-        export_onnx(qmodel, args.onnx, dynamo=args.dynamo, argument="--onnx", graph=args.graph)
+        export_onnx(qmodel, args.onnx, dynamo=args.dynamo, argument="--onnx", graph=args.graph,
+                    weights=args.weights)
     except ValueError as e:
-        raise UsageError(f"--checkpoint {args.checkpoint!r}: {str(e).replace('graph=', '--graph ')}") from None
+        message = str(e).replace("graph=", "--graph ").replace("weights=", "--weights ")
+        raise UsageError(f"--checkpoint {args.checkpoint!r}: {message}") from None
     summary = qdq_summary(args.onnx)
     kernels = optimized_graph(args.onnx, args.threads)
     out = {"onnx": args.onnx, "checkpoint": args.checkpoint, "method": report.get("method"), "graph": args.graph,

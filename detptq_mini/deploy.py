@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checks import check_images, check_int
+from .checks import check_choice, check_images, check_int
 from .data import ShapesDataset
 from .evaluate import evaluate_model
 from .export import OnnxDetector, check_exportable, export_onnx, onnx_session, to_float
 from .quant import deploy_quantizers, eval_mode
 
 __all__ = ["INTEGER_CONVS", "FLOAT_CONVS", "GRAPH_NAMES", "optimized_graph", "ort_quantize_static", "latency_table",
-           "compare_graphs"]
+           "compare_graphs", "CONV_TYPES", "conv_kernel"]
 
 INTEGER_CONVS: tuple[str, ...] = ("QLinearConv", "ConvInteger")
 FLOAT_CONVS: tuple[str, ...] = ("Conv", "FusedConv", "NhwcFusedConv")
@@ -147,6 +147,61 @@ def latency_table(sessions: dict, batches=(1, 16), rounds: int = 5, warmup: int 
     return out
 
 
+#: The ONNX integer types :func:`conv_kernel` tries, for a conv's weight and for its input and output.
+CONV_TYPES: dict[str, tuple[str, ...]] = {"weight": ("int8", "int4"), "act": ("uint8", "uint4")}
+
+
+def conv_kernel(weight: str = "int8", act: str = "uint8") -> dict:
+    """Which kernel ONNX Runtime (CPU) runs for one QDQ conv with ``weight`` and ``act`` integer types.
+
+    Builds the smallest graph of the fused form, ``Q -> DQ -> Conv -> Q -> DQ`` on the input and output (type
+    ``act``, one of ``CONV_TYPES["act"]``) with a per-channel ``DQ`` weight initializer (type ``weight``, one of
+    ``CONV_TYPES["weight"]``), at opset 21 (the first with 4-bit types), and lets ONNX Runtime optimize it.
+
+    Returns:
+        ``{"weight", "act", "loads": bool, "kernel": "QLinearConv" | "Conv" | ... | None, "error": str | None}``:
+        the conv's kernel in the optimized graph, or the load error (its first line) when the graph does not load.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    check_choice("weight", weight, CONV_TYPES["weight"])
+    check_choice("act", act, CONV_TYPES["act"])
+    wt = {"int8": TensorProto.INT8, "int4": TensorProto.INT4}[weight]
+    at, z = {"uint8": (TensorProto.UINT8, 128), "uint4": (TensorProto.UINT4, 8)}[act]
+    codes = np.random.default_rng(0).integers(-8, 8, size=(4, 8, 3, 3))
+    inits = [helper.make_tensor("w", wt, list(codes.shape), codes.ravel().tolist()),
+             numpy_helper.from_array(np.full(4, 0.01, np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+             numpy_helper.from_array(np.float32(0.1), "s"), helper.make_tensor("z", at, [], [z])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "w_s"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "b"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    out = {"weight": weight, "act": act, "loads": True, "kernel": None, "error": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 4
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess.run(None, {"x": np.zeros((1, 8, 8, 8), np.float32)})
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's own exception types; the message is the answer
+            out.update(loads=False, error=str(e).strip().splitlines()[0])
+            return out
+        ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    out["kernel"] = next((op for op in ops if op in INTEGER_CONVS + FLOAT_CONVS), None)
+    return out
+
+
 GRAPH_NAMES: tuple[str, ...] = ("fp32", "fused", "qdq", "ort_quantize_static")
 
 
@@ -166,10 +221,11 @@ def compare_graphs(qmodel: nn.Module, calib: Tensor, val: ShapesDataset, fused_p
         threads, batches, rounds, warmup, repeats: ONNX Runtime threads and :func:`latency_table`'s settings.
 
     Returns:
-        a dict with ``map`` (graph or ``fake_quant`` -> mAP50:95), ``map_diff_fused_vs_fake_quant``, ``convs``,
-        ``integer_convs`` and ``float_convs`` (graph -> count), ``all_convs_integer``, ``optimized_nodes``
-        (graph -> op type -> count), ``latency_ms`` and ``ratio_to_fp32`` (``"b<batch>"`` -> graph -> ms per
-        image or ratio), ``ratio_fused_to_peer`` (``"b<batch>"`` -> ratio), ``threads``, ``rounds``, ``repeats``.
+        a dict: ``map`` (mAP of ``fake_quant`` and of every graph), ``map_diff_fused_vs_fake_quant``, ``convs``,
+        ``integer_convs`` and ``float_convs`` (per graph), ``all_convs_integer``, ``optimized_nodes`` (per graph,
+        op -> count), ``latency_ms`` (per batch key ``b1``, ``b16``, ...: per graph, ms per image),
+        ``ratio_to_fp32`` (the same keys), ``ratio_fused_to_peer`` (per batch key), ``threads``, ``rounds``,
+        ``repeats``.
     """
     layers = check_exportable(qmodel)
     if not deploy_quantizers(qmodel):

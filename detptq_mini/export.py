@@ -1,4 +1,4 @@
-"""ONNX export of a W8A8 quantized detector as a QDQ graph, and its check in ONNX Runtime.
+"""ONNX export of a W8A8 (or W4A8) quantized detector as a QDQ graph, and its check in ONNX Runtime.
 
 A deployment runtime does not know our :class:`~detptq_mini.quant.Quantizer`; it knows the ONNX operators
 ``QuantizeLinear`` (float -> int8/uint8) and ``DequantizeLinear`` (back to float). A *QDQ graph* puts a
@@ -13,10 +13,13 @@ function, and a runtime may fuse each pair with the conv that follows into an in
 
 The mapping from our quantizer (method page, section 2) is exact at 8 bits: activations are asymmetric per tensor
 in ``[0, 255]`` (uint8, zero point in range), weights symmetric per output channel in ``[-128, 127]`` (int8,
-zero point 0; per-channel ``QuantizeLinear`` needs opset >= 13). Lower bit widths have no 8-bit QDQ form, so
-only W8A8 models are exported (:func:`check_exportable` says why a model is not). A model quantized with the layer
-protocol ``"head-fp"`` exports too: its head convs are plain FP convs, so they are plain ``Conv`` nodes of the
-graph, without Q/DQ pairs.
+zero point 0; per-channel ``QuantizeLinear`` needs opset >= 13). 4-bit symmetric weights (W4A8) are exported
+too: their codes fit int8 with the same scale, so the graph stays exact; ``weights="int4"`` stores them in ONNX's
+int4 type instead (opset 21), which ONNX Runtime 1.32 loads but runs as float convs. Activations must be 8-bit:
+ONNX Runtime has no integer conv for 4-bit inputs (:func:`check_exportable` says why a model is not exported;
+:func:`detptq_mini.deploy.conv_kernel` shows what ONNX Runtime runs for each bit width). A model quantized
+with the layer protocol ``"head-fp"`` exports too: its head convs are plain FP convs, so they are plain ``Conv``
+nodes of the graph, without Q/DQ pairs.
 
 :func:`to_qdq` makes an export copy of a quantized model in which every :class:`QuantConv2d` calls torch's own
 quantization ops, which the exporters translate into ``QuantizeLinear``/``DequantizeLinear``:
@@ -51,12 +54,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checks import check_bool, check_images, check_int, shown
+from .checks import check_bool, check_choice, check_images, check_int, shown
 from .model import DenseOutputs
 from .quant import QuantConv2d, QuantSiLU, deploy_quantizers, eval_mode, quant_layers
 
 __all__ = [
-    "OPSET", "OUTPUT_NAMES", "GRAPHS", "check_exportable", "to_qdq", "to_float", "export_onnx", "qdq_summary", "onnx_session",
+    "OPSET", "OUTPUT_NAMES", "GRAPHS", "WEIGHTS", "INT4_OPSET", "check_exportable", "to_qdq", "to_float",
+    "export_onnx", "qdq_summary", "onnx_session",
     "OnnxDetector", "compare_outputs", "check_layers", "latency_per_image",
 ]
 
@@ -66,27 +70,38 @@ _RANGES = {(0, 255): torch.uint8, (-128, 127): torch.int8}  # the integer ranges
 #: The graphs :func:`export_onnx` writes: ``"fused"``, every tensor an integer kernel needs quantized (the deploy
 #: quantizers), and ``"qdq"``, Q/DQ pairs on the conv inputs and weights only (the first export: float convs).
 GRAPHS: tuple[str, ...] = ("fused", "qdq")
+#: How :func:`export_onnx` stores 4-bit weights: ``"int8"`` (on the 4-bit grid in int8, opset 17: ONNX Runtime
+#: runs such a conv as an integer conv, as any int8 one) or ``"int4"`` (ONNX's int4 type, opset 21: half the
+#: bytes; ONNX Runtime 1.32 dequantizes them and runs a float conv).
+WEIGHTS: tuple[str, ...] = ("int8", "int4")
+INT4_OPSET = 21  # the first opset whose DequantizeLinear takes int4
 
 
 def check_exportable(qmodel: nn.Module) -> dict[str, QuantConv2d]:
-    """The quantized convs of ``qmodel``, after checking that each maps onto 8-bit ONNX QDQ.
+    """The quantized convs of ``qmodel``, after checking that each maps onto ONNX QDQ with 8-bit activations.
 
-    Raises a ValueError naming the first layer that does not: bits other than 8, an uncalibrated or disabled
-    quantizer, a per-tensor activation range other than uint8 ``[0, 255]`` / int8 ``[-128, 127]``.
+    Activations (every conv's input) must be 8-bit; weights 8-bit, or 4-bit symmetric (W4A8: the weights are
+    written on their 4-bit grid, in int8 or, with ``export_onnx(..., weights="int4")``, in int4). Raises a
+    ValueError naming the first layer that does not map: other bit widths, an uncalibrated or disabled quantizer,
+    a per-tensor activation range other than uint8 ``[0, 255]`` / int8 ``[-128, 127]``.
     """
     layers = quant_layers(qmodel)
     if not layers:
         raise ValueError("qmodel has no QuantConv2d layers: quantize it first (run_ptq or quantize_model)")
     for name, layer in layers.items():
+        w, a = layer.weight_quantizer.bits, layer.input_quantizer.bits
+        if a != 8:
+            raise ValueError(f"qmodel layer {name!r} is W{w}A{a}; ONNX export needs 8-bit activations (allowed: "
+                             "W8A8, W4A8): ONNX Runtime's integer conv (QLinearConv) takes 8-bit inputs only, and "
+                             "a graph with 4-bit (uint4) conv inputs fails to load in ONNX Runtime 1.32")
+        if w not in (4, 8) or (w == 4 and not layer.weight_quantizer.symmetric):
+            raise ValueError(f"qmodel layer {name!r} is W{w}A{a}{'' if w != 4 else ' with asymmetric weights'}; "
+                             "ONNX export takes weights at 8 bits or at 4 bits symmetric (allowed: W8A8, W4A8)")
         for kind, q in (("weight", layer.weight_quantizer), ("input", layer.input_quantizer)):
-            if q.bits != 8:
-                w, a = layer.weight_quantizer.bits, layer.input_quantizer.bits
-                raise ValueError(f"qmodel layer {name!r} is W{w}A{a}; ONNX QDQ export supports W8A8 only "
-                                 "(QuantizeLinear is 8-bit): quantize with w_bits=8, a_bits=8")
             if not q.enabled or not bool(q.calibrated):
                 raise ValueError(f"qmodel layer {name!r}: the {kind} quantizer is disabled or has no scale; "
                                  "export needs every quantizer enabled and calibrated")
-            if (q.qmin, q.qmax) not in _RANGES:
+            if (q.qmin, q.qmax) not in _RANGES and not (kind == "weight" and (q.qmin, q.qmax) == (-8, 7)):
                 raise ValueError(f"qmodel layer {name!r}: {kind} range {q.qmin}..{q.qmax} has no ONNX form; "
                                  "allowed: 0..255 (uint8) or -128..127 (int8)")
             if q.axis not in (None, 0):
@@ -104,14 +119,20 @@ class _QDQConv(nn.Module):
     def __init__(self, layer: QuantConv2d, dynamo: bool, fused: bool = False):
         super().__init__()
         self.conv, self.dynamo = layer.conv, dynamo
+        wq = layer.weight_quantizer
+        if wq.bits == 4:  # the weights on their 4-bit grid, then an int8 Q/DQ with the same scale: exact
+            self.conv = copy.deepcopy(layer.conv).requires_grad_(False)
+            with torch.no_grad():
+                self.conv.weight.copy_(wq(layer.conv.weight))
         self.quantizers = []
         out = layer.output_quantizer if fused else None
-        for kind, q in (("w", layer.weight_quantizer), ("a", layer.input_quantizer), ("o", out)):
+        for kind, q in (("w", wq), ("a", layer.input_quantizer), ("o", out)):
             if q is None:
                 continue
             self.register_buffer(f"{kind}_scale", q.scale.detach().clone().float())
             self.register_buffer(f"{kind}_zero_point", q.zero_point.detach().clone().to(torch.int32))
-            self.quantizers.append((kind, q.axis, q.qmin, q.qmax))
+            qmin, qmax = (-128, 127) if (q is wq and q.bits == 4) else (q.qmin, q.qmax)
+            self.quantizers.append((kind, q.axis, qmin, qmax))
         # per-tensor qparams as Python numbers for the dynamo path (torch.export cannot read a buffer's value)
         self.scalars = {"a": (float(layer.input_quantizer.scale), int(layer.input_quantizer.zero_point))}
         if out is not None:
@@ -227,7 +248,7 @@ def _atomic_target(path, argument: str) -> tuple[Path, Path]:
 
 
 def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = False, opset: int | None = None,
-                argument: str = "path", graph: str | None = None) -> Path:
+                argument: str = "path", graph: str | None = None, weights: str = "int8") -> Path:
     """Write ``model`` to ``path`` as ONNX (atomically): a QDQ graph for a W8A8 quantized model, else FP32.
 
     A quantized model with deploy quantizers (``run_ptq(..., deploy=True)``) is written as the **fused** graph
@@ -246,6 +267,9 @@ def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = Fa
         opset: ONNX opset (default :data:`OPSET`; 18 with ``dynamo``); at least 13.
         argument: the name ``path`` has in error messages (the CLI passes ``--onnx``).
         graph: a quantized model's graph, one of :data:`GRAPHS` (see :func:`to_qdq`); ignored for an FP model.
+        weights: how 4-bit weights (a W4A8 model) are stored, one of :data:`WEIGHTS`: ``"int8"`` (their 4-bit
+            codes in int8) or ``"int4"`` (ONNX int4, opset :data:`INT4_OPSET`: the graph is exported at
+            ``opset`` and converted; TorchScript exporter only). 8-bit weights stay int8 either way.
     """
     path, tmp = _atomic_target(path, argument)
     image_size = check_int("image_size", image_size, 32, hint="and a multiple of 32")
@@ -254,6 +278,15 @@ def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = Fa
     check_bool("dynamo", dynamo)
     opset = (18 if dynamo else OPSET) if opset is None else opset
     opset = check_int("opset", opset, 13, hint="(per-channel QuantizeLinear)")
+    check_choice("weights", weights, WEIGHTS)
+    int4 = {}
+    if weights == "int4":
+        if dynamo:
+            raise ValueError("weights='int4' needs the TorchScript exporter (dynamo=False)")
+        int4 = {n: m.weight_quantizer for n, m in quant_layers(model).items() if m.weight_quantizer.bits == 4}
+        if not int4:
+            raise ValueError("weights='int4' needs a model with 4-bit weights (W4A8); this one has none "
+                             "(allowed for it: weights='int8')")
     if quant_layers(model):
         model = to_qdq(model, dynamo, graph)
     else:
@@ -271,10 +304,58 @@ def export_onnx(model: nn.Module, path, image_size: int = 128, dynamo: bool = Fa
             else:
                 torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=opset,
                                   input_names=["images"], output_names=list(OUTPUT_NAMES), dynamic_axes=axes)
+        if int4:
+            _int4_weights(tmp, int4)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _int4_weights(path: Path, quantizers: dict) -> None:
+    """Rewrite the exported graph at ``path`` in place: opset :data:`INT4_OPSET`, and the weight of every layer in
+    ``quantizers`` (name -> its 4-bit weight quantizer) an int4 initializer read by its ``DequantizeLinear`` (the
+    weight's ``QuantizeLinear`` dropped). The codes are the 4-bit codes of the torch model, so the function is
+    unchanged."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper, version_converter
+
+    m = version_converter.convert_version(onnx.load(str(path)), INT4_OPSET)
+    m.ir_version = max(m.ir_version, 10)  # int4 tensors need IR version 10
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    done = set()
+    for conv in [n for n in g.node if n.op_type == "Conv"]:
+        dq = producer.get(conv.input[1])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        name = q.input[0].removesuffix(".conv.weight")
+        if name not in quantizers or q.input[0] not in inits:
+            continue
+        w, wq = numpy_helper.to_array(inits[q.input[0]]), quantizers[name]
+        scale = wq.scale.detach().cpu().numpy().reshape(-1, *[1] * (w.ndim - 1))
+        codes = np.rint(w / scale)
+        if not (np.abs(codes * scale - w) <= 1e-6 * np.abs(w).max()).all() or codes.min() < wq.qmin \
+                or codes.max() > wq.qmax:
+            raise ValueError(f"layer {name!r}: its exported weights are not on its 4-bit grid")
+        init = helper.make_tensor(f"{name}.weight_int4", TensorProto.INT4, list(w.shape),
+                                  codes.astype(np.int8).ravel().tolist())
+        g.initializer.append(init)
+        del dq.input[:]
+        dq.input.extend([init.name, q.input[1]])  # zero point omitted: 0, symmetric
+        g.node.remove(q)
+        done.add(name)
+    missing = sorted(set(quantizers) - done)
+    if missing:
+        raise ValueError(f"layers {missing} have 4-bit weights but no weight QuantizeLinear in the exported graph")
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
 
 
 def qdq_summary(path) -> dict:

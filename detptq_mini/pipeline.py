@@ -107,7 +107,7 @@ class PTQConfig:
         lr_v, lr_act: Adam learning rates of the rounding variables and of the activation step sizes.
         recon_loss_norm: ``"none"`` (default) or ``"before"``: each unit's Lp loss divided by its value before
             reconstruction (:attr:`~detptq_mini.reconstruction.ReconConfig.loss_norm`).
-        deploy: W8A8 only: after the method, calibrate the deploy quantizers (each conv's output and each SiLU's
+        deploy: W8A8 or W4A8: after the method, calibrate the deploy quantizers (each conv's output and each SiLU's
             sigmoid: their ``s_p*`` on their own tensors over the calibration images, one p for all of them
             chosen among ``ps`` by ODOL, as DetPTQ chooses p; :func:`~detptq_mini.quant.calibrate_deploy`), so
             that the model computes what the fused int8 ONNX graph computes; the report gets ``"deploy"``: the
@@ -171,9 +171,9 @@ class PTQConfig:
                              f"not method={self.method!r}")
         for name in ("grid", "max_elements", "batch_size"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
-        if check_bool("deploy", self.deploy) and (self.w_bits, self.a_bits) != (8, 8):
-            raise ValueError(f"deploy=True needs w_bits=8 and a_bits=8 (the fused int8 graph); got "
-                             f"w_bits={self.w_bits}, a_bits={self.a_bits}")
+        if check_bool("deploy", self.deploy) and (self.a_bits != 8 or self.w_bits not in (4, 8)):
+            raise ValueError(f"deploy=True needs a_bits=8 and w_bits 8 or 4 (the fused graph: allowed W8A8, W4A8); "
+                             f"got w_bits={self.w_bits}, a_bits={self.a_bits}")
 
     def _check_detptq(self) -> None:
         """Validate the ``"detptq"`` options; with another method they must keep their defaults."""

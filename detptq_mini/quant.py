@@ -26,7 +26,7 @@ per channel (0)    ``(C_out,)``           ``[-2^(b-1),       weights, symmetric,
 
 BN folding follows Jacob et al. 2018 (integer-arithmetic-only inference).
 
-**Deploy quantizers** (``QuantConfig(deploy=True)``, W8A8 only; method page, section 7): the tensors an integer
+**Deploy quantizers** (``QuantConfig(deploy=True)``, W8A8 or W4A8; method page, section 7): the tensors an integer
 graph needs quantized besides the conv inputs and weights, so that the model simulates the fused int8 graph
 ``detptq_mini.export`` writes: each conv's output (``QuantConv2d.output_quantizer``, before its activation) and
 the sigmoid of each SiLU that follows a quantized conv (:class:`QuantSiLU`, ``x * Q(sigmoid(x))``), all 8-bit
@@ -295,7 +295,8 @@ class QuantConfig:
             public COCO code quantizes the backbone and the neck only).
         deploy: also build the deploy quantizers (see the module docstring): each conv's output and each SiLU's
             sigmoid, 8-bit, so that the model computes what the fused int8 ONNX graph computes. Needs
-            ``w_bits = a_bits = 8``. Omitted from :meth:`to_dict` when False, so older reports read the same.
+            ``a_bits = 8`` and ``w_bits`` 8 or 4 (W4A8: 4-bit weights, everything else 8-bit). Omitted from
+            :meth:`to_dict` when False, so older reports read the same.
     """
 
     w_bits: int = 4
@@ -314,9 +315,9 @@ class QuantConfig:
         for f in ("w_symmetric", "w_per_channel", "a_symmetric", "stem_8bit", "pred_8bit", "deploy"):
             check_bool(f, getattr(self, f))
         check_choice("protocol", self.protocol, PROTOCOLS)
-        if self.deploy and (self.w_bits, self.a_bits) != (8, 8):
-            raise ValueError(f"deploy=True needs w_bits=8 and a_bits=8 (the fused int8 graph), got "
-                             f"W{self.w_bits}A{self.a_bits}")
+        if self.deploy and (self.a_bits != 8 or self.w_bits not in (4, 8)):
+            raise ValueError(f"deploy=True needs a_bits=8 and w_bits 8 or 4 (the fused graph: allowed W8A8, "
+                             f"W4A8), got W{self.w_bits}A{self.a_bits}")
 
     def to_dict(self) -> dict:
         """The config as a plain dict (JSON-ready); ``deploy`` only when True."""

@@ -86,9 +86,12 @@ def test_latency_is_measured(exported):
 
 
 def test_not_exportable(pretrained, tmp_path):
-    w4 = run_ptq(pretrained, ShapesDataset("calib", 4), "minmax", 4, 8).model
-    with pytest.raises(ValueError, match="is W4A8; ONNX QDQ export supports W8A8 only"):
-        export_onnx(w4, tmp_path / "q.onnx")
+    w4a4 = run_ptq(pretrained, ShapesDataset("calib", 4), "minmax", 4, 4).model
+    with pytest.raises(ValueError, match=r"is W4A4; ONNX export needs 8-bit activations \(allowed: W8A8, W4A8\)"):
+        export_onnx(w4a4, tmp_path / "q.onnx")
+    w3 = run_ptq(pretrained, ShapesDataset("calib", 4), "minmax", 3, 8).model
+    with pytest.raises(ValueError, match=r"is W3A8; ONNX export takes weights at 8 bits or at 4 bits symmetric"):
+        export_onnx(w3, tmp_path / "q.onnx")
     with pytest.raises(ValueError, match="no QuantConv2d"):
         check_exportable(pretrained)
     with pytest.raises(ValueError, match="must end in .onnx"):
@@ -199,10 +202,16 @@ def test_deploy_quantizers_survive_a_checkpoint_round_trip(deployed, pretrained,
 
 
 def test_deploy_bad_input(pretrained, w8a8, tmp_path):
-    with pytest.raises(ValueError, match="deploy=True needs w_bits=8 and a_bits=8"):
-        PTQConfig(method="minmax", w_bits=4, a_bits=8, deploy=True)
-    with pytest.raises(ValueError, match="deploy=True needs w_bits=8 and a_bits=8"):
+    with pytest.raises(ValueError, match=r"deploy=True needs a_bits=8 and w_bits 8 or 4 .*W8A8, W4A8"):
+        PTQConfig(method="minmax", w_bits=8, a_bits=4, deploy=True)
+    with pytest.raises(ValueError, match="deploy=True needs a_bits=8 and w_bits 8 or 4"):
         QuantConfig(w_bits=4, a_bits=4, deploy=True)
+    with pytest.raises(ValueError, match="deploy=True needs a_bits=8 and w_bits 8 or 4"):
+        QuantConfig(w_bits=6, a_bits=8, deploy=True)
+    with pytest.raises(ValueError, match=r"weights='int4' needs a model with 4-bit weights \(W4A8\)"):
+        export_onnx(w8a8, tmp_path / "q.onnx", weights="int4")
+    with pytest.raises(ValueError, match="weights='int2' is not allowed; allowed: 'int8', 'int4'"):
+        export_onnx(w8a8, tmp_path / "q.onnx", weights="int2")
     with pytest.raises(ValueError, match="deploy=.yes. must be a bool"):
         PTQConfig(method="minmax", w_bits=8, a_bits=8, deploy="yes")
     with pytest.raises(ValueError, match="graph='fused' needs the deploy quantizers"):
@@ -243,8 +252,8 @@ def test_cli_quantize_deploy_then_export_benchmark_json(tmp_path, capsys):
 
 
 def test_cli_deploy_errors(tmp_path, capsys, w8a8, pretrained):
-    assert main(["quantize", "--method", "minmax", "--w-bits", "4", "--a-bits", "8", "--deploy"]) == 2
-    assert "--deploy needs --w-bits 8 --a-bits 8" in capsys.readouterr().err
+    assert main(["quantize", "--method", "minmax", "--w-bits", "8", "--a-bits", "4", "--deploy"]) == 2
+    assert "--deploy needs --a-bits 8 and --w-bits 8 or 4" in capsys.readouterr().err
     q = tmp_path / "plain.pt"
     save_quantized(run_ptq(pretrained, ShapesDataset("calib", 4), "minmax", 8, 8), q, dict(pretrained.config.__dict__))
     assert main(["export", "--checkpoint", str(q), "--onnx", str(tmp_path / "m.onnx"), "--val", "0"]) == 2
@@ -253,3 +262,93 @@ def test_cli_deploy_errors(tmp_path, capsys, w8a8, pretrained):
     assert main(["export", "--checkpoint", str(q), "--onnx", str(tmp_path / "m.onnx"), "--val", "0",
                  "--graph", "qdq", "--json"]) == 0
     assert not (tmp_path / "m.onnx").with_name("x").exists()
+
+
+# ------------------------------------------------------------------ 4-bit weights (W4A8): int8 or int4 storage
+from detptq_mini.export import INT4_OPSET  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def w4a8_result(pretrained):
+    return run_ptq(pretrained, ShapesDataset("calib", 16, seed=0), "minmax", 4, 8, deploy=True)
+
+
+@pytest.fixture(scope="module")
+def w4a8_deployed(w4a8_result):
+    return w4a8_result.model
+
+
+def test_w4a8_export_copy_computes_the_twin_bit_for_bit(w4a8_deployed):
+    x = ShapesDataset("val", 4).images()
+    with torch.no_grad():
+        a, b = w4a8_deployed(x), to_qdq(w4a8_deployed)(x)
+    assert all(torch.equal(u, v) for u, v in zip(a.cls + a.box, b.cls + b.box))
+
+
+def test_w4a8_int8_weights_run_as_integer_convs_int4_as_float_convs(w4a8_deployed, tmp_path):
+    import onnx
+    from onnx import TensorProto
+
+    layers = quant_layers(w4a8_deployed)
+    n4 = sum(m.weight_quantizer.bits == 4 for m in layers.values())
+    assert n4 == 56 and len(layers) == 63  # the stem and the six prediction convs stay W8A8
+    p8 = export_onnx(w4a8_deployed, tmp_path / "w4_int8.onnx")
+    p4 = export_onnx(w4a8_deployed, tmp_path / "w4_int4.onnx", weights="int4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4_int4.onnx", "w4_int8.onnx"]  # atomic
+    g8, g4 = optimized_graph(p8), optimized_graph(p4)
+    assert g8["integer_convs"] == 63 and g8["float_convs"] == 0
+    # ONNX Runtime 1.32 fuses no int4 conv: it dequantizes the int4 weights and runs a float conv
+    assert g4["integer_convs"] == 63 - n4 and g4["float_convs"] == n4
+    m = onnx.load(str(p4))
+    assert qdq_summary(p4)["opset"] == INT4_OPSET
+    assert sum(i.data_type == TensorProto.INT4 for i in m.graph.initializer) == n4
+    assert p4.stat().st_size < p8.stat().st_size / 3  # 4-bit codes, no float copies of the weights
+    x = ShapesDataset("val", 3).images()
+    a, b = OnnxDetector(onnx_session(p8))(x), OnnxDetector(onnx_session(p4))(x)
+    with torch.no_grad():
+        ref = w4a8_deployed(x)
+    preds = [n for n in layers if n.endswith(".pred")]  # in output order: cls of each level, then box
+    steps = [layers[n].output_quantizer.scale for n in [p for p in preds if ".cls." in p] + [
+        p for p in preds if ".box." in p]]
+    for u, v, r, step in zip(a.cls + a.box, b.cls + b.box, ref.cls + ref.box, steps):
+        assert u.shape == v.shape == r.shape and torch.isfinite(v).all()
+        # the same function: int8 codes and int4 storage agree closely; against the torch twin, ONNX Runtime's
+        # integer arithmetic (the stem's int16 pairs) moves outputs by a few output codes on average
+        assert (u - v).abs().mean() < 0.5 * step and (v - r).abs().mean() < 3 * step
+
+
+def test_w4a8_graph_map_within_0002_of_its_twin(w4a8_deployed, tmp_path):
+    val = ShapesDataset("val", 100, seed=0)
+    m_twin = evaluate_model(w4a8_deployed, val)["map"]
+    p4 = export_onnx(w4a8_deployed, tmp_path / "w4_int4.onnx", weights="int4")
+    m_ort = evaluate_model(OnnxDetector(onnx_session(p4)), val)["map"]
+    assert abs(m_ort - m_twin) <= 0.002, (m_ort, m_twin)
+
+
+def test_int4_needs_the_torchscript_exporter(w4a8_deployed, tmp_path):
+    with pytest.raises(ValueError, match=r"weights='int4' needs the TorchScript exporter \(dynamo=False\)"):
+        export_onnx(w4a8_deployed, tmp_path / "q.onnx", weights="int4", dynamo=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_weights_int4(w4a8_result, pretrained, tmp_path, capsys):
+    import json
+
+    q = tmp_path / "w4.pt"
+    save_quantized(w4a8_result, q, dict(pretrained.config.__dict__))
+    assert main(["export", "--checkpoint", str(q), "--onnx", str(tmp_path / "m.onnx"), "--val", "0",
+                 "--weights", "int4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["opset"] == INT4_OPSET and out["integer_convs"] == 7 and out["float_convs"] == 56
+
+
+def test_conv_kernel_says_which_bit_widths_run_as_integer_convs():
+    from detptq_mini.deploy import conv_kernel
+
+    assert conv_kernel("int8", "uint8")["kernel"] == "QLinearConv"
+    w4 = conv_kernel("int4", "uint8")
+    assert w4["loads"] and w4["kernel"] == "Conv"  # int4 weights: dequantized, a float conv
+    a4 = conv_kernel("int8", "uint4")  # 4-bit activations: ONNX Runtime 1.32 fuses an invalid QLinearConv
+    assert not a4["loads"] and "uint4" in a4["error"] and a4["kernel"] is None
+    with pytest.raises(ValueError, match="act='int8' is not allowed; allowed: 'uint8', 'uint4'"):
+        conv_kernel("int8", "int8")

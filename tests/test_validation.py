@@ -175,10 +175,11 @@ def test_cli_bad_input_one_line_exit_2(case):
     ("evaluate", "bad_bits", "w_bits=12 must be an integer in 2..8"),
     ("evaluate", "fp_no_version", "has format version none (written before checkpoints had a format version)"),
     ("export", "future_version", "has format version 99; this release of detptq-mini reads format version(s) 1"),
-    ("export", "w4a4", "is W4A4; ONNX QDQ export supports W8A8 only"),
+    ("export", "w4a4", "is W4A4; ONNX export needs 8-bit activations"),
     ("export", "fp", "holds an FP model; export needs a W8A8 checkpoint"),
     ("export", "missing_dir", "--onnx"),
     ("export", "not_onnx", "must end in .onnx"),
+    ("export", "int4_of_w8a8", "--weights 'int4' needs a model with 4-bit weights (W4A8)"),
 ])
 def test_cli_checkpoint_and_export_cases(checkpoints, tmp_path, command, name, message):
     ckpt = {"fp": WEIGHTS_DIR / "detector.pt"}.get(name, checkpoints.get(name, checkpoints["w8a8"]))
@@ -186,7 +187,7 @@ def test_cli_checkpoint_and_export_cases(checkpoints, tmp_path, command, name, m
     if command == "export":
         onnx = {"missing_dir": tmp_path / "missing" / "m.onnx", "not_onnx": tmp_path / "m.txt"}.get(name,
                                                                                                   tmp_path / "m.onnx")
-        args += ["--onnx", str(onnx)]
+        args += ["--onnx", str(onnx)] + (["--weights", "int4"] if name == "int4_of_w8a8" else [])
     r = _cli(*args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
