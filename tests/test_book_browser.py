@@ -325,7 +325,6 @@ _TOO_WIDE = """() => {
 #: Pages that still have blocks wider than the column, each with the reason; a page that gets fixed fails
 #: its xfail (strict) and must leave this list.
 PENDING = {
-    "notebooks/07_reconstruction": "rewritten by the reconstruction work first, laid out after it",
     "notebooks/09_your_detector": "rewritten by the RetinaNet work, which lays it out",
 }
 
