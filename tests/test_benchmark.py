@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -685,9 +686,15 @@ def test_an_interrupted_run_with_jobs_kills_its_children(tmp_path, monkeypatch):
         _thread.interrupt_main()
 
     threading.Thread(target=ctrl_c, daemon=True).start()
+    # as in a terminal: a job started with `&` by a non-interactive shell inherits SIGINT ignored, and then
+    # interrupt_main does nothing (this test failed that way in a backgrounded dry run of .ci/run)
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "i.json"
-    with pytest.raises(KeyboardInterrupt):
-        run_suite(JOB_CELLS, out, jobs=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_suite(JOB_CELLS, out, jobs=2)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
     assert sent and time.perf_counter() - sent[0] < 10  # stopped soon after the Ctrl-C, not after the children's 60 s
     assert len(pids) == 2  # two children started, both killed and reaped
     for pid in pids:

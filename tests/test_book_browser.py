@@ -140,6 +140,8 @@ class Visit:
         self.outside: list[str] = []
         self.bad_responses: list[str] = []
         self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        # 90 s, not Playwright's 30: a loaded 2-core machine once took longer than 30 s to settle the method page
+        self.context.set_default_timeout(90_000)
         self.page = page = self.context.new_page()
         page.route("**/*", self._route)
         page.on("console", self._console)
