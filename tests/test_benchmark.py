@@ -108,6 +108,31 @@ def test_recon_suite_orders_the_experiments_by_what_they_decide():
         ("--quant-prob", "0.75"), ("--quant-prob", "0.9")}
 
 
+def test_paper_suite_holds_the_rows_of_the_papers_table_cheap_cells_first():
+    from detptq_mini.benchmark.suites import PAPER_CALIB
+    from detptq_mini.lp import P_DEFAULT
+
+    paper = SUITES["paper"]
+    assert len(paper) == 66 and len({c.key for c in paper}) == 66
+    assert all(c.calib == PAPER_CALIB and c.val == 500 for c in paper)
+    simple, recon = paper[:60], paper[60:]
+    assert all(c.iters is None for c in simple) and all(c.iters == RECON_ITERS["W4A4"] for c in recon)
+    assert [c.seed for c in simple] == sorted(c.seed for c in simple)  # seed 0's table first
+    s0 = simple[:20]
+    for bits in ("W8A8", "W4A8", "W4A4"):  # min-max, Lp p = 2 and 2.4, DetPTQ simple at each bits
+        plain = {(c.method, c.p) for c in s0 if c.bits == bits and not c.extra}
+        assert {("minmax", None), ("lp", 2.0), ("lp", 2.4), ("detptq", None)} <= plain
+    assert {c.p for c in s0 if c.method == "lp" and c.bits == "W4A4"} == set(P_DEFAULT) | {2.4}  # the oracle's p
+    assert [c.method for c in s0 if c.extra] == ["detptq"] and s0[-1].extra == ("--protocol", "head-fp")
+    assert [(c.method, c.extra) for c in recon] == [(m, e) for e in ((), ("--protocol", "head-fp"))
+                                                    for m in ("brecq", "qdrop", "detptq-qdrop")]
+    assert {c.seed for c in recon} == {0} and all(c.bits == "W4A4" for c in recon)
+    from detptq_mini.benchmark.suites import on_model
+
+    r18 = on_model(paper, "retinanet-r18")
+    assert all(c.key.startswith("retinanet-r18-") for c in r18)
+
+
 def test_ablation_suite():
     abl, full_keys = SUITES["ablations"], {c.key for c in SUITES["full"]}
     assert all(c.calib == 256 and c.val == 500 and c.seed in (0, 1, 2) for c in abl)

@@ -4,7 +4,8 @@ A :class:`Cell` is one ``detptq-mini quantize ... --json`` run (method x bits x 
 its :attr:`Cell.key` names it in a result file. :data:`SUITES` holds the named suites: ``full`` (the main comparison:
 every method x W8A8/W4A8/W4A4/W3A3 x 3 seeds), ``ablations`` (ODOL combination, 8-bit conventions, QDrop
 probability), ``loss-norm`` (the W4A4 reconstruction settings with and without each unit's loss divided by its value
-before reconstruction), ``simple`` (chapter 6's table) and ``quick`` (every method on a tiny slice, about a minute).
+before reconstruction), ``simple`` (chapter 6's table), ``recon`` (the reconstruction experiments), ``paper`` (the paper's rows for a
+second detector, e.g. ``--model retinanet-r18``) and ``quick`` (every method on a tiny slice, about a minute).
 Decisions of ``full``, stated in the book too:
 
 * "best fixed p" is no cell of its own: the Lp cells cover every p of ``P_DEFAULT`` at every bits, and the report
@@ -29,7 +30,7 @@ from ..lp import P_DEFAULT
 
 __all__ = ["Cell", "FULL_BITS", "SEEDS", "FULL_CALIB", "FULL_VAL", "RECON_ITERS", "RECON_LR", "RECON_METHODS",
            "LP_EXTRA_P", "ODOL_COMBOS", "HEAD_FP", "TWO_COIN", "BRECQ_LR_ACT", "QDROP_PROBS",
-           "LONG_ITERS", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "SUITES", "bits_pair",
+           "LONG_ITERS", "PAPER_CALIB", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "SUITES", "bits_pair",
            "suite_cells", "select_cells", "is_done", "on_model"]
 
 
@@ -282,6 +283,39 @@ def _recon_suite() -> list[Cell]:
         seed_cells(2)
 
 
+#: Calibration images of every ``paper`` cell: 256 as ``full``, unless DetPTQ simple on RetinaNet-R18 took more than
+#: 10 minutes a cell (then 128, and the book says so).
+PAPER_CALIB = 256
+
+
+def _paper_suite() -> list[Cell]:
+    """The rows of the paper's table, for a second detector (run it with ``--model retinanet-r18``: the paper's own
+    architecture), cheap cells first so that a partial run is already a table.
+
+    * seed 0, then 1, then 2: min-max, Lp with p = 2 and :data:`LP_EXTRA_P`, DetPTQ simple at W8A8, W4A8 and W4A4;
+      at W4A4 also Lp with every other p of ``P_DEFAULT`` (for the best-fixed-p oracle, as in ``full``) and DetPTQ
+      simple under the ``head-fp`` protocol (the head in FP: the row that compares with the paper if it kept its
+      head in FP, as QDrop's COCO code does).
+    * then the reconstruction cells at W4A4, seed 0: published BRECQ, QDrop (the reference's single coin) and
+      DetPTQ+QDrop at the budget of :data:`RECON_ITERS` and the rates of :data:`RECON_LR` (as ``full``), then the
+      same under ``head-fp``.
+
+    :data:`PAPER_CALIB` calibration images, mAP on the :data:`FULL_VAL` val images.
+    """
+    opts = {"calib": PAPER_CALIB, "val": FULL_VAL}
+    fixed = [("minmax", None), ("lp", 2.0), ("lp", LP_EXTRA_P), ("detptq", None)]
+    sweep = [p for p in P_DEFAULT if p != 2.0]
+
+    def simple(s: int) -> list[Cell]:
+        cells = [Cell(m, w, a, s, p=p, **opts) for w, a in FULL_BITS[:3] for m, p in fixed]
+        return cells + [Cell("lp", 4, 4, s, p=p, **opts) for p in sweep] + [Cell("detptq", 4, 4, s, extra=HEAD_FP,
+                                                                                    **opts)]
+
+    recon = [Cell(m, 4, 4, 0, extra=e, **_recon_opts("W4A4", m), **opts)
+             for e in ((), HEAD_FP) for m in ("brecq", "qdrop", "detptq-qdrop")]
+    return [c for s in SEEDS for c in simple(s)] + recon
+
+
 def _quick_suite() -> list[Cell]:
     """Every method kind once on a tiny slice (8 calibration images, 50 val images, 5 reconstruction steps)."""
     opts = {"calib": 8, "val": 50}
@@ -307,6 +341,8 @@ def _quick_suite() -> list[Cell]:
 #:   calibration images (the chapter 6 table).
 #: * ``recon`` (62 cells; its 18 E1 cells are ``full``'s W4A4 reconstruction cells, 9 of them done: joint and the
 #:   two-coin cells): the reconstruction experiments E1, E2, E8, E9, E10 (see :func:`_recon_suite`).
+#: * ``paper`` (66 cells): the paper's rows for a second detector (``--model retinanet-r18``), see
+#:   :func:`_paper_suite`.
 #: * ``quick`` (7 cells): every method once on a tiny slice, a smoke test of the harness (about a minute).
 SUITES: dict[str, list[Cell]] = {
     "simple": _simple_suite(),
@@ -314,6 +350,7 @@ SUITES: dict[str, list[Cell]] = {
     "ablations": _ablation_suite(),
     "loss-norm": _loss_norm_suite(),
     "recon": _recon_suite(),
+    "paper": _paper_suite(),
     "quick": _quick_suite(),
 }
 
