@@ -364,7 +364,7 @@ def test_summary_of_a_named_suite_counts_its_cells_and_leaves_out_others():
 # --- bad input ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, word", [
-    (["--suite", "nosuch"], "allowed: simple, full, ablations, loss-norm, recon, quick"),
+    (["--suite", "nosuch"], "allowed: simple, full, ablations, loss-norm, recon, paper, quick"),
     (["--quick", "--suite", "full"], "--quick is --suite quick; it cannot be combined with --suite full"),
     (["--suite", "ablations", "--reuse", "/nonexistent/full.json"], "--reuse '/nonexistent/full.json' does not exist"),
     (["--suite", "quick", "--only", "nosuch"], "--only 'nosuch' leaves no cell of suite 'quick'"),
