@@ -9,7 +9,8 @@ function, and a runtime may fuse each pair with the conv that follows into an in
                                 Conv -- ...
          W_q (int8) --DQ(s_w, 0, axis 0)--+
 
-    (a pair on the input of every conv; its weight stored as the int8 codes, read by a DequantizeLinear)
+    (a pair on the input of every conv; its weight stored as the int8
+    codes, read by a DequantizeLinear)
 
 The weights are stored as integers, not as float weights followed by a ``QuantizeLinear``: the exporters write
 the latter (the export copy's weight quantizer is a Q/DQ pair), and :func:`export_onnx` then replaces each
