@@ -55,8 +55,10 @@ def test_cell_key_and_args():
 
 def test_suites():
     simple = SUITES["simple"]
-    assert len(simple) == 60 and len({c.key for c in simple}) == 60
+    assert len(simple) == 66 and len({c.key for c in simple}) == 66
     assert {c.method for c in simple} == {"minmax", "lp", "detptq"}
+    rest_q = [c for c in simple if c.extra]
+    assert len(rest_q) == 6 and all(c.method == "detptq" and c.extra == ("--rest", "quantized") for c in rest_q)
     assert {c.p for c in simple if c.method == "lp"} == set(P_DEFAULT)
     assert {(c.w_bits, c.a_bits) for c in simple} == {(4, 4), (4, 8)}
     assert {c.seed for c in simple} == {0, 1, 2}

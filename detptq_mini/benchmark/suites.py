@@ -105,10 +105,17 @@ class Cell:
         return key
 
 
+#: DetPTQ's p chosen with the layers after the one under test quantized at p = 2 (``--rest quantized``) instead of FP.
+REST_QUANTIZED: tuple[str, ...] = ("--rest", "quantized")
+
+
 def _simple_suite() -> list[Cell]:
-    """Bits, then method (min-max, Lp with p = 1..4.5, DetPTQ), then seed: a table reads top to bottom."""
+    """Bits, then method (min-max, Lp with p = 1..4.5, DetPTQ), then seed: a table reads top to bottom; then DetPTQ
+    with :data:`REST_QUANTIZED` at both bits and seeds (chapter 6's "FP or quantized rest" question)."""
     variants = [("minmax", None), *(("lp", p) for p in P_DEFAULT), ("detptq", None)]
-    return [Cell(method, w, a, seed, p=p) for w, a in ((4, 4), (4, 8)) for method, p in variants for seed in (0, 1, 2)]
+    bits = ((4, 4), (4, 8))
+    cells = [Cell(method, w, a, seed, p=p) for w, a in bits for method, p in variants for seed in (0, 1, 2)]
+    return cells + [Cell("detptq", w, a, seed, extra=REST_QUANTIZED) for w, a in bits for seed in (0, 1, 2)]
 
 
 #: Bit widths of the ``full`` comparison, in table order.
@@ -337,8 +344,9 @@ def _quick_suite() -> list[Cell]:
 #: * ``ablations`` (48 cells): see :func:`_ablation_suite`; the p-with-and-without-V ablation is the script
 #:   ``benchmarks/rounding_ablation.py``.
 #: * ``loss-norm`` (24 cells): see :func:`_loss_norm_suite`.
-#: * ``simple`` (60 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
-#:   calibration images (the chapter 6 table).
+#: * ``simple`` (66 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
+#:   calibration images (the chapter 6 table), and DetPTQ with the rest of the network quantized while a layer's p is
+#:   chosen (``--rest quantized``).
 #: * ``recon`` (62 cells; its 18 E1 cells are ``full``'s W4A4 reconstruction cells, 9 of them done: joint and the
 #:   two-coin cells): the reconstruction experiments E1, E2, E8, E9, E10 (see :func:`_recon_suite`).
 #: * ``paper`` (66 cells): the paper's rows for a second detector (``--model retinanet-r18``), see
