@@ -728,6 +728,56 @@ def test_an_interrupted_run_with_jobs_kills_its_children(tmp_path, monkeypatch):
     assert not out.exists()  # the killed cells are not recorded
 
 
+def test_a_sigterm_stops_a_run_as_ctrl_c_does_and_kills_its_children(tmp_path, monkeypatch):
+    """`kill PID` of a benchmark run in the background (where SIGINT is ignored) must not orphan its cells."""
+    import os
+    import threading
+
+    from detptq_mini.benchmark import runner
+
+    pids = []
+
+    def run_cell(cell, device="cpu", threads=None, children=None):
+        proc = subprocess.Popen(["sleep", "60"])
+        pids.append(proc.pid)
+        children.add(proc.pid)
+        try:
+            os.wait4(proc.pid, 0)
+        finally:
+            children.discard(proc.pid)
+        return _stub_run_cell([], seconds={cell.key: 0})(cell)
+
+    monkeypatch.setattr(runner, "run_cell", run_cell)
+    sent = []
+
+    def terminate():
+        deadline = time.perf_counter() + 60
+        while len(pids) < 2 and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def before(signum, frame):  # what the process had: without run_suite's own handler, this would get it
+        raise AssertionError("run_suite did not handle SIGTERM")
+
+    old_handler = signal.signal(signal.SIGTERM, before)
+    threading.Thread(target=terminate, daemon=True).start()
+    out = tmp_path / "t.json"
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            run_suite(JOB_CELLS, out, jobs=2)
+        assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+    assert sent and time.perf_counter() - sent[0] < 10
+    assert len(pids) == 2
+    for pid in pids:  # killed and reaped, not left running under init
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not out.exists()
+
+
 def test_stop_after_starts_no_cell_late_lets_the_running_ones_finish_and_the_next_run_resumes(tmp_path, monkeypatch):
     from detptq_mini.benchmark import runner
 

@@ -280,6 +280,21 @@ def _reusable(reuse) -> dict[str, dict]:
     return found
 
 
+def _sigterm_as_interrupt():
+    """Make SIGTERM (``kill PID``) interrupt this process as Ctrl-C does, so that :func:`run_suite` kills its
+    running children instead of leaving them orphaned, and returns a function that restores the previous handler.
+    A run started in the background by a script (``... &``) has SIGINT ignored, so ``kill`` is how it is stopped.
+    Only the main thread can set a handler; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False, only: str | None = None,
               device: str = "cpu", reuse=(), command: str | None = None, exclude: str | None = None,
               jobs: int = 1, stop_after: float | None = None, model: str = "yolo") -> SuiteRun:
@@ -317,8 +332,8 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     Every run that does at least one cell appends ``{"command", "started", "code", "jobs", "seconds", "ran",
     "reused", "failed"}`` to the file's ``runs`` (updated after every cell; ``code`` is :func:`code_version`), so a
     file made over several sessions says how, and with which code. Each record made by this run says ``jobs`` (the
-    run's) and ``threads`` (the child's torch threads, as it reported them). An interruption (Ctrl-C) kills the
-    running children and loses only their cells.
+    run's) and ``threads`` (the child's torch threads, as it reported them). An interruption (Ctrl-C, or SIGTERM:
+    ``kill PID`` of a run started in the background) kills the running children and loses only their cells.
     """
     t0 = time.perf_counter()
     jobs = check_int("jobs", jobs, 1)
@@ -378,6 +393,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     queue = list(todo)
     running: dict = {}  # future -> its cell, in the order they started
     children = _Children()
+    restore = _sigterm_as_interrupt()
     try:
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="benchmark-cell") as pool:
             try:
@@ -405,6 +421,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
                 children.kill_all()  # the workers' os.wait4 then return; the pool's exit waits for them
                 raise
     finally:
+        restore()
         bar.close()
     order = {c.key: i for i, c in enumerate(cells)}
     for keys in (run.ran, run.failed, run.reused):
