@@ -364,7 +364,7 @@ def test_summary_of_a_named_suite_counts_its_cells_and_leaves_out_others():
 # --- bad input ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, word", [
-    (["--suite", "nosuch"], "allowed: simple, full, ablations, loss-norm, recon, quick"),
+    (["--suite", "nosuch"], "allowed: simple, full, ablations, loss-norm, recon, paper, quick"),
     (["--quick", "--suite", "full"], "--quick is --suite quick; it cannot be combined with --suite full"),
     (["--suite", "ablations", "--reuse", "/nonexistent/full.json"], "--reuse '/nonexistent/full.json' does not exist"),
     (["--suite", "quick", "--only", "nosuch"], "--only 'nosuch' leaves no cell of suite 'quick'"),
@@ -680,16 +680,12 @@ def test_jobs_records_a_failed_cell_and_the_next_run_retries_only_it(tmp_path, m
     assert list(load_results(out)["cells"]) == [c.key for c in JOB_CELLS]
 
 
-def test_an_interrupted_run_with_jobs_kills_its_children(tmp_path, monkeypatch):
-    import _thread
+def _minute_long_cells(pids: list):
+    """A ``run_cell`` whose child sleeps a minute (its pid appended to ``pids``), and a function that waits until two
+    such children run (not a fixed delay: a loaded machine may be slow)."""
     import os
-    import threading
 
-    from detptq_mini.benchmark import runner
-
-    pids = []
-
-    def run_cell(cell, device="cpu", threads=None, children=None):  # a child that would run for a minute
+    def run_cell(cell, device="cpu", threads=None, children=None):
         proc = subprocess.Popen(["sleep", "60"])
         pids.append(proc.pid)
         children.add(proc.pid)
@@ -699,14 +695,29 @@ def test_an_interrupted_run_with_jobs_kills_its_children(tmp_path, monkeypatch):
             children.discard(proc.pid)
         return _stub_run_cell([], seconds={cell.key: 0})(cell)
 
-    monkeypatch.setattr(runner, "run_cell", run_cell)
-    sent = []
-
-    def ctrl_c():  # as a Ctrl-C once both children run (not after a fixed delay: a loaded machine may be slow)
+    def wait_for_both():
         deadline = time.perf_counter() + 60
         while len(pids) < 2 and time.perf_counter() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)  # the main thread is back in its wait loop
+
+    return run_cell, wait_for_both
+
+
+def test_an_interrupted_run_with_jobs_kills_its_children(tmp_path, monkeypatch):
+    import _thread
+    import os
+    import threading
+
+    from detptq_mini.benchmark import runner
+
+    pids = []
+    run_cell, wait_for_both = _minute_long_cells(pids)
+    monkeypatch.setattr(runner, "run_cell", run_cell)
+    sent = []
+
+    def ctrl_c():  # as a Ctrl-C once both children run
+        wait_for_both()
         sent.append(time.perf_counter())
         _thread.interrupt_main()
 
@@ -736,25 +747,12 @@ def test_a_sigterm_stops_a_run_as_ctrl_c_does_and_kills_its_children(tmp_path, m
     from detptq_mini.benchmark import runner
 
     pids = []
-
-    def run_cell(cell, device="cpu", threads=None, children=None):
-        proc = subprocess.Popen(["sleep", "60"])
-        pids.append(proc.pid)
-        children.add(proc.pid)
-        try:
-            os.wait4(proc.pid, 0)
-        finally:
-            children.discard(proc.pid)
-        return _stub_run_cell([], seconds={cell.key: 0})(cell)
-
+    run_cell, wait_for_both = _minute_long_cells(pids)
     monkeypatch.setattr(runner, "run_cell", run_cell)
     sent = []
 
     def terminate():
-        deadline = time.perf_counter() + 60
-        while len(pids) < 2 and time.perf_counter() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)
+        wait_for_both()
         sent.append(time.perf_counter())
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -203,3 +203,22 @@ def test_load_pretrained_names_the_models_and_says_how_to_make_missing_weights(t
         load_pretrained("retinanet-r18")
     with pytest.raises(FileNotFoundError, match="make weights-retinanet"):
         ckpt_mod.pretrained_info("retinanet-r18")
+
+
+def test_the_shipped_retinanet_weights_are_trained_float16_and_load_without_a_network():
+    path = ckpt_mod.pretrained_path("retinanet-r18")
+    assert path.exists(), "the package ships RetinaNet-R18's weights (make weights-retinanet)"
+    assert path.stat().st_size < 45e6  # float16: about 39 MB
+    header = read_checkpoint(path)["header"]
+    assert header["model"] == "retinanet-r18" and header["dtype"] == "float16"
+    info = ckpt_mod.pretrained_info("retinanet-r18")
+    check = info["float16"]
+    assert check["val_images"] == 500 and check["max_abs_diff"] <= check["tol"] == 1e-3
+    assert info["val_map"] == check["map_float32"] and info["model"] == "retinanet-r18"
+    model = load_pretrained("retinanet-r18")
+    assert isinstance(model, RetinaNetAdapter) and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # float16 on disk, float32 to run
+    from detptq_mini.evaluate import evaluate_model
+
+    m = evaluate_model(model, ShapesDataset("val", 40, seed=0))  # trained, not random (random scores 0)
+    assert m["map"] > 0.5 and abs(m["map"] - info["float16"]["map_float16"]) < 0.1
