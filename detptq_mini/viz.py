@@ -28,7 +28,7 @@ from .quant import QuantConfig, quant_layers, quantize_model
 __all__ = [
     "CLASS_COLOURS", "COLUMN_PX", "MIN_TEXT_PX", "Table", "smallest_text_px", "draw_boxes", "plot_samples",
     "plot_detections", "unit_edges", "plot_units", "summary_table", "plot_ratio_vs_bits", "plot_unit_losses",
-    "plot_reconstruction_flow", "strip_cdn_links", "ResultTable", "table", "plot_selection_loop",
+    "plot_reconstruction_flow", "strip_cdn_links", "table", "plot_selection_loop",
 ]
 
 CLASS_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
@@ -77,6 +77,13 @@ class Table:
                 row = dict(zip(self.columns, row))
             self.rows.append([self._cell(row.get(c), formats.get(c)) for c in self.columns])
         self.caption = caption
+
+    @classmethod
+    def _from_cells(cls, columns: list[str], cells: list[list[tuple[str, bool]]], caption: str | None) -> "Table":
+        """A table of cells already formatted, each ``(text, numeric)`` (what :func:`table` builds)."""
+        t = cls.__new__(cls)
+        t.columns, t.rows, t.caption = list(columns), cells, caption
+        return t
 
     @staticmethod
     def _cell(value, fmt) -> tuple[str, bool]:
@@ -494,64 +501,8 @@ def strip_cdn_links(html: str) -> str:
 
 
 # ------------------------------------------------------------------ tables
-def _cell_text(value, fmt: str) -> str:
-    """A table cell as text: numbers (not bools) with ``fmt``, None as an em dash, anything else as ``str``."""
-    if value is None:
-        return "\u2014"
-    if isinstance(value, (bool, numbers.Integral)) or not isinstance(value, numbers.Real):
-        return str(value)  # integers (counts) as they are
-    return format(float(value), fmt)
-
-
-class ResultTable:
-    """A small table that a notebook shows as an HTML ``<table>`` (and as aligned text elsewhere).
-
-    The chapters show their results with it instead of printing padded columns: the book's theme lays the HTML
-    table out to fit the page, and a reader can copy it. Build one with :func:`table`.
-
-    Attributes:
-        columns: the column headers.
-        rows: the rows, each a list of cell texts (already formatted).
-        index: the row labels (the first column), or None.
-        index_name: the header of the index column.
-        title: a caption shown above the table, or None.
-    """
-
-    def __init__(self, columns: list[str], rows: list[list[str]], index: list[str] | None, index_name: str,
-                 title: str | None, numeric: list[bool]):
-        self.columns, self.rows, self.index = columns, rows, index
-        self.index_name, self.title, self._numeric = index_name, title, numeric
-
-    def _repr_html_(self) -> str:
-        esc = html.escape
-        right = ' style="text-align: right"'
-        head = "".join(f"<th>{esc(c)}</th>" for c in ([self.index_name] if self.index is not None else [])
-                       + self.columns)
-        body = []
-        for i, row in enumerate(self.rows):
-            cells = [f"<th>{esc(self.index[i])}</th>"] if self.index is not None else []
-            cells += [f"<td{right if num else ''}>{esc(v)}</td>" for v, num in zip(row, self._numeric)]
-            body.append("<tr>" + "".join(cells) + "</tr>")
-        caption = f"<caption>{esc(self.title)}</caption>" if self.title else ""
-        return (f'<table class="detptq-table">{caption}<thead><tr>{head}</tr></thead>'
-                f"<tbody>{''.join(body)}</tbody></table>")
-
-    def __repr__(self) -> str:
-        header = ([self.index_name] if self.index is not None else []) + self.columns
-        lines = [([self.index[i]] if self.index is not None else []) + row for i, row in enumerate(self.rows)]
-        widths = [max(len(r[j]) for r in [header] + lines) for j in range(len(header))]
-        off = 1 if self.index is not None else 0
-
-        def fmt_line(cells):
-            return "  ".join(c.rjust(w) if j >= off and self._numeric[j - off] else c.ljust(w)
-                             for j, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-        out = ([self.title] if self.title else []) + [fmt_line(header)] + [fmt_line(r) for r in lines]
-        return "\n".join(out)
-
-
-def table(rows, columns, index=None, index_name: str = "", fmt: str = ".3f", title: str | None = None) -> "ResultTable":
-    """A :class:`ResultTable` of ``rows`` under ``columns``: how the chapters show a result.
+def table(rows, columns, index=None, index_name: str = "", fmt: str = ".3f", title: str | None = None) -> Table:
+    """A :class:`Table` of ``rows`` under ``columns``, every number formatted alike: how the chapters show a result.
 
     Args:
         rows: a sequence of rows, each a sequence with one value per column (real numbers are formatted with
@@ -563,7 +514,8 @@ def table(rows, columns, index=None, index_name: str = "", fmt: str = ".3f", tit
         title: a caption above the table.
 
     Returns:
-        A :class:`ResultTable`; a notebook displays it as an HTML table.
+        A :class:`Table`; a notebook displays it as an HTML table. A column whose values are all numbers (or None)
+        is right-aligned.
 
     Raises:
         ValueError: ``columns`` empty, a row with another number of values than ``columns``, ``index`` of
@@ -584,9 +536,21 @@ def table(rows, columns, index=None, index_name: str = "", fmt: str = ".3f", tit
         format(1.0, fmt)
     except (ValueError, TypeError):
         raise ValueError(f"fmt={fmt!r} is not a format spec for numbers, e.g. '.3f'") from None
-    numeric = [all(v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)) for v in col)
-               and any(v is not None for v in col) for col in zip(*rows)] if rows else [False] * len(columns)
-    return ResultTable(columns, [[_cell_text(v, fmt) for v in r] for r in rows], index, str(index_name), title, numeric)
+
+    def real(v) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    def text(v) -> str:
+        if v is None:
+            return "\u2014"
+        return format(float(v), fmt) if real(v) and not isinstance(v, numbers.Integral) else str(v)
+
+    numeric = [all(v is None or real(v) for v in col) and any(v is not None for v in col) for col in zip(*rows)]
+    cells = [[(text(v), num) for v, num in zip(r, numeric)] for r in rows]
+    if index is not None:
+        columns = [str(index_name), *columns]
+        cells = [[(label, False), *row] for label, row in zip(index, cells)]
+    return Table._from_cells(columns, cells, title)
 
 
 # ------------------------------------------------------------------ DetPTQ's selection loop

@@ -202,18 +202,19 @@ def test_reconstruction_flow_names_the_three_cached_tensors_and_the_coin():
 
 # ----------------------------------------------------------------------------- viz.table
 
-from detptq_mini.viz import ResultTable, plot_selection_loop, table  # noqa: E402
+from detptq_mini.viz import plot_selection_loop, table  # noqa: E402
 
 
 def test_table_is_an_html_table_with_formatted_escaped_cells():
     t = table([[0.12345, None, "a<b"], [2, 3.5, "x"]], ["mAP", "p", "note"], index=["min-max", "Lp & p"],
               index_name="method", title="W4A4")
-    assert isinstance(t, ResultTable)
+    assert isinstance(t, Table) and t.columns == ["method", "mAP", "p", "note"]  # the labels are the first column
     out = t._repr_html_()
-    assert out.startswith('<table class="detptq-table"><caption>W4A4</caption>')
-    assert out.count("<tr>") == 3 and out.count("<th>") == 4 + 2  # header row + one label cell per row
-    assert "<td style=\"text-align: right\">0.123</td>" in out and "<td>a&lt;b</td>" in out
-    assert "<th>Lp &amp; p</th>" in out and "\u2014" in out  # escaped label, None as an em dash
+    assert out.startswith('<table class="table"><caption>W4A4</caption>')
+    assert out.count("<tr>") == 3 and out.count("<th>") + out.count("<th ") == 4  # one header row, 4 columns
+    assert '<td style="text-align: right">0.123</td>' in out and "<td>a&lt;b</td>" in out
+    assert '<td style="text-align: right">2</td>' in out  # an integer as it is, right-aligned with its column
+    assert "<td>Lp &amp; p</td>" in out and '<td style="text-align: right">\u2014</td>' in out  # None: em dash
     assert "a<b" not in out
 
 
