@@ -129,3 +129,14 @@ def test_retinanet_train_resume_evaluate_and_quantize_from_the_command_line(tmp_
     assert json.loads(capsys.readouterr().out)["map"] == res["map"]
     assert main(["export", "--checkpoint", str(q), "--onnx", str(tmp_path / "m.onnx")]) == 2
     assert "holds model 'retinanet-r18', not 'yolo'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_a_listing_quietly():
+    """`detptq-mini benchmark --list | head -1`: when the reader has closed the pipe before the listing is written
+    (here at once, while the command still imports torch), the command exits 0 without a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "detptq_mini.cli", "benchmark", "--suite", "full", "--list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
