@@ -148,8 +148,9 @@ def test_ablation_suite():
     assert {("detptq", "W4A4", (), None), ("detptq", "W4A8", (), None), ("detptq", "W4A4", off, None),
             ("detptq", "W4A4", off[:1], None), ("detptq", "W4A4", off[1:], None), ("joint", "W4A4", (), it),
             ("qdrop", "W4A4", two, it), ("detptq-qdrop", "W4A4", two, it), ("detptq-qdrop", "W4A4", off + two, it),
-            ("detptq-qdrop", "W4A4", ("--quant-prob", "1"), it)} <= variants
-    assert len(variants) == 16 and len(abl) == 48 and all(
+            ("detptq-qdrop", "W4A4", ("--quant-prob", "1"), it), ("detptq", "W3A3", ("--rest", "quantized"), None)
+            } <= variants
+    assert len(variants) == 17 and len(abl) == 51 and all(
         sum((c.method, c.bits, c.extra, c.iters) == v for c in abl) == 3 for v in variants)  # 3 seeds each
     shared = {c.key for c in abl} & full_keys  # the cells --reuse can copy from the full suite's file
     assert shared == {c.key for c in abl if not c.extra or c.extra == two}

@@ -30,8 +30,8 @@ from ..lp import P_DEFAULT
 
 __all__ = ["Cell", "FULL_BITS", "SEEDS", "FULL_CALIB", "FULL_VAL", "RECON_ITERS", "RECON_LR", "RECON_METHODS",
            "LP_EXTRA_P", "ODOL_COMBOS", "HEAD_FP", "TWO_COIN", "BRECQ_LR_ACT", "QDROP_PROBS",
-           "LONG_ITERS", "PAPER_CALIB", "QUANT_PROB_ONE", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE", "SUITES", "bits_pair",
-           "suite_cells", "select_cells", "is_done", "on_model"]
+           "LONG_ITERS", "PAPER_CALIB", "QUANT_PROB_ONE", "REST_QUANTIZED", "EIGHT_BIT_OFF", "LOSS_NORM_BEFORE",
+           "SUITES", "bits_pair", "suite_cells", "select_cells", "is_done", "on_model"]
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,8 @@ def _ablation_suite() -> list[Cell]:
       (on: the plain cell above); DetPTQ+QDrop with both off, against the plain cell (on).
     * QDrop probability at W4A4: QDrop (0.5) against joint (1.0), same scales, budget and loss; and DetPTQ+QDrop
       at 0.5 (the plain cell) against 1.0 (``--quant-prob 1``: DetPTQ's p inside the joint scheme).
+    * DetPTQ simple at W3A3 with its p chosen with the later layers quantized (:data:`REST_QUANTIZED`), against the
+      plain cell of ``full`` (later layers FP): does the greedy FP-tail selection explain DetPTQ's W3A3 deficit?
 
     The QDrop cells are the earlier two-coin scheme's (``--qdrop-input two-coin``), as committed; the reference's
     single coin is the ``recon`` suite's.
@@ -217,6 +219,7 @@ def _ablation_suite() -> list[Cell]:
     cells = [Cell("detptq", 4, 4, s, extra=e, **opts) for e in odol for s in SEEDS]
     cells += [Cell("detptq", 4, 4, s, extra=e, **opts) for e in EIGHT_BIT_OFF for s in SEEDS]
     cells += [Cell("detptq", 4, 8, s, extra=e, **opts) for e in odol for s in SEEDS]
+    cells += [Cell("detptq", 3, 3, s, extra=REST_QUANTIZED, **opts) for s in SEEDS]
     opts.update(_recon_opts("W4A4"))
     for s in SEEDS:
         cells += [Cell("joint", 4, 4, s, **opts), Cell("qdrop", 4, 4, s, extra=TWO_COIN, **opts),
@@ -342,7 +345,7 @@ def _quick_suite() -> list[Cell]:
 #:   :data:`RECON_ITERS` for its bits and the learning rates :data:`RECON_LR`. "Best fixed p" is not a cell: the
 #:   report's :func:`~detptq_mini.benchmark.report.summarize` picks, per bits, the p of ``P_DEFAULT`` with the best
 #:   mean mAP over seeds (an oracle choice made on the val set).
-#: * ``ablations`` (48 cells): see :func:`_ablation_suite`; the p-with-and-without-V ablation is the script
+#: * ``ablations`` (51 cells): see :func:`_ablation_suite`; the p-with-and-without-V ablation is the script
 #:   ``benchmarks/rounding_ablation.py``.
 #: * ``loss-norm`` (24 cells): see :func:`_loss_norm_suite`.
 #: * ``simple`` (66 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
