@@ -110,22 +110,25 @@ def test_recon_suite_orders_the_experiments_by_what_they_decide():
         ("--quant-prob", "0.75"), ("--quant-prob", "0.9")}
 
 
-def test_paper_suite_holds_the_rows_of_the_papers_table_cheap_cells_first():
+def test_paper_suite_holds_the_rows_of_the_papers_table_w4a4_first():
     from detptq_mini.benchmark.suites import PAPER_CALIB
     from detptq_mini.lp import P_DEFAULT
 
     paper = SUITES["paper"]
     assert len(paper) == 66 and len({c.key for c in paper}) == 66
     assert all(c.calib == PAPER_CALIB and c.val == 500 for c in paper)
-    # seed 0's simple cells, the reconstruction cells (protocol ours), seeds 1-2's simple cells, recon under head-fp
-    simple, recon = paper[:20] + paper[23:63], paper[20:23] + paper[63:]
+    # seed 0 at W4A4 (11 cells), the reconstruction cells (ours), seed 0's other cells (9), seeds 1-2, recon head-fp
+    s0_w4a4, recon, s0_rest = paper[:11], paper[11:14] + paper[63:], paper[14:23]
+    simple = paper[:11] + paper[14:63]
     assert all(c.iters is None for c in simple) and all(c.iters == RECON_ITERS["W4A4"] for c in recon)
     assert [c.seed for c in simple] == sorted(c.seed for c in simple)  # seed 0's table first
-    s0 = simple[:20]
+    assert all(c.bits == "W4A4" and c.seed == 0 and not c.extra for c in s0_w4a4)
+    assert {c.p for c in s0_w4a4 if c.method == "lp"} == set(P_DEFAULT) | {2.4}  # the oracle's p
+    assert [c.method for c in s0_w4a4 if c.method != "lp"] == ["minmax", "detptq"]
+    s0 = s0_w4a4 + s0_rest
     for bits in ("W8A8", "W4A8", "W4A4"):  # min-max, Lp p = 2 and 2.4, DetPTQ simple at each bits
         plain = {(c.method, c.p) for c in s0 if c.bits == bits and not c.extra}
         assert {("minmax", None), ("lp", 2.0), ("lp", 2.4), ("detptq", None)} <= plain
-    assert {c.p for c in s0 if c.method == "lp" and c.bits == "W4A4"} == set(P_DEFAULT) | {2.4}  # the oracle's p
     assert [c.method for c in s0 if c.extra] == ["detptq"] and s0[-1].extra == ("--protocol", "head-fp")
     assert [(c.method, c.extra) for c in recon] == [(m, e) for e in ((), ("--protocol", "head-fp"))
                                                     for m in ("brecq", "qdrop", "detptq-qdrop")]
