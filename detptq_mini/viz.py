@@ -27,7 +27,8 @@ from .quant import QuantConfig, quant_layers, quantize_model
 
 __all__ = [
     "CLASS_COLOURS", "COLUMN_PX", "MIN_TEXT_PX", "Table", "smallest_text_px", "draw_boxes", "plot_samples",
-    "plot_detections", "unit_edges", "plot_units", "summary_table", "plot_ratio_vs_bits", "plot_unit_losses",
+    "plot_detections", "unit_edges", "plot_units", "summary_table", "plot_ratio_vs_bits", "plot_ratio_vs_p",
+    "plot_unit_losses",
     "plot_reconstruction_flow", "strip_cdn_links", "table", "plot_selection_loop",
 ]
 
@@ -393,6 +394,62 @@ def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: st
 
 #: Line styles and markers cycled with the colours, so that series stay apart in grey print and for colour-blind readers.
 _STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 1)), "P"))
+
+
+_LP_ROW = re.compile(r"Lp p=(\d+(?:\.\d+)?)$")
+
+
+def plot_ratio_vs_p(summaries: Mapping[str, dict], bits: str, reference: str | None = "DetPTQ simple",
+                    title: str | None = None) -> Figure:
+    """Percent of the FP mAP50:95 against the fixed p of the Lp search, one line per model: the paper's motivation
+    (the best single p depends on the model and the bits) as a picture.
+
+    Args:
+        summaries: model name -> :func:`detptq_mini.benchmark.summarize` of its result file.
+        bits: the bits to draw, e.g. ``"W4A4"``; each summary must have cells at them.
+        reference: a row drawn as a dashed horizontal line in its model's colour (DetPTQ's per-layer p by default),
+            or None; a model without that row at ``bits`` gets no line.
+        title: the axes title.
+
+    A point is a row labelled ``Lp p=<p>``: the mean over calibration seeds, with the sample standard deviation as
+    its error bar (none for one seed); the line is solid and the best p is circled. The reference is dashed.
+    """
+    if not summaries:
+        raise ValueError("summaries: give at least one model name -> summary")
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, summary) in enumerate(summaries.items()):
+        if bits not in summary["bits"]:
+            plt.close(fig)
+            raise ValueError(f"bits={bits!r} has no cells in {name!r}; allowed: {summary['bits']!r}")
+        rows = {row["label"]: row for row in summary["rows"]}
+        pts = sorted((float(m.group(1)), row["cells"][bits]) for lab, row in rows.items()
+                     if (m := _LP_ROW.match(lab)) and bits in row["cells"])
+        if not pts:
+            plt.close(fig)
+            raise ValueError(f"summaries[{name!r}] has no 'Lp p=...' row with a cell at {bits}")
+        xs = [p for p, _ in pts]
+        ys = [100 * c["ratio_to_fp_mean"] for _, c in pts]
+        errs = [0.0 if c["map_std"] is None else 100 * c["ratio_to_fp_mean"] * c["map_std"] / c["map_mean"]
+                for _, c in pts]
+        n = sorted({c["n"] for _, c in pts})
+        seeds = f"{n[0]} seed{'s' if n[0] > 1 else ''}" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+        colour, marker = f"C{i % 10}", _MARKERS[i % len(_MARKERS)]  # solid lines: the dashed ones are references
+        ax.errorbar(xs, ys, yerr=errs, marker=marker, ms=4, capsize=3, color=colour,
+                    label=f"{name}: Lp, fixed p ({seeds})")
+        best = max(range(len(xs)), key=ys.__getitem__)
+        ax.plot([xs[best]], [ys[best]], marker="o", ms=11, mfc="none", mec=colour, ls="none")
+        ref = rows.get(reference, {}).get("cells", {}).get(bits) if reference else None
+        if ref is not None:
+            ax.axhline(100 * ref["ratio_to_fp_mean"], color=colour, ls="--", lw=1.2,
+                       label=f"{name}: {reference} ({ref['n']} seed{'s' if ref['n'] > 1 else ''})")
+    ax.set_xlabel("p of the Lp scale search (one p for every layer)")
+    ax.set_ylabel(f"% of FP mAP50:95 at {bits}")
+    ax.set_ylim(0, 100)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
 
 
 def plot_unit_losses(profiles: dict[str, dict[str, float]], title: str | None = None, log: bool = True) -> Figure:

@@ -17,7 +17,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 from detptq_mini.data import ShapesDataset  # noqa: E402
 from detptq_mini.quant import QuantConfig  # noqa: E402
 from detptq_mini.viz import (  # noqa: E402
-    MIN_TEXT_PX, Table, plot_detections, plot_ratio_vs_bits, plot_samples, plot_units, smallest_text_px,
+    MIN_TEXT_PX, Table, plot_detections, plot_ratio_vs_bits, plot_ratio_vs_p, plot_samples, plot_units, smallest_text_px,
     strip_cdn_links, unit_edges,
 )
 
@@ -116,7 +116,7 @@ def test_the_library_figures_are_legible_at_the_book_width(pretrained):
                                  for b, r in (("W8A8", 0.99), ("W4A4", 0.5 + k / 10))}}
         for k, lab in enumerate(["min-max", "Lp p=2"])]}
     figs = [plot_samples(val), plot_detections(images, dets, val.class_names, targets=[val[i][1] for i in range(6)]),
-            plot_ratio_vs_bits(summary)]
+            plot_ratio_vs_bits(summary), plot_ratio_vs_p({"a": summary, "b": _p_summary()}, "W4A4")]
     for fig in figs:
         assert smallest_text_px(fig) >= MIN_TEXT_PX
         plt.close(fig)
@@ -318,3 +318,45 @@ def test_plot_ratio_vs_bits_tells_series_apart_by_line_style_and_marker_too():
     styles = [(ln.get_linestyle(), ln.get_marker()) for ln in lines]
     assert len(lines) == 5 and len(set(styles)) == 5 and len({s for s, _ in styles}) == 4
     plt.close(fig)
+
+
+def _p_summary(bits=("W4A4",), n=1):
+    """A summary with Lp p=1, 2, 3 rows (p = 2 best) and a DetPTQ row; one seed unless n > 1."""
+    def cell(r):
+        return {"ratio_to_fp_mean": r, "map_mean": r * 0.8, "map_std": 0.01 if n > 1 else None, "n": n}
+    rows = [{"label": f"Lp p={p:g}", "cells": {b: cell(r) for b in bits}} for p, r in ((3, 0.6), (1, 0.2), (2, 0.7))]
+    rows.append({"label": "DetPTQ simple", "cells": {b: cell(0.75) for b in bits}})
+    rows.append({"label": "min-max", "cells": {b: cell(0.1) for b in bits}})
+    return {"bits": list(bits), "rows": rows}
+
+
+def test_plot_ratio_vs_p_draws_each_models_p_curve_its_best_p_and_its_reference():
+    fig = plot_ratio_vs_p({"big": _p_summary(), "small": _p_summary(("W8A8", "W4A4"), n=3)}, "W4A4", title="t")
+    ax = fig.axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels == ["big: DetPTQ simple (1 seed)", "small: DetPTQ simple (3 seeds)",
+                      "big: Lp, fixed p (1 seed)", "small: Lp, fixed p (3 seeds)"] and ax.get_title() == "t"
+    curve = dict(zip(labels, handles))["big: Lp, fixed p (1 seed)"][0]
+    assert list(curve.get_xdata()) == [1, 2, 3] and list(curve.get_ydata()) == pytest.approx([20, 70, 60])
+    circles = [ln for ln in ax.lines if ln.get_marker() == "o" and ln.get_markerfacecolor() == "none"]
+    assert [(ln.get_xdata()[0], ln.get_ydata()[0]) for ln in circles] == [(2, pytest.approx(70))] * 2  # best p
+    refs = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+    assert [ln.get_ydata()[0] for ln in refs] == pytest.approx([75, 75])
+    # the error bar of a 3-seed point: the mAP std as % of FP (0.01 / 0.56 * 70)
+    small = dict(zip(labels, handles))["small: Lp, fixed p (3 seeds)"]
+    seg = small[2][0].get_segments()[1]
+    assert seg[1][1] - seg[0][1] == pytest.approx(2 * 100 * 0.7 * 0.01 / 0.56)
+    plt.close(fig)
+    no_ref = plot_ratio_vs_p({"big": _p_summary()}, "W4A4", reference=None)
+    assert not [ln for ln in no_ref.axes[0].lines if ln.get_linestyle() == "--"]
+    plt.close(no_ref)
+
+
+def test_plot_ratio_vs_p_names_what_is_wrong():
+    with pytest.raises(ValueError, match=r"bits='W3A3' has no cells in 'big'; allowed: \['W4A4'\]"):
+        plot_ratio_vs_p({"big": _p_summary()}, "W3A3")
+    empty = {"bits": ["W4A4"], "rows": [{"label": "min-max", "cells": {"W4A4": {}}}]}
+    with pytest.raises(ValueError, match=r"summaries\['e'\] has no 'Lp p=...' row with a cell at W4A4"):
+        plot_ratio_vs_p({"e": empty}, "W4A4")
+    with pytest.raises(ValueError, match="summaries: give at least one"):
+        plot_ratio_vs_p({}, "W4A4")
