@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--graph fused: also compare, in one run, the mAP, integer-kernel count and latency (batch 1 "
                         "and 16, timed interleaved) of this graph, the qdq graph, ONNX Runtime's own quantize_static "
                         "(min-max, on the checkpoint's calibration images) and FP32")
+    x.add_argument("--rounds", type=_positive_int, default=5,
+                   help="--graph fused --benchmark: timing rounds, each graph in turn (default 5; a latency is "
+                        "the median of its round medians; 1 for a quick look)")
     x.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     x.add_argument("--json", action="store_true", help="print one JSON object")
     x.add_argument("--device", default="cpu", help="where the fake-quant reference runs (ONNX Runtime: CPU)")
@@ -489,7 +492,7 @@ def _cmd_export(args) -> dict:
         seed = (report.get("config") or {}).get("seed", 0)
         calib = ShapesDataset("calib", int(report.get("calib_images") or 256), seed=int(seed)).images()
         cmp_all = compare_graphs(qmodel.cpu(), calib, val or ShapesDataset("val", 100, seed=0),
-                                 fused_path=args.onnx, threads=args.threads)
+                                 fused_path=args.onnx, threads=args.threads, rounds=args.rounds)
         out.update(benchmark=cmp_all, threads=args.threads,
                    latency_fp32_ms=cmp_all["latency_ms"]["b1"]["fp32"],
                    latency_fused_ms=cmp_all["latency_ms"]["b1"]["fused"],

@@ -332,6 +332,8 @@ def summary_table(summary: dict, labels: Sequence[str], bits: Sequence[str] | No
         if c is None:
             return "—"
         if pct:
+            if c["ratio_to_fp_mean"] is None:
+                return f"— (FP mAP 0) ({c['n']})"
             return f"{100 * c['ratio_to_fp_mean']:.1f} % ({c['n']})"
         std = "" if c["map_std"] is None else f" ± {c['map_std']:.3f}"
         return f"{c['map_mean']:.3f}{std} ({c['n']})"
@@ -366,8 +368,8 @@ def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: st
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, lab in enumerate(labels):
         cells = rows[lab]["cells"]
-        xs = [j for j, b in enumerate(bits) if b in cells]
-        if not xs:
+        xs = [j for j, b in enumerate(bits) if b in cells and cells[b]["ratio_to_fp_mean"] is not None]
+        if not xs:  # no cell, or only cells of a model whose FP mAP is 0 (no % of FP)
             continue
         ys = [100 * cells[bits[j]]["ratio_to_fp_mean"] for j in xs]
         errs = [0.0 if cells[bits[j]]["map_std"] is None
@@ -387,7 +389,8 @@ def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: st
     ax.set_ylabel("% of FP mAP50:95")
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
 
@@ -423,10 +426,11 @@ def plot_ratio_vs_p(summaries: Mapping[str, dict], bits: str, reference: str | N
             raise ValueError(f"bits={bits!r} has no cells in {name!r}; allowed: {summary['bits']!r}")
         rows = {row["label"]: row for row in summary["rows"]}
         pts = sorted((float(m.group(1)), row["cells"][bits]) for lab, row in rows.items()
-                     if (m := _LP_ROW.match(lab)) and bits in row["cells"])
+                     if (m := _LP_ROW.match(lab)) and bits in row["cells"]
+                     and row["cells"][bits]["ratio_to_fp_mean"] is not None)
         if not pts:
             plt.close(fig)
-            raise ValueError(f"summaries[{name!r}] has no 'Lp p=...' row with a cell at {bits}")
+            raise ValueError(f"summaries[{name!r}] has no 'Lp p=...' row with a cell at {bits} (and an FP mAP above 0)")
         xs = [p for p, _ in pts]
         ys = [100 * c["ratio_to_fp_mean"] for _, c in pts]
         errs = [0.0 if c["map_std"] is None else 100 * c["ratio_to_fp_mean"] * c["map_std"] / c["map_mean"]
@@ -439,7 +443,7 @@ def plot_ratio_vs_p(summaries: Mapping[str, dict], bits: str, reference: str | N
         best = max(range(len(xs)), key=ys.__getitem__)
         ax.plot([xs[best]], [ys[best]], marker="o", ms=11, mfc="none", mec=colour, ls="none")
         ref = rows.get(reference, {}).get("cells", {}).get(bits) if reference else None
-        if ref is not None:
+        if ref is not None and ref["ratio_to_fp_mean"] is not None:
             ax.axhline(100 * ref["ratio_to_fp_mean"], color=colour, ls="--", lw=1.2,
                        label=f"{name}: {reference} ({ref['n']} seed{'s' if ref['n'] > 1 else ''})")
     ax.set_xlabel("p of the Lp scale search (one p for every layer)")

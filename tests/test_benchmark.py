@@ -284,6 +284,7 @@ def test_summarize_and_markdown():
     assert best["cells"]["W4A4"]["p"] == 3.0 and math.isclose(best["cells"]["W4A4"]["map_mean"], 0.7)
     assert best["cells"]["W4A4"]["candidates"] == pytest.approx({"2": 0.6, "3": 0.7})
     assert best["cells"]["W4A8"]["p"] == 2.0  # equal means: the smaller p
+    assert not best["cells"]["W4A4"]["complete"]  # 2 of the 8 p of P_DEFAULT: a partial sweep, no oracle yet
     assert set(rows["BRECQ (calib 64, iters 100)"]["cells"]) == {"W4A8", "W4A4"}
     assert set(rows["BRECQ (calib 64, iters 200)"]["cells"]) == {"W4A4"}
     assert rows["min-max (calib 64)"]["cells"]["W4A4"]["map_std"] is None
@@ -292,11 +293,13 @@ def test_summarize_and_markdown():
     assert lines[0] == "# Benchmark `custom`"
     assert lines.count("| method | W4A8 | W4A4 |") == 4  # mAP50:95, mAP50, % of FP, cost
     for line in ["| Lp p=2 (calib 64) | 0.8000 (1) | 0.6000 ± 0.1000 (3) |",  # mAP50:95
-                 "| Lp, best fixed p (oracle) (calib 64) | 0.8000 (1), p=2 | 0.7000 ± 0.0707 (2), p=3 |",
+                 "| Lp, best fixed p (oracle) (calib 64) | 0.8000 (1), p=2 (partial: 2 of 8 p) "
+                 "| 0.7000 ± 0.0707 (2), p=3 (partial: 2 of 8 p) |",
                  "| BRECQ (calib 64, iters 200) | — | 0.6000 (1) |",
                  "| Lp p=2 (calib 64) | 0.9000 (1) | 0.7000 ± 0.1000 (3) |",  # mAP50
                  "| Lp p=2 (calib 64) | 88.89 | 66.67 |",  # % of FP
-                 "| Lp, best fixed p (oracle) (calib 64) | 88.89, p=2 | 77.78, p=3 |",
+                 "| Lp, best fixed p (oracle) (calib 64) | 88.89, p=2 (partial: 2 of 8 p) "
+                 "| 77.78, p=3 (partial: 2 of 8 p) |",
                  "| Lp p=2 (calib 64) | 10.0 s, 1000 MB | 20.0 s, 1100 MB |",  # cost
                  "| Lp, best fixed p (oracle) (calib 64) | the Lp rows | the Lp rows |",
                  "| min-max (calib 8) | 8 | 500 | — |",  # settings
@@ -309,6 +312,38 @@ def test_summarize_and_markdown():
     assert any(ln.startswith("Made by: `detptq-mini benchmark --suite x` (2 runs); `detptq-mini benchmark --suite x "
                              "--only s1`") for ln in lines)
     assert lines[2].startswith(f"Cells: {len(recs) - 1} of {len(recs)} done, 1 failed.")
+
+
+def test_the_best_fixed_p_is_complete_only_with_every_p_of_the_sweep():
+    recs = [_rec("lp", 0, 0.1 + p / 10, p=p) for p in P_DEFAULT]
+    whole = summarize({r["key"]: r for r in recs})
+    best = next(r for r in whole["rows"] if r["best_fixed_p"])["cells"]["W4A4"]
+    assert best["complete"] and best["p"] == max(P_DEFAULT) and len(best["candidates"]) == len(P_DEFAULT)
+    assert "partial" not in to_markdown({r["key"]: r for r in recs})
+    part = summarize({r["key"]: r for r in recs[:-1]})
+    best = next(r for r in part["rows"] if r["best_fixed_p"])["cells"]["W4A4"]
+    assert not best["complete"] and best["p"] == P_DEFAULT[-2]
+    assert f"p={P_DEFAULT[-2]:g} (partial: 7 of 8 p)" in to_markdown({r["key"]: r for r in recs[:-1]})
+
+
+def test_a_model_whose_fp_map_is_zero_summarizes_without_a_percent_of_fp():
+    """An untrained detector (FP mAP 0): its cells record ratio_to_fp None; the tables say so, the plots skip it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from detptq_mini.viz import plot_ratio_vs_bits, summary_table
+
+    recs = [_rec("minmax", 0, 0.0), _rec("minmax", 1, 0.0)]
+    for rec in recs:
+        rec.update(fp_map=0.0, ratio_to_fp=None)
+    s = summarize({r["key"]: r for r in recs})
+    cell = benchmark.cell_of(s, "min-max", "W4A4")
+    assert cell["ratio_to_fp_mean"] is None and cell["map_mean"] == 0.0 and cell["n"] == 2
+    assert "| min-max | — (FP mAP 0) |" in to_markdown({r["key"]: r for r in recs}).splitlines()
+    assert "— (FP mAP 0) (2)" in str(summary_table(s, ["min-max"], pct=True))
+    fig = plot_ratio_vs_bits(s)
+    assert fig.axes[0].get_legend_handles_labels()[1] == []  # nothing to draw as % of FP
+    matplotlib.pyplot.close(fig)
 
 
 def test_a_head_fp_cell_has_its_own_key_and_its_own_labelled_row():

@@ -204,6 +204,17 @@ def visit(browser, base_url):
         v.close()
 
 
+@pytest.fixture(scope="module", params=PAGES)
+def loaded(request, browser, base_url):
+    """``(page, Visit)``: one page of the book opened once for all the per-page checks below (pytest runs the
+    tests that share a module-scoped parameter together, so each page loads once, not once per check)."""
+    v = Visit(browser, base_url).goto(f"{request.param}.html")
+    try:
+        yield request.param, v
+    finally:
+        v.close()
+
+
 # ----------------------------------------------------------------------------- checks
 
 _WAIT_MATHJAX = """async () => {
@@ -276,12 +287,11 @@ def check_links(v: Visit) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_page_renders_offline(visit, page):
+def test_page_renders_offline(loaded):
+    page, v = loaded
     html_file = HTML / f"{page}.html"
     assert html_file.is_file(), f"{page} is in _toc.yml but {html_file.relative_to(ROOT)} was not built"
     html = html_file.read_text(encoding="utf-8")
-    v = visit(f"{page}.html")
     problems = check_math(v, html)
     problems += [f"image not loaded: {src}" for src in v.page.evaluate(_IMAGES)]
     problems += check_links(v)
@@ -329,28 +339,23 @@ _TOO_WIDE = """() => {
 PENDING: dict[str, str] = {}
 
 
-def _fits_params():
-    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=PENDING[p])) if p in PENDING else p
-            for p in PAGES]
-
-
 def test_pending_pages_are_pages():
     assert not set(PENDING) - set(PAGES), f"PENDING names pages the book does not have: {set(PENDING) - set(PAGES)}"
 
 
-@pytest.mark.parametrize("page", _fits_params())
-def test_page_fits_a_1280px_window(visit, page):
+def test_page_fits_a_1280px_window(loaded, request):
     """No code block, text output or table is wider than its column: nothing scrolls sideways."""
-    v = visit(f"{page}.html")
+    page, v = loaded
+    if page in PENDING:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PENDING[page]))
     wide = v.page.evaluate(_TOO_WIDE)
     assert not wide, f"{page}.html at 1280 px: {len(wide)} block(s) wider than the column:\n  " + "\n  ".join(wide)
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_page_offers_its_source_for_download(visit, page):
+def test_page_offers_its_source_for_download(loaded):
     """The download button gives the page's own source (.ipynb for a chapter, .md for a page), served offline."""
+    page, v = loaded
     source = next(p for p in ROOT.glob(f"{page}.*") if p.suffix in (".ipynb", ".md"))
-    v = visit(f"{page}.html")
     link = v.page.locator("a.btn-download-source-button")
     assert link.count() == 1, f"{page}.html has {link.count()} download-source buttons"
     href = link.get_attribute("href")

@@ -265,14 +265,6 @@ def test_bad_detptq_config(kwargs, word):
         PTQConfig(**kwargs)
 
 
-def test_cli_detptq_rejects_p():
-    r = subprocess.run([sys.executable, "-m", "detptq_mini.cli", "quantize", "--method", "detptq", "--w-bits", "4",
-                        "--a-bits", "4", "--p", "2"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--p" in lines[0] and "Traceback" not in r.stderr
-
-
 def test_cli_quantize_detptq_json():
     r = subprocess.run([sys.executable, "-m", "detptq_mini.cli", "quantize", "--method", "detptq", "--w-bits", "4",
                         "--a-bits", "8", "--calib", "8", "--val", "20", "--json"],

@@ -316,10 +316,12 @@ def test_cli_quantize_deploy_then_export_benchmark_json(tmp_path, capsys):
     assert main(["quantize", "--method", "minmax", "--w-bits", "8", "--a-bits", "8", "--calib", "8", "--val", "8",
                  "--deploy", "--out", str(q), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quant_config"]["deploy"] is True
-    assert main(["export", "--checkpoint", str(q), "--onnx", str(m), "--val", "16", "--benchmark", "--json"]) == 0
+    assert main(["export", "--checkpoint", str(q), "--onnx", str(m), "--val", "16", "--benchmark", "--rounds", "1",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["graph"] == "fused" and out["all_convs_integer"] and out["integer_convs"] == 63
     b = out["benchmark"]
+    assert b["rounds"] == 1  # --rounds reached the timing
     assert {"fake_quant", "fused", "qdq", "ort_quantize_static", "fp32"} == set(b["map"])
     assert set(b["latency_ms"]) == {"b1", "b16"} and b["integer_convs"]["ort_quantize_static"] == 63
 

@@ -338,12 +338,8 @@ def test_cli_quantize_brecq_runs_the_two_stage_method(capsys):
     (["--method", "lp", "--loss-norm", "before"], "--loss-norm is only for --method brecq | joint | qdrop | detptq-qdrop"),
     (["--method", "brecq", "--loss-norm", "max"], "invalid choice: 'max'"),
 ])
-def test_cli_reconstruction_bad_input_is_one_line_and_exit_2(args, word):
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "detptq_mini.cli", "quantize", "--w-bits", "4", "--a-bits", "4",
-                        "--calib", "4", "--val", "4", *args], capture_output=True, text=True, timeout=600)
+def test_cli_reconstruction_bad_input_is_one_line_and_exit_2(cli, args, word):
+    r = cli("quantize", "--w-bits", "4", "--a-bits", "4", "--calib", "4", "--val", "4", *args)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and word in lines[0] and "Traceback" not in r.stderr

@@ -160,9 +160,9 @@ CLI = {
 
 
 @pytest.mark.parametrize("case", list(CLI))
-def test_cli_bad_input_one_line_exit_2(case):
+def test_cli_bad_input_one_line_exit_2(cli, case):
     args, message = CLI[case]
-    r = _cli(*args)
+    r = cli(*args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("detptq-mini: error: ") and message in lines[0] and "Traceback" not in r.stderr
@@ -181,22 +181,22 @@ def test_cli_bad_input_one_line_exit_2(case):
     ("export", "not_onnx", "must end in .onnx"),
     ("export", "int4_of_w8a8", "--weights 'int4' needs a model with 4-bit weights (W4A8)"),
 ])
-def test_cli_checkpoint_and_export_cases(checkpoints, tmp_path, command, name, message):
+def test_cli_checkpoint_and_export_cases(cli, checkpoints, tmp_path, command, name, message):
     ckpt = {"fp": WEIGHTS_DIR / "detector.pt"}.get(name, checkpoints.get(name, checkpoints["w8a8"]))
     args = [command, "--checkpoint", str(ckpt), "--val", "4"]
     if command == "export":
         onnx = {"missing_dir": tmp_path / "missing" / "m.onnx", "not_onnx": tmp_path / "m.txt"}.get(name,
                                                                                                   tmp_path / "m.onnx")
         args += ["--onnx", str(onnx)] + (["--weights", "int4"] if name == "int4_of_w8a8" else [])
-    r = _cli(*args)
+    r = cli(*args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
     assert list(tmp_path.iterdir()) == []  # no partial file
 
 
-def test_cli_no_partial_checkpoint_on_bad_input(tmp_path):
+def test_cli_no_partial_checkpoint_on_bad_input(cli, tmp_path):
     out = tmp_path / "q.pt"
-    r = _cli(*Q, "--method", "lp", "--p", "-1", "--out", str(out))
+    r = cli(*Q, "--method", "lp", "--p", "-1", "--out", str(out))
     assert r.returncode == 2 and not out.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -17,7 +17,8 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 from detptq_mini.data import ShapesDataset  # noqa: E402
 from detptq_mini.quant import QuantConfig  # noqa: E402
 from detptq_mini.viz import (  # noqa: E402
-    MIN_TEXT_PX, Table, plot_detections, plot_ratio_vs_bits, plot_ratio_vs_p, plot_samples, plot_units, smallest_text_px,
+    MIN_TEXT_PX, Table, plot_detections, plot_ratio_vs_bits, plot_ratio_vs_p, plot_samples, plot_units,
+    smallest_text_px,
     strip_cdn_links, unit_edges,
 )
 

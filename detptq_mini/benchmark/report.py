@@ -195,7 +195,7 @@ def _seed_groups(cells: dict) -> list[dict]:
             "n": len(recs), "seeds": [r["cell"]["seed"] for r in recs], "keys": [r["key"] for r in recs],
             "map_mean": statistics.fmean(maps), "map_std": _std(maps),
             "map50_mean": statistics.fmean(maps50), "map50_std": _std(maps50),
-            "ratio_to_fp_mean": statistics.fmean(r["ratio_to_fp"] for r in recs),
+            "ratio_to_fp_mean": _mean(r.get("ratio_to_fp") for r in recs),  # None: an FP mAP of 0
             "wall_seconds_mean": statistics.fmean(r["wall_seconds"] for r in recs),
             "cpu_seconds_mean": _mean(r.get("cpu_seconds") for r in recs),
             "peak_rss_mb_max": max(peaks) if peaks else None,
@@ -277,8 +277,9 @@ def summarize(results: dict) -> dict:
           differing only in ``iters`` at the same bits are split, with the budget in the label.
         * the ``best_fixed_p`` row (after the Lp rows, when at least two p of ``P_DEFAULT`` have results at a
           bits): per bits, the Lp row with p in ``P_DEFAULT`` whose mean mAP50:95 over seeds is highest, with
-          its ``p`` and every candidate's mean in ``candidates``. This is an oracle choice made on the val set
-          that also measures it: an optimistic bound on any fixed p.
+          its ``p``, every candidate's mean in ``candidates`` and ``complete`` (every p of ``P_DEFAULT`` has
+          results; a partial sweep is no oracle yet, and the markdown says "partial"). This is an oracle choice
+          made on the val set that also measures it: an optimistic bound on any fixed p.
         * ``fp``: the FP reference ``{"val", "map", "map50"}`` per val-set size; ``progress``: ``{"cells", "ok",
           "failed", "todo"}`` against the suite's current definition (or the file alone for ``"custom"``);
           ``excluded``: keys of records in the file that are not in the suite's current definition (e.g. an
@@ -339,7 +340,8 @@ def summarize(results: dict) -> dict:
             if len(cand) < 2:
                 continue
             p, stats = max(cand, key=lambda c: c[1]["map_mean"])  # the first (smallest p) of equal means
-            best_cells[bits] = {**stats, "p": p, "candidates": {f"{q:g}": s["map_mean"] for q, s in cand}}
+            best_cells[bits] = {**stats, "p": p, "candidates": {f"{q:g}": s["map_mean"] for q, s in cand},
+                                "complete": {q for q, _ in cand} == set(P_DEFAULT)}
         if best_cells:
             rows_list.append({"method": "lp", "p": None, "calib": calib, "val": val, "extra": list(extra),
                               "iters": None, "lr_v": None, "lr_act": None, "best_fixed_p": True,
@@ -469,13 +471,17 @@ def to_markdown(results: dict) -> str:
         return out + [""]
 
     def best(row, c):
-        return f", p={c['p']:g}" if row["best_fixed_p"] else ""
+        if not row["best_fixed_p"]:
+            return ""
+        partial = "" if c["complete"] else f" (partial: {len(c['candidates'])} of {len(P_DEFAULT)} p)"
+        return f", p={c['p']:g}{partial}"
 
     if rows:
         lines += table("mAP50:95", lambda row, c: _pm(c["map_mean"], c["map_std"], c["n"]) + best(row, c))
         lines += table("mAP50", lambda row, c: _pm(c["map50_mean"], c["map50_std"], c["n"]))
         lines += table("% of FP mAP50:95 (mean over seeds of mAP / FP mAP)",
-                       lambda row, c: f"{100 * c['ratio_to_fp_mean']:.2f}" + best(row, c))
+                       lambda row, c: ("— (FP mAP 0)" if c["ratio_to_fp_mean"] is None
+                                       else f"{100 * c['ratio_to_fp_mean']:.2f}") + best(row, c))
         lines += table("Cost per cell (mean wall time of the whole subprocess; peak memory, the largest over seeds)",
                        lambda row, c: "the Lp rows" if row["best_fixed_p"] else _seconds(c["wall_seconds_mean"]) + (
                            "" if c["peak_rss_mb_max"] is None else f", {c['peak_rss_mb_max']:.0f} MB"))
