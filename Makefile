@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build -W --keep-going --path-output . .
 
-## make test: unit/property/CLI tests and every notebook against its stored outputs (nbval), in one pytest run
+## make test: unit/property/CLI tests and every notebook against its stored outputs (nbval), in one pytest run;
+## the 25 slowest tests are listed at the end (CI must stay under 35 minutes)
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 ## make notebooks: re-execute every notebook in place, then strip volatile metadata
 notebooks: $(STAMP)
