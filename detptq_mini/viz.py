@@ -347,6 +347,16 @@ _LINESTYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
+def _pct_err(cell: dict) -> float:
+    """The error bar of a summary cell's % of FP: the FP mAP is one number, so the ratio's std over seeds is the
+    mAP's std over the FP mAP (0 for one seed)."""
+    return 0.0 if cell["map_std"] is None else 100 * cell["ratio_to_fp_mean"] * cell["map_std"] / cell["map_mean"]
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n > 1 else ''}"
+
+
 def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: str | None = None) -> Figure:
     """Percent of the FP mAP50:95 against bits, one line per method: the picture of a benchmark table.
 
@@ -372,9 +382,7 @@ def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: st
         if not xs:  # no cell, or only cells of a model whose FP mAP is 0 (no % of FP)
             continue
         ys = [100 * cells[bits[j]]["ratio_to_fp_mean"] for j in xs]
-        errs = [0.0 if cells[bits[j]]["map_std"] is None
-                else 100 * cells[bits[j]]["ratio_to_fp_mean"] * cells[bits[j]]["map_std"] / cells[bits[j]]["map_mean"]
-                for j in xs]  # the FP mAP is one number: the ratio's std is the mAP's std over the FP mAP
+        errs = [_pct_err(cells[bits[j]]) for j in xs]
         dx = (i - (len(labels) - 1) / 2) * 0.04  # a small offset keeps overlapping error bars apart
         line = ax.errorbar([x + dx for x in xs], ys, yerr=errs, marker=_MARKERS[i % len(_MARKERS)], ms=4, capsize=3,
                            ls=_LINESTYLES[i % len(_LINESTYLES)], label=lab)
@@ -433,10 +441,9 @@ def plot_ratio_vs_p(summaries: Mapping[str, dict], bits: str, reference: str | N
             raise ValueError(f"summaries[{name!r}] has no 'Lp p=...' row with a cell at {bits} (and an FP mAP above 0)")
         xs = [p for p, _ in pts]
         ys = [100 * c["ratio_to_fp_mean"] for _, c in pts]
-        errs = [0.0 if c["map_std"] is None else 100 * c["ratio_to_fp_mean"] * c["map_std"] / c["map_mean"]
-                for _, c in pts]
+        errs = [_pct_err(c) for _, c in pts]
         n = sorted({c["n"] for _, c in pts})
-        seeds = f"{n[0]} seed{'s' if n[0] > 1 else ''}" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+        seeds = _seeds(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
         colour, marker = f"C{i % 10}", _MARKERS[i % len(_MARKERS)]  # solid lines: the dashed ones are references
         ax.errorbar(xs, ys, yerr=errs, marker=marker, ms=4, capsize=3, color=colour,
                     label=f"{name}: Lp, fixed p ({seeds})")
@@ -445,7 +452,7 @@ def plot_ratio_vs_p(summaries: Mapping[str, dict], bits: str, reference: str | N
         ref = rows.get(reference, {}).get("cells", {}).get(bits) if reference else None
         if ref is not None and ref["ratio_to_fp_mean"] is not None:
             ax.axhline(100 * ref["ratio_to_fp_mean"], color=colour, ls="--", lw=1.2,
-                       label=f"{name}: {reference} ({ref['n']} seed{'s' if ref['n'] > 1 else ''})")
+                       label=f"{name}: {reference} ({_seeds(ref['n'])})")
     ax.set_xlabel("p of the Lp scale search (one p for every layer)")
     ax.set_ylabel(f"% of FP mAP50:95 at {bits}")
     ax.set_ylim(0, 100)

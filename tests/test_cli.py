@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from detptq_mini.cli import main
 
@@ -109,8 +110,6 @@ def test_retinanet_train_resume_evaluate_and_quantize_from_the_command_line(tmp_
     assert first["model"] == "retinanet-r18" and first["threads"] == 1 and first["steps"] == 2
     assert main([*base, "--epochs", "1", "--resume"]) == 0  # the state after its last epoch: nothing left to do
     again = json.loads(capsys.readouterr().out)
-    import torch
-
     saved = torch.load(next(state.glob("*.pt")), weights_only=False)["seconds"]  # training time, before the eval
     # the resumed run counts the saved training time and adds its own (its eval): not the first run's eval time
     assert again["map"] == first["map"] and saved < first["seconds"] and again["seconds"] > saved
