@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=_positive_int, default=None,
                    help="calibration images per forward (default: up to 32); at most --calib")
     q.add_argument("--out", default=None, help="write the quantized checkpoint here (atomically)")
+    q.add_argument("--state", default=None, metavar="PATH",
+                   help="save the run's progress here (after the scales, then after every reconstructed unit) and "
+                        "resume from it when it exists: a stopped run goes on where it stopped, with the same "
+                        "result; deleted when the run completes")
     q.add_argument("--deploy", action="store_true",
                    help="W8A8 or W4A8: also calibrate the quantizers of the fused int8 graph (each conv's output, each "
                         "SiLU's sigmoid) on the calibration images, so the mAP reported and saved is the deployed "
@@ -339,6 +343,10 @@ def _cmd_quantize(args) -> dict:
         raise UsageError(f"--act-iters {args.act_iters} must be >= 0")
     if args.out is not None:
         _check_out_dir(args.out, "--out")
+    if args.state is not None:
+        _check_out_dir(args.state, "--state")
+        if Path(args.state).exists() and not Path(args.state).is_file():
+            raise UsageError(f"--state {args.state!r} exists and is not a file")
     if args.deploy and args.model != "yolo":
         raise UsageError(f"--deploy is only for --model yolo (its quantizers are those of the YOLO-style detector's "
                          f"fused int8 graph), not {args.model}")
@@ -362,7 +370,13 @@ def _cmd_quantize(args) -> dict:
     for flag, option in names.items():
         if getattr(args, flag) is not None:
             options[option] = getattr(args, flag)
-    res = run_ptq(model, calib, args.method, args.w_bits, args.a_bits, device=device, progress=args.progress, **options)
+    try:
+        res = run_ptq(model, calib, args.method, args.w_bits, args.a_bits, device=device, progress=args.progress,
+                      state=args.state, **options)
+    except ValueError as e:
+        if args.state is not None and str(e).startswith("state="):  # another run's file: say it with the flag
+            raise UsageError("--state " + str(e).removeprefix("state=")) from None
+        raise
     val = ShapesDataset("val", args.val, seed=0)
     m = evaluate_model(res.model, val, device=device, progress=args.progress)
     info = pretrained_info(args.model)
@@ -383,6 +397,10 @@ def _cmd_quantize(args) -> dict:
         out["selection"] = r["selection"]
     if "reconstruction" in r:  # per unit: p, loss before / after, flipped weights, seconds; and the time split
         out.update(reconstruction=r["reconstruction"], timings=r["timings"])
+    if "resumed" in r:  # earlier runs of this one (--state): how many, and their wall and CPU seconds
+        out["resumed"] = r["resumed"]
+    if args.state is not None:
+        Path(args.state).unlink(missing_ok=True)  # the run is complete: nothing to resume
     return out
 
 

@@ -19,6 +19,11 @@ Methods available now:
   from its ``s_p*`` with the Lp loss of its own p (options ``iters``, ``recon_batch_size``, ``quant_prob``,
   ``round_lam``, ``lr_v``, ``lr_act``, ``recon_loss_norm``, ``qdrop_input`` for the reconstruction methods).
 
+A long run can be stopped and resumed (``run_ptq(..., state=path)``, command line ``quantize --state PATH``)
+[ours]: the quantized model after its scales (and DetPTQ's choice of p) is saved to ``path``, then again after
+every reconstructed unit; a later call with the same arguments reads it and goes on from there, with the same
+result bit for bit (:func:`detptq_mini.reconstruction.reconstruct`, ``resume``).
+
 The input model is never modified: a BN-folded, quantized copy is returned. Activation ranges are
 searched on the FP activations (quantizers disabled) of the calibration images, sampled to at most
 ``max_elements`` values per layer with a fixed seed; weights need no data. Every method takes the layer
@@ -31,6 +36,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -43,6 +49,7 @@ from .lp import P_DEFAULT, apply_scales, lp_scale_search, search_model_scales
 from .quant import (PROTOCOLS, LayerProtocol, QuantConfig, calibrate_deploy, calibrate_minmax, fold_bn, quant_layers,
                     quantize_model)
 from .reconstruction import ReconConfig, ReconHistory, reconstruct
+from .utils import atomic_torch_save
 
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images"]
 
@@ -322,8 +329,66 @@ def _detptq(qmodel: nn.Module, images: torch.Tensor, cfg: PTQConfig, progress: b
     return selection
 
 
+class _State:
+    """``run_ptq``'s progress file (``state=``): what a later call needs to go on where this one stopped.
+
+    The file (``torch.save``, written atomically) holds a fingerprint of the run (the config, the calibration
+    images' shape and sums, the FP model's parameter sums), the phase (``"init"``: the quantized model after its
+    scales and DetPTQ's selection; ``"recon"``: after a reconstructed unit, with the reconstruction's progress
+    record), the quantized model's ``state_dict`` and the time spent so far. It holds a pickled
+    :class:`~detptq_mini.detptq.Selection`, so it is read with ``weights_only=False``: read only files you wrote.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path, cfg: PTQConfig, model: nn.Module, images: torch.Tensor):
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise ValueError(f"state={str(path)!r}: directory {str(self.path.parent)!r} does not exist")
+        if self.path.exists() and not self.path.is_file():
+            raise ValueError(f"state={str(path)!r} exists and is not a file")
+        x = images.detach().double()
+        params = [p.detach().double() for p in model.parameters()]
+        self.fingerprint = {"config": cfg.to_dict(), "model": type(model).__name__,
+                            "images": [list(images.shape), float(x.sum()), float(x.square().sum())],
+                            "params": [sum(p.numel() for p in params), float(sum(p.sum() for p in params))]}
+        self.before = {"runs": 0, "seconds": 0.0, "cpu_seconds": 0.0}
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def read(self) -> dict | None:
+        """The saved progress of this run, or None when there is no file; a ValueError for another run's."""
+        if not self.path.exists():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"state={str(self.path)!r} cannot be read ({type(e).__name__}: {e}); delete it to "
+                             "start afresh") from None
+        if not isinstance(saved, dict) or saved.get("version") != self.VERSION:
+            raise ValueError(f"state={str(self.path)!r} is not a run_ptq progress file of this version; delete it "
+                             "to start afresh")
+        for key, mine in self.fingerprint.items():
+            if saved["fingerprint"].get(key) != mine:
+                raise ValueError(f"state={str(self.path)!r} is the progress of another run (its {key} differs: "
+                                 f"{saved['fingerprint'].get(key)!r}, this run's {mine!r}); delete it or pass "
+                                 "another path")
+        self.before = {"runs": saved["runs"], "seconds": saved["seconds"], "cpu_seconds": saved["cpu_seconds"]}
+        return saved
+
+    def seconds(self) -> tuple[float, float]:
+        """Wall and CPU seconds of this run and the earlier ones together."""
+        return (self.before["seconds"] + time.perf_counter() - self.t0,
+                self.before["cpu_seconds"] + time.process_time() - self.c0)
+
+    def write(self, phase: str, qmodel: nn.Module, **fields) -> None:
+        wall, cpu = self.seconds()
+        atomic_torch_save({"version": self.VERSION, "fingerprint": self.fingerprint, "phase": phase,
+                           "model": qmodel.state_dict(), "runs": self.before["runs"] + 1, "seconds": wall,
+                           "cpu_seconds": cpu, **fields}, self.path, "state")
+
+
 def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_bits: int = 4,
-            device: str | torch.device = "cpu", progress: bool = False, **options) -> PTQResult:
+            device: str | torch.device = "cpu", progress: bool = False, state=None, **options) -> PTQResult:
     """Quantize a copy of ``model`` with ``method`` at W``w_bits``A``a_bits``.
 
     Args:
@@ -334,6 +399,12 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
         w_bits, a_bits: bit widths, 2..8.
         device: where to run.
         progress: show progress bars.
+        state: None, or a file path for the run's progress: the quantized model is saved there after its
+            scales (and DetPTQ's selection) and after every reconstructed unit, and a call with the same
+            arguments that finds the file goes on from where it was written (a file of another run is an
+            error). The result is the same as an uninterrupted run's; ``report["seconds"]`` counts every run,
+            and ``report["resumed"]`` says how many earlier runs there were and what they cost. The file is
+            left in place: delete it once the result is saved (``quantize --state`` does).
         **options: the other fields of :class:`PTQConfig` (an unknown option is an error).
 
     Returns:
@@ -352,19 +423,32 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
     need = cfg.batch_size if "batch_size" in options else 1
     images = calibration_images(calib, device, need, f"batch_size={cfg.batch_size}" if need > 1 else None)
     qmodel = quantize_model(copy.deepcopy(model).to(device).eval(), cfg.quant_config())
+    saver = _State(state, cfg, model, images) if state is not None else None
+    saved = saver.read() if saver is not None else None
     selection = history = None
-    if cfg.method.startswith("detptq"):
-        selection = _detptq(qmodel, images, cfg, progress)
-        info = {name: {"w_bits": m.weight_quantizer.bits, "a_bits": m.input_quantizer.bits}
-                for name, m in quant_layers(qmodel).items()}
+    if saved is not None:  # the scales (and DetPTQ's selection) of an earlier run, and its reconstruction so far
+        qmodel.load_state_dict(saved["model"])
+        selection, info, t_init = saved["selection"], saved["info"], saved["t_init"]
     else:
-        info = _calibrate(qmodel, images, cfg, progress)
-    t_init = time.perf_counter() - t0
+        if cfg.method.startswith("detptq"):
+            selection = _detptq(qmodel, images, cfg, progress)
+            info = {name: {"w_bits": m.weight_quantizer.bits, "a_bits": m.input_quantizer.bits}
+                    for name, m in quant_layers(qmodel).items()}
+        else:
+            info = _calibrate(qmodel, images, cfg, progress)
+        t_init = time.perf_counter() - t0
+        if saver is not None:
+            saver.write("init", qmodel, selection=selection, info=info, t_init=t_init, recon=None)
     if cfg.method in RECON_METHODS:
         # DetPTQ's p in the loss of each unit, unless only its starting scales are used (detptq_use="scales")
         unit_p = selection.chosen if selection is not None and cfg.detptq_use != "scales" else None
         fp_model = fold_bn(copy.deepcopy(model).to(device).eval())
-        history = reconstruct(qmodel, fp_model, images, cfg.recon_config(), unit_p=unit_p, progress=progress)
+        checkpoint = None
+        if saver is not None:
+            def checkpoint(record):
+                saver.write("recon", qmodel, selection=selection, info=info, t_init=t_init, recon=record)
+        history = reconstruct(qmodel, fp_model, images, cfg.recon_config(), unit_p=unit_p, progress=progress,
+                              resume=None if saved is None else saved["recon"], checkpoint=checkpoint)
     deploy = _calibrate_deploy(qmodel, model, images, cfg) if cfg.deploy else None
     chosen = {name: cfg.p for name in info} if cfg.method in FIXED_P_METHODS else {}
     if selection is not None:  # per layer (units expanded); weight and activation p apart with separate=True
@@ -375,6 +459,11 @@ def run_ptq(model: nn.Module, calib, method: str = "minmax", w_bits: int = 4, a_
         "quant_config": cfg.quant_config().to_dict(), "calib_images": len(images), "chosen_p": chosen,
         "layers": info, "seconds": time.perf_counter() - t0,
     }
+    if saver is not None:
+        report["seconds"] = saver.seconds()[0]
+        if saver.before["runs"]:
+            report["resumed"] = {"runs": saver.before["runs"], "seconds_before": saver.before["seconds"],
+                                 "cpu_seconds_before": saver.before["cpu_seconds"]}
     if deploy is not None:
         report["deploy"] = deploy  # the p of the deploy quantizers and the ODOL of every candidate
     if selection is not None:

@@ -27,6 +27,12 @@ the quantized network one unit at a time so that each unit's output matches the 
   the quantizers, and the unit's quantized output (hard, every element quantized) is cached as the next
   unit's quantized-prefix input.
 
+A long run can be stopped and resumed unit by unit [ours]: :func:`reconstruct` hands a progress record to its
+``checkpoint`` callback after every unit, and a later call given that record (``resume``) and the model as it
+was then skips the finished units; the result is the same bit for bit, because every unit's random streams are
+seeded from ``(seed, unit name)`` and its inputs are recomputed from the restored model in the same order
+(:func:`detptq_mini.pipeline.run_ptq` with ``state=`` saves and reads them).
+
 The p of the loss is ``p`` for every unit (the BRECQ and QDrop baselines: 2; StablePTQ's 2.4 is an option)
 or, in DetPTQ mode, the p chosen for that unit by :func:`detptq_mini.detptq.select_p` at unit
 granularity, whose ``s_p*`` are also the unit's starting scales [ours, method page, section 6]. Every method runs
@@ -41,7 +47,7 @@ import math
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Literal, Sequence, get_args
+from typing import Callable, Iterable, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
@@ -337,7 +343,8 @@ def reconstruct_unit(module: nn.Module, x_q: Sequence[Tensor], x_fp: Sequence[Te
 # ------------------------------------------------------------------ the model
 def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconConfig = ReconConfig(),
                 unit_p: dict[str, float] | None = None, units: Iterable[str] | None = None,
-                progress: bool = False) -> ReconHistory:
+                progress: bool = False, resume: dict | None = None,
+                checkpoint: Callable[[dict], None] | None = None) -> ReconHistory:
     """Reconstruct ``qmodel`` unit by unit against ``fp_model`` on ``images`` (in place).
 
     Args:
@@ -351,6 +358,13 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
         units: reconstruct only these units (default: every unit with quantized layers); the others are
             left as they are but still run to produce the next inputs.
         progress: tqdm bars over the units and the steps.
+        resume: a progress record that ``checkpoint`` received in an earlier call with the same arguments, with
+            ``qmodel`` restored to its state at that moment (its ``state_dict``): the units that call finished
+            are not reconstructed again, and the result equals an uninterrupted call's bit for bit (the times
+            aside). A record of another reconstruction (config, ``unit_p`` or ``units`` differ) is an error.
+        checkpoint: called after every reconstructed unit with the progress record (plain Python values: the
+            stage, the finished units, their histories, the times); save it with ``qmodel.state_dict()`` to
+            resume later.
 
     Returns:
         a :class:`ReconHistory` (per-unit loss curves, before/after losses, times).
@@ -377,19 +391,35 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
         bad = sorted(todo - set(names))
         if bad or not todo:
             raise ValueError(f"units={bad or list(todo)!r}: give unit names; allowed: {', '.join(names)}")
+    if checkpoint is not None and not callable(checkpoint):
+        raise ValueError(f"checkpoint must be None or a callable taking the progress record, got "
+                         f"{type(checkpoint).__name__}")
     images = check_images(images, "images")
     device = next(qmodel.parameters()).device
     images = images.to(device)
     hist = ReconHistory(config)
     times = {"cache": 0.0, "optimise": 0.0}
+    record = {"config": config.to_dict(), "unit_p": dict(unit_p), "units": sorted(todo), "stage": None,
+              "done": [], "history": {}, "times": times, "before": None}
+    if resume is not None:
+        _check_resume(resume, record)
+        hist.units = {n: UnitHistory(**{**h, "layers": tuple(h["layers"])}) for n, h in resume["history"].items()}
+        times.update(resume["times"])
+        record.update(stage=resume["stage"], done=list(resume["done"]), before=resume["before"])
+    # the stages in order; a resumed run starts at its record's stage, skipping the units it finished
+    order = ["both"] if config.stages == 1 else ["weights", "acts"]
+    start = order.index(record["stage"]) if record["stage"] is not None else 0
 
     def one_pass(learn: Learn, inputs: str, desc: str) -> None:
         """Every unit in order: reconstruct it (``learn``) on its ``inputs`` ("quantized" prefix or "fp")."""
+        if record["stage"] != learn:
+            record["stage"], record["done"] = learn, []
+        done = set(record["done"])
         walk = _walk(qmodel, fp_model, images, config.chunk, times)
         if progress:
             walk = tqdm(walk, desc=desc, unit="unit", total=len(names))
         for u, mod_q, x_q, x_fp, y_fp in walk:
-            if u.name not in todo or not _unit_layers(mod_q, u.name):
+            if u.name not in todo or u.name in done or not _unit_layers(mod_q, u.name):
                 continue
             p = config.act_p if learn == "acts" else unit_p.get(u.name, config.p)
             with torch.enable_grad():
@@ -401,16 +431,23 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
                 first.act_loss, first.seconds = h.loss, first.seconds + h.seconds
             else:
                 hist.units[u.name] = h
+            if checkpoint is not None:
+                record["done"].append(u.name)
+                record["history"] = {n: asdict(v) for n, v in hist.units.items()}
+                checkpoint(record)
 
     with eval_mode(qmodel), eval_mode(fp_model):  # gradients only inside reconstruct_unit
         if config.stages == 1:
             one_pass("both", "quantized", "reconstruction")
         else:  # BRECQ: the rounding of every unit with the activations in float, then the step sizes
-            before = _unit_losses(qmodel, fp_model, images, todo, unit_p, config, times)
-            with quant_state_kept(qmodel) as layers:
-                for layer in layers.values():
-                    layer.set_quant_state(None, False)
-                one_pass("weights", "quantized", "reconstruction: weights")
+            if record["before"] is None:
+                record["before"] = _unit_losses(qmodel, fp_model, images, todo, unit_p, config, times)
+            before = record["before"]
+            if start == 0:
+                with quant_state_kept(qmodel) as layers:
+                    for layer in layers.values():
+                        layer.set_quant_state(None, False)
+                    one_pass("weights", "quantized", "reconstruction: weights")
             if config.act_iters > 0 and config.lr_act > 0:
                 one_pass("acts", "fp", "reconstruction: step sizes")
             after = _unit_losses(qmodel, fp_model, images, todo, unit_p, config, times)
@@ -419,6 +456,27 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
     hist.seconds = {"cache": times["cache"], "optimise": times["optimise"],
                     "total": times["cache"] + times["optimise"]}
     return hist
+
+
+def _check_resume(resume: dict, record: dict) -> None:
+    """A ValueError unless ``resume`` is a progress record of the reconstruction that ``record`` starts."""
+    need = ("config", "unit_p", "units", "stage", "done", "history", "times", "before")
+    if not isinstance(resume, dict) or any(k not in resume for k in need):
+        raise ValueError(f"resume must be a progress record that reconstruct passed to its checkpoint (a dict "
+                         f"with {', '.join(need)}), or None")
+    for key in ("config", "unit_p", "units"):
+        if _plain(resume[key]) != _plain(record[key]):
+            raise ValueError(f"resume is the progress of another reconstruction: its {key} is {resume[key]!r}, "
+                             f"this call's {record[key]!r}")
+
+
+def _plain(x):
+    """Tuples as lists, recursively: a record compares equal whatever container its values came back in."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
 
 
 def _walk(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, chunk: int, times: dict):

@@ -633,7 +633,7 @@ def _stub_run_cell(log, seconds=None, fail=()):
 
     seconds = seconds or {c.key: 0.6 if i == 0 else 0.2 for i, c in enumerate(JOB_CELLS)}
 
-    def run_cell(cell, device="cpu", threads=None, children=None):
+    def run_cell(cell, device="cpu", threads=None, children=None, state_dir=None):
         t = time.perf_counter()
         time.sleep(seconds[cell.key])
         log.append((cell.key, t, time.perf_counter(), threads, threading.current_thread().name))
@@ -727,7 +727,7 @@ def _minute_long_cells(pids: list):
     such children run (not a fixed delay: a loaded machine may be slow)."""
     import os
 
-    def run_cell(cell, device="cpu", threads=None, children=None):
+    def run_cell(cell, device="cpu", threads=None, children=None, state_dir=None):
         proc = subprocess.Popen(["sleep", "60"])
         pids.append(proc.pid)
         children.add(proc.pid)
@@ -1172,3 +1172,35 @@ def test_a_real_cell_record_says_its_model():
 
     rec = run_cell(Cell("nope", 8, 8, calib=2, val=2, model="retinanet-r18"))
     assert rec["model"] == "retinanet-r18" and rec["status"] == "failed" and "--method 'nope'" in rec["error"]
+
+
+def test_a_killed_reconstruction_cell_goes_on_from_its_last_unit(tmp_path, monkeypatch, cli):
+    """run_cell gives a reconstruction cell ``quantize --state``: a run stopped part-way (here: a Ctrl-C at the
+    sixth unit, in this process) leaves its progress, and the cell's next run resumes it, counts both runs' time,
+    and deletes the file. Other cells get no state."""
+    import detptq_mini.reconstruction as rec
+    from detptq_mini.benchmark import cell_args, run_cell
+
+    cell = Cell("qdrop", 4, 4, calib=8, val=10, iters=2)
+    state_dir = tmp_path / ".state"
+    state_dir.mkdir()
+    state = state_dir / f"{cell.key}.state"
+    real, calls = rec.reconstruct_unit, []
+
+    def killed_at_unit_6(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "reconstruct_unit", killed_at_unit_6)
+    with pytest.raises(KeyboardInterrupt):
+        cli(*cell_args(cell, state=state)[:-1])  # the cell's own command (without --json), in this process
+    monkeypatch.setattr(rec, "reconstruct_unit", real)
+    assert state.is_file()
+    r = run_cell(cell, state_dir=state_dir)
+    assert r["status"] == "ok", r.get("error")
+    assert r["resumed"]["runs"] == 1 and r["resumed"]["seconds_before"] > 0
+    assert r["wall_seconds"] > r["resumed"]["seconds_before"] and r["cpu_seconds"] > r["resumed"]["cpu_seconds_before"]
+    assert not state.exists() and len(r["reconstruction"]["units"]) == 22
+    assert "--state" not in cell_args(Cell("minmax", 4, 4)) and "--state" not in cell_args(cell)

@@ -337,6 +337,8 @@ def test_cli_quantize_brecq_runs_the_two_stage_method(capsys):
     (["--method", "qdrop", "--iters", "0"], "must be > 0"),
     (["--method", "lp", "--loss-norm", "before"], "--loss-norm is only for --method brecq | joint | qdrop | detptq-qdrop"),
     (["--method", "brecq", "--loss-norm", "max"], "invalid choice: 'max'"),
+    (["--method", "qdrop", "--state", "no/such/dir/run.state"], "--state 'no/such/dir/run.state': directory"),
+    (["--method", "qdrop", "--state", "."], "--state '.' exists and is not a file"),
 ])
 def test_cli_reconstruction_bad_input_is_one_line_and_exit_2(cli, args, word):
     r = cli("quantize", "--w-bits", "4", "--a-bits", "4", "--calib", "4", "--val", "4", *args)
@@ -363,3 +365,107 @@ def test_detptq_use_puts_the_chosen_p_in_the_scales_or_in_the_loss_only(pretrain
         # the step sizes are fixed (lr_act 0): the activation scales are s_2*, not the chosen p's
         for name, layer in quant_layers(res.model).items():
             assert torch.equal(layer.input_quantizer.scale, quant_layers(lp2.model)[name].input_quantizer.scale), name
+
+
+# ------------------------------------------------------------------ stop and resume
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(k):
+    """A checkpoint that keeps a copy of every progress record and stops the run after the k-th unit."""
+    records = []
+
+    def checkpoint(record):
+        records.append(copy.deepcopy(record))
+        if len(records) == k:
+            raise _Stop
+    return checkpoint, records
+
+
+@pytest.mark.parametrize("cfg, k", [
+    (ReconConfig(iters=3, batch_size=4, quant_prob=0.5), 2),  # QDrop: fresh random masks every step
+    (ReconConfig(iters=3, batch_size=4, quant_prob=1.0, stages=2, act_iters=2, lr_act=1e-2), 2),  # in pass 1
+    (ReconConfig(iters=3, batch_size=4, quant_prob=1.0, stages=2, act_iters=2, lr_act=1e-2), 5),  # in pass 2
+])
+def test_a_stopped_reconstruction_resumes_to_the_same_result_bit_for_bit(pretrained, minmax_w4a4, calib, cfg, k):
+    fp, images = fold_bn(pretrained), calib.images()
+    units = ["backbone.c2f1", "backbone.down2", "neck.td3"]
+    whole = copy.deepcopy(minmax_w4a4)
+    h_whole = reconstruct(whole, fp, images, cfg, unit_p={"neck.td3": 3.0}, units=units)
+    q = copy.deepcopy(minmax_w4a4)
+    checkpoint, records = _stop_after(k)
+    states = []
+    with pytest.raises(_Stop):
+        reconstruct(q, fp, images, cfg, unit_p={"neck.td3": 3.0}, units=units,
+                    checkpoint=lambda r: (states.append(copy.deepcopy(q.state_dict())), checkpoint(r)))
+    assert len(records) == k and records[-1]["done"][-1] == (units * 2)[k - 1]
+    resumed = copy.deepcopy(minmax_w4a4)
+    resumed.load_state_dict(states[-1])  # the model as it was when the record was saved
+    h = reconstruct(resumed, fp, images, cfg, unit_p={"neck.td3": 3.0}, units=units, resume=records[-1])
+    sw, sr = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(sw[key], sr[key]) for key in sw)
+    for u in units:
+        a, b = h_whole.units[u], h.units[u]
+        assert (a.loss, a.reg, a.act_loss, a.flipped, a.before, a.after) == (b.loss, b.reg, b.act_loss, b.flipped,
+                                                                            b.before, b.after)
+
+
+def test_resume_refuses_the_record_of_another_reconstruction(pretrained, minmax_w4a4, calib):
+    fp, images = fold_bn(pretrained), calib.images()
+    cfg = ReconConfig(iters=2, batch_size=4)
+    checkpoint, records = _stop_after(1)
+    with pytest.raises(_Stop):
+        reconstruct(copy.deepcopy(minmax_w4a4), fp, images, cfg, units=["neck.down4"], checkpoint=checkpoint)
+    q = copy.deepcopy(minmax_w4a4)
+    with pytest.raises(ValueError, match="another reconstruction: its config"):
+        reconstruct(q, fp, images, ReconConfig(iters=3, batch_size=4), units=["neck.down4"], resume=records[0])
+    with pytest.raises(ValueError, match="another reconstruction: its units"):
+        reconstruct(q, fp, images, cfg, units=["neck.down3"], resume=records[0])
+    with pytest.raises(ValueError, match="resume must be a progress record"):
+        reconstruct(q, fp, images, cfg, resume={"done": []})
+    with pytest.raises(ValueError, match="checkpoint must be None or a callable"):
+        reconstruct(q, fp, images, cfg, checkpoint="state.pt")
+
+
+@pytest.mark.parametrize("method", ["detptq-qdrop"])  # the selection and the reconstruction both come back
+def test_run_ptq_with_state_resumes_a_killed_run_to_the_same_model(pretrained, calib, tmp_path, monkeypatch, method):
+    import detptq_mini.reconstruction as rec
+
+    opts = dict(iters=2, recon_batch_size=4, max_elements=2**12)
+    if method == "detptq-qdrop":
+        opts.update(ps=(2.0, 3.0))
+    whole = run_ptq(pretrained, calib, method, 4, 4, **opts)
+    state = tmp_path / "run.state"
+    real, calls = rec.reconstruct_unit, []
+
+    def killed_at_unit_6(*args, **kwargs):
+        calls.append(args[6] if len(args) > 6 else kwargs.get("name"))
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill between two saves leaves behind
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "reconstruct_unit", killed_at_unit_6)
+    with pytest.raises(KeyboardInterrupt):
+        run_ptq(pretrained, calib, method, 4, 4, state=state, **opts)
+    monkeypatch.setattr(rec, "reconstruct_unit", real)
+    assert state.is_file() and [p.name for p in tmp_path.iterdir()] == ["run.state"]  # atomic: no temporary left
+    if method == "detptq-qdrop":  # the selection is not run again: it comes from the file
+        import detptq_mini.pipeline as pipeline
+        monkeypatch.setattr(pipeline, "_detptq", lambda *a, **k: pytest.fail("the selection ran again"))
+    res = run_ptq(pretrained, calib, method, 4, 4, state=state, **opts)
+    sw, sr = whole.model.state_dict(), res.model.state_dict()
+    assert all(torch.equal(sw[key], sr[key]) for key in sw)
+    r, w = res.report, whole.report
+    assert r["chosen_p"] == w["chosen_p"] and r["reconstruction"]["units"].keys() == w["reconstruction"]["units"].keys()
+    assert all(r["reconstruction"]["units"][u]["after"] == w["reconstruction"]["units"][u]["after"]
+               for u in w["reconstruction"]["units"])
+    assert r["resumed"]["runs"] == 1 and r["resumed"]["seconds_before"] > 0 and r["seconds"] > r["resumed"][
+        "seconds_before"] and "resumed" not in w
+    with pytest.raises(ValueError, match=r"state=.* is the progress of another run \(its config differs"):
+        run_ptq(pretrained, calib, method, 4, 4, state=state, **{**opts, "iters": 3})
+    state.write_bytes(b"not a state")
+    with pytest.raises(ValueError, match=r"state=.* cannot be read .* delete it to start afresh"):
+        run_ptq(pretrained, calib, method, 4, 4, state=state, **opts)
+    with pytest.raises(ValueError, match="directory .* does not exist"):
+        run_ptq(pretrained, calib, method, 4, 4, state=tmp_path / "no" / "run.state", **opts)

@@ -43,8 +43,9 @@ __all__ = ["cell_args", "run_cell", "code_version", "machine_info", "load_result
            "ordered_cells"]
 
 
-def cell_args(cell: Cell, device: str = "cpu", threads: int | None = None) -> list[str]:
-    """The ``detptq-mini`` arguments of a cell (``quantize ... --json``); with ``threads``, ``--threads`` too."""
+def cell_args(cell: Cell, device: str = "cpu", threads: int | None = None, state: str | None = None) -> list[str]:
+    """The ``detptq-mini`` arguments of a cell (``quantize ... --json``); with ``threads``, ``--threads`` too, and
+    with ``state`` (a file path), ``--state`` (the run's progress, to resume a stopped cell)."""
     model = ["--model", cell.model] if cell.model != "yolo" else []  # yolo: the command of every earlier cell
     args = ["quantize", *model, "--method", cell.method, "--w-bits", str(cell.w_bits), "--a-bits", str(cell.a_bits),
             "--seed", str(cell.seed), "--calib", str(cell.calib), "--val", str(cell.val)]
@@ -58,6 +59,8 @@ def cell_args(cell: Cell, device: str = "cpu", threads: int | None = None) -> li
         args += ["--lr-act", f"{cell.lr_act:g}"]
     if threads is not None:
         args += ["--threads", str(threads)]
+    if state is not None:
+        args += ["--state", str(state)]
     return [*args, *cell.extra, "--device", str(device), "--json"]
 
 
@@ -111,7 +114,8 @@ def _kill(pid: int) -> None:
         pass
 
 
-def run_cell(cell: Cell, device: str = "cpu", threads: int | None = None, children=None) -> dict:
+def run_cell(cell: Cell, device: str = "cpu", threads: int | None = None, children=None,
+             state_dir: str | os.PathLike | None = None) -> dict:
     """Run one cell in a fresh ``python -m detptq_mini.cli`` process; return its record.
 
     Args:
@@ -122,6 +126,10 @@ def run_cell(cell: Cell, device: str = "cpu", threads: int | None = None, childr
             ``quantize --threads`` (``torch.set_num_threads``). :func:`run_suite` sets it when it runs several cells
             at once.
         children: :func:`run_suite`'s registry of running children (its way to kill them on Ctrl-C), or None.
+        state_dir: None, or a directory for the progress of a reconstruction cell (``quantize --state
+            <state_dir>/<key>.state``): a cell killed before it ends (a stopped session, a Ctrl-C) goes on from its
+            last reconstructed unit when it is run again; the file is deleted when the cell completes. Its record
+            then says ``resumed`` and counts every run's time in ``wall_seconds`` and ``cpu_seconds``.
 
     The record holds ``key``, ``cell`` (the fields), ``status`` (``"ok"`` or ``"failed"``), ``returncode``,
     ``wall_seconds``, ``cpu_seconds``, ``peak_rss_mb`` (the child's own peak resident memory, from ``os.wait4``),
@@ -132,7 +140,11 @@ def run_cell(cell: Cell, device: str = "cpu", threads: int | None = None, childr
     ``chosen_p``, ...) when it succeeded, or ``error`` (the last line of its stderr) when it failed.
     """
     threads = check_int("threads", threads, 1, allow_none=True)
-    cmd = [sys.executable, "-m", "detptq_mini.cli", *cell_args(cell, device, threads)]
+    state = None
+    if state_dir is not None and cell.iters is not None:  # a reconstruction cell: resumable unit by unit
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        state = Path(state_dir) / f"{cell.key}.state"
+    cmd = [sys.executable, "-m", "detptq_mini.cli", *cell_args(cell, device, threads, state)]
     env = None
     if threads is not None:  # OpenMP and MKL read these when torch is imported, before --threads is parsed
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -173,9 +185,22 @@ def run_cell(cell: Cell, device: str = "cpu", threads: int | None = None, childr
         rec["error"] = lines[-1].strip() if lines else f"exit status {rc} with an empty stderr"
     else:
         rec["threads"] = result.get("threads")  # measured in the child, after its --threads
+        earlier = result.get("resumed")
+        if isinstance(earlier, dict):  # the cell went on from earlier runs' progress: count their time too
+            rec["wall_seconds"] = round(wall + earlier["seconds_before"], 3)
+            rec["cpu_seconds"] = round(rec["cpu_seconds"] + earlier["cpu_seconds_before"], 3)
         for k, v in result.items():
             rec.setdefault(k, v)  # the harness's own fields win over a same-named output field
     return rec
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove ``folder`` and then its parent if they are empty (another cell's state keeps them)."""
+    for f in (folder, folder.parent):
+        try:
+            f.rmdir()
+        except OSError:  # not empty, or already gone
+            return
 
 
 def _cpu_model() -> str:
@@ -333,7 +358,9 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     "reused", "failed"}`` to the file's ``runs`` (updated after every cell; ``code`` is :func:`code_version`), so a
     file made over several sessions says how, and with which code. Each record made by this run says ``jobs`` (the
     run's) and ``threads`` (the child's torch threads, as it reported them). An interruption (Ctrl-C, or SIGTERM:
-    ``kill PID`` of a run started in the background) kills the running children and loses only their cells.
+    ``kill PID`` of a run started in the background) kills the running children; a reconstruction cell among them
+    keeps its progress up to its last reconstructed unit (``<out dir>/.state/<out name>/<key>.state``, see
+    :func:`run_cell`) and the next run goes on from there; any other cell is run again from its start.
     """
     t0 = time.perf_counter()
     jobs = check_int("jobs", jobs, 1)
@@ -345,6 +372,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     if not out_path.parent.is_dir():
         raise ValueError(f"out_path={str(out_path)!r}: directory {str(out_path.parent)!r} does not exist")
     reusable = _reusable(reuse)
+    state_dir = out_path.parent / ".state" / out_path.stem  # the reconstruction cells' progress (run_cell)
     machine = machine_info()
     data = load_results(out_path)
     on = {"model": model} if model != "yolo" else {}  # a file of yolo cells stays as it was before models existed
@@ -407,7 +435,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
                             finish(cell, reusable[cell.key])
                             continue
                         running[pool.submit(run_cell, cell, device=device, threads=threads,
-                                            children=children)] = cell
+                                            children=children, state_dir=state_dir)] = cell
                         bar.set_postfix_str(", ".join(c.key for c in running.values()))
                     if not running:
                         continue
@@ -423,6 +451,7 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     finally:
         restore()
         bar.close()
+        _remove_empty(state_dir)  # no cell left progress to resume: no empty folder left behind
     order = {c.key: i for i, c in enumerate(cells)}
     for keys in (run.ran, run.failed, run.reused):
         keys.sort(key=order.__getitem__)  # the suite's order, not the order the cells finished in
