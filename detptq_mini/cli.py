@@ -347,6 +347,9 @@ def _cmd_quantize(args) -> dict:
         _check_out_dir(args.state, "--state")
         if Path(args.state).exists() and not Path(args.state).is_file():
             raise UsageError(f"--state {args.state!r} exists and is not a file")
+        if args.out is not None and Path(args.state).resolve() == Path(args.out).resolve():
+            raise UsageError(f"--state {args.state!r} is the --out file: the run's progress is deleted when it "
+                             "completes; give them different paths")
     if args.deploy and args.model != "yolo":
         raise UsageError(f"--deploy is only for --model yolo (its quantizers are those of the YOLO-style detector's "
                          f"fused int8 graph), not {args.model}")
@@ -376,6 +379,9 @@ def _cmd_quantize(args) -> dict:
     except ValueError as e:
         if args.state is not None and str(e).startswith("state="):  # another run's file: say it with the flag
             raise UsageError("--state " + str(e).removeprefix("state=")) from None
+        if args.state is not None and str(e).startswith("resume"):  # a file of another version's reconstruction
+            raise UsageError(f"--state {args.state!r} holds progress this version cannot resume ({e}); delete it "
+                             "to start afresh") from None
         raise
     val = ShapesDataset("val", args.val, seed=0)
     m = evaluate_model(res.model, val, device=device, progress=args.progress)

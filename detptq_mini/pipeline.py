@@ -337,6 +337,9 @@ class _State:
     scales and DetPTQ's selection; ``"recon"``: after a reconstructed unit, with the reconstruction's progress
     record), the quantized model's ``state_dict`` and the time spent so far. It holds a pickled
     :class:`~detptq_mini.detptq.Selection`, so it is read with ``weights_only=False``: read only files you wrote.
+    The fingerprint does not hold the code: a file written by another version of the library is resumed as it
+    is (the benchmark's records say which code made each run). The time it counts is that of every run up to its
+    last save: what a killed run did after it is lost, as the work itself.
     """
 
     VERSION = 1
@@ -367,6 +370,9 @@ class _State:
         if not isinstance(saved, dict) or saved.get("version") != self.VERSION:
             raise ValueError(f"state={str(self.path)!r} is not a run_ptq progress file of this version; delete it "
                              "to start afresh")
+        if not isinstance(saved.get("fingerprint"), dict):
+            raise ValueError(f"state={str(self.path)!r} has no fingerprint: it is not a run_ptq progress file; "
+                             "delete it to start afresh")
         for key, mine in self.fingerprint.items():
             if saved["fingerprint"].get(key) != mine:
                 raise ValueError(f"state={str(self.path)!r} is the progress of another run (its {key} differs: "

@@ -43,6 +43,7 @@ The paper's check that learned rounding does not move the best p is :func:`detpt
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import zlib
@@ -434,7 +435,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images, config: ReconCon
             if checkpoint is not None:
                 record["done"].append(u.name)
                 record["history"] = {n: asdict(v) for n, v in hist.units.items()}
-                checkpoint(record)
+                checkpoint(copy.deepcopy(record))  # a snapshot: the caller may keep it
 
     with eval_mode(qmodel), eval_mode(fp_model):  # gradients only inside reconstruct_unit
         if config.stages == 1:
@@ -468,6 +469,13 @@ def _check_resume(resume: dict, record: dict) -> None:
         if _plain(resume[key]) != _plain(record[key]):
             raise ValueError(f"resume is the progress of another reconstruction: its {key} is {resume[key]!r}, "
                              f"this call's {record[key]!r}")
+    stages = ("both",) if record["config"]["stages"] == 1 else ("weights", "acts")
+    if resume["stage"] not in (None, *stages):
+        raise ValueError(f"resume has stage {resume['stage']!r}; allowed for this config: {stages}")
+    units = set(record["units"])
+    if not isinstance(resume["done"], list) or not set(resume["done"]) <= units or not isinstance(
+            resume["history"], dict) or not set(resume["history"]) <= units:
+        raise ValueError("resume's finished units and histories must name units of this reconstruction")
 
 
 def _plain(x):

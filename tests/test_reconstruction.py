@@ -339,6 +339,7 @@ def test_cli_quantize_brecq_runs_the_two_stage_method(capsys):
     (["--method", "brecq", "--loss-norm", "max"], "invalid choice: 'max'"),
     (["--method", "qdrop", "--state", "no/such/dir/run.state"], "--state 'no/such/dir/run.state': directory"),
     (["--method", "qdrop", "--state", "."], "--state '.' exists and is not a file"),
+    (["--method", "qdrop", "--state", "q.pt", "--out", "q.pt"], "--state 'q.pt' is the --out file"),
 ])
 def test_cli_reconstruction_bad_input_is_one_line_and_exit_2(cli, args, word):
     r = cli("quantize", "--w-bits", "4", "--a-bits", "4", "--calib", "4", "--val", "4", *args)
@@ -424,6 +425,10 @@ def test_resume_refuses_the_record_of_another_reconstruction(pretrained, minmax_
         reconstruct(q, fp, images, cfg, units=["neck.down3"], resume=records[0])
     with pytest.raises(ValueError, match="resume must be a progress record"):
         reconstruct(q, fp, images, cfg, resume={"done": []})
+    with pytest.raises(ValueError, match="resume has stage 'acts'; allowed for this config"):
+        reconstruct(q, fp, images, cfg, units=["neck.down4"], resume={**records[0], "stage": "acts"})
+    with pytest.raises(ValueError, match="must name units of this reconstruction"):
+        reconstruct(q, fp, images, cfg, units=["neck.down4"], resume={**records[0], "done": ["neck.td3"]})
     with pytest.raises(ValueError, match="checkpoint must be None or a callable"):
         reconstruct(q, fp, images, cfg, checkpoint="state.pt")
 

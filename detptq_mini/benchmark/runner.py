@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..checks import check_int, shown
 from ..utils import atomic_write_json, atomic_write_text
 from .report import to_markdown
-from .suites import Cell, is_done, select_cells, suite_cells
+from .suites import RECON_METHODS, Cell, is_done, select_cells, suite_cells
 
 __all__ = ["cell_args", "run_cell", "code_version", "machine_info", "load_results", "SuiteRun", "run_suite",
            "ordered_cells"]
@@ -141,9 +141,16 @@ def run_cell(cell: Cell, device: str = "cpu", threads: int | None = None, childr
     """
     threads = check_int("threads", threads, 1, allow_none=True)
     state = None
-    if state_dir is not None and cell.iters is not None:  # a reconstruction cell: resumable unit by unit
-        Path(state_dir).mkdir(parents=True, exist_ok=True)
+    if state_dir is not None and cell.method in RECON_METHODS:  # a reconstruction cell: resumable unit by unit
         state = Path(state_dir) / f"{cell.key}.state"
+        for tmp in Path(state_dir).glob(f".{state.name}.tmp*"):  # a save cut short by a kill
+            tmp.unlink(missing_ok=True)
+        for _ in range(2):  # a second try: another run may remove an empty parent between the two mkdirs
+            try:
+                Path(state_dir).mkdir(parents=True, exist_ok=True)
+                break
+            except FileNotFoundError:
+                continue
     cmd = [sys.executable, "-m", "detptq_mini.cli", *cell_args(cell, device, threads, state)]
     env = None
     if threads is not None:  # OpenMP and MKL read these when torch is imported, before --threads is parsed
