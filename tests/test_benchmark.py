@@ -223,6 +223,11 @@ def test_machine_info_describes_the_machine():
     m = machine_info()
     assert {"platform", "processor", "cpu_count", "memory_gb", "python", "torch", "torch_threads"} <= set(m)
     assert m["cpu_count"] >= 1 and m["torch_threads"] >= 1 and m["processor"]
+    # the vector units, which change a cell's last digits: known flag names only, and torch's own reading
+    from detptq_mini.benchmark.runner import ISA_FLAGS
+    assert set(m["isa"]) <= set(ISA_FLAGS) and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if "avx512f" in m["isa"]:
+        assert "avx2" in m["isa"]
 
 
 # --- summaries on hand-made results ----------------------------------------------------------------------------

@@ -438,6 +438,7 @@ def _seconds(s: float) -> str:
 def _machine_line(m: dict) -> str:
     mem = f", {m['memory_gb']:g} GB RAM" if m.get("memory_gb") else ""
     cpu = f", {m['processor']}" if m.get("processor") else ""
+    cpu += f" ({m['cpu_capability']})" if m.get("cpu_capability") else ""
     return (f"{m.get('platform')}{cpu}, {m.get('cpu_count')} CPUs{mem}; Python {m.get('python')}, "
             f"torch {m.get('torch')} ({m.get('torch_threads')} threads)")
 

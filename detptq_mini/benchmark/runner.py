@@ -220,6 +220,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The CPU features that change a cell's numbers or speed: torch picks its kernels by them (its last digits differ
+#: between AVX2 and AVX-512 machines), and ONNX Runtime's int8 convs saturate without VNNI.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def _isa() -> list[str]:
+    """Which of :data:`ISA_FLAGS` the CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def _memory_gb() -> float | None:
     try:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -245,8 +262,11 @@ def code_version() -> str | None:
 
 
 def machine_info() -> dict:
-    """Where the numbers were measured: platform, CPU model and count, memory, Python, torch version and threads."""
+    """Where the numbers were measured: platform, CPU model, features (``isa``, torch's ``cpu_capability``) and
+    count, memory, Python, torch version and threads. Two machines that print the same CPU model can differ in
+    their vector units, and with them in the last digits of a cell's mAP."""
     return {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_model(),
+            "isa": _isa(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "memory_gb": _memory_gb(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
