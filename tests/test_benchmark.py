@@ -114,13 +114,13 @@ def test_paper_suite_holds_the_rows_of_the_papers_table_w4a4_first():
     from detptq_mini.benchmark.suites import PAPER_CALIB
     from detptq_mini.lp import P_DEFAULT
 
-    paper = SUITES["paper"]
-    assert len(paper) == 66 and len({c.key for c in paper}) == 66
-    assert all(c.calib == PAPER_CALIB and c.val == 500 for c in paper)
-    # seed 0 at W4A4 (11 cells), the reconstruction cells (ours), seed 0's other cells (9), seeds 1-2, recon head-fp
-    s0_w4a4, recon, s0_rest = paper[:11], paper[11:14] + paper[63:], paper[14:23]
-    simple = paper[:11] + paper[14:63]
-    assert all(c.iters is None for c in simple) and all(c.iters == RECON_ITERS["W4A4"] for c in recon)
+    paper, ours = SUITES["paper"], SUITES["paper-recon"]
+    assert len(paper) == 84 and len({c.key for c in paper + ours}) == 87
+    assert all(c.calib == PAPER_CALIB and c.val == 500 for c in paper + ours)
+    # seed 0 at W4A4 (11 cells), seed 0's other cells (9), seeds 1-2 (40), recon head-fp (3), the W4A8 p sweep (21)
+    s0_w4a4, s0_rest, recon, sweep48 = paper[:11], paper[11:20], paper[60:63], paper[63:]
+    simple = paper[:60]
+    assert all(c.iters is None for c in simple + sweep48) and all(c.iters == RECON_ITERS["W4A4"] for c in recon + ours)
     assert [c.seed for c in simple] == sorted(c.seed for c in simple)  # seed 0's table first
     assert all(c.bits == "W4A4" and c.seed == 0 and not c.extra for c in s0_w4a4)
     assert {c.p for c in s0_w4a4 if c.method == "lp"} == set(P_DEFAULT) | {2.4}  # the oracle's p
@@ -130,9 +130,14 @@ def test_paper_suite_holds_the_rows_of_the_papers_table_w4a4_first():
         plain = {(c.method, c.p) for c in s0 if c.bits == bits and not c.extra}
         assert {("minmax", None), ("lp", 2.0), ("lp", 2.4), ("detptq", None)} <= plain
     assert [c.method for c in s0 if c.extra] == ["detptq"] and s0[-1].extra == ("--protocol", "head-fp")
-    assert [(c.method, c.extra) for c in recon] == [(m, e) for e in ((), ("--protocol", "head-fp"))
-                                                    for m in ("brecq", "qdrop", "detptq-qdrop")]
-    assert {c.seed for c in recon} == {0} and all(c.bits == "W4A4" for c in recon)
+    assert [(c.method, c.extra) for c in ours + recon] == [(m, e) for e in ((), ("--protocol", "head-fp"))
+                                                           for m in ("brecq", "qdrop", "detptq-qdrop")]
+    assert {c.seed for c in recon + ours} == {0} and all(c.bits == "W4A4" for c in recon + ours)
+    # with the W4A8 sweep every p of P is there at W4A8 on every seed: the oracle at both bit widths below 8
+    for s in (0, 1, 2):
+        w4a8 = {c.p for c in paper if c.method == "lp" and c.bits == "W4A8" and c.seed == s}
+        assert w4a8 == set(P_DEFAULT) | {2.4}
+    assert all(c.method == "lp" and c.bits == "W4A8" and c.p != 2.0 for c in sweep48)
     from detptq_mini.benchmark.suites import on_model
 
     r18 = on_model(paper, "retinanet-r18")
@@ -411,7 +416,7 @@ def test_summary_of_a_named_suite_counts_its_cells_and_leaves_out_others():
 # --- bad input ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, word", [
-    (["--suite", "nosuch"], "allowed: simple, full, ablations, loss-norm, recon, paper, quick"),
+    (["--suite", "nosuch"], "allowed: simple, full, ablations, loss-norm, recon, paper, paper-recon, quick"),
     (["--quick", "--suite", "full"], "--quick is --suite quick; it cannot be combined with --suite full"),
     (["--suite", "ablations", "--reuse", "/nonexistent/full.json"], "--reuse '/nonexistent/full.json' does not exist"),
     (["--suite", "quick", "--only", "nosuch"], "--only 'nosuch' leaves no cell of suite 'quick'"),
