@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("benchmark", help="run a benchmark suite, one subprocess per cell, resumable")
     b.add_argument("--suite", default=None,
-                   help="simple (default) | full | ablations | loss-norm | recon | paper | quick (see "
-                        "`detptq_mini.benchmark.SUITES`)")
+                   help=" | ".join(benchmark.SUITES).replace("simple", "simple (default)", 1)
+                   + " (see `detptq_mini.benchmark.SUITES`; their cells and costs: benchmarks/README.md)")
     b.add_argument("--quick", action="store_true", help="the same as --suite quick: every method on a tiny slice")
     b.add_argument("--out", default=None,
                    help="result JSON (default: benchmarks/results/<suite>.json; <model>-<suite>.json for another model "
