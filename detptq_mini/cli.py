@@ -217,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", choices=MODELS, default="yolo",
                    help=_MODEL_HELP + "; the suite's cells on that model (its name starts their keys when it is not "
                         "yolo)")
-    b.add_argument("--only", default=None, metavar="SUBSTRING", help="run only the cells whose key contains this")
-    b.add_argument("--exclude", default=None, metavar="SUBSTRING",
-                   help="skip the cells whose key contains this (e.g. --exclude=-i: all but the reconstruction cells)")
+    b.add_argument("--only", action="append", default=None, metavar="SUBSTRING",
+                   help="run only the cells whose key contains this; repeatable (a cell that matches any)")
+    b.add_argument("--exclude", action="append", default=None, metavar="SUBSTRING",
+                   help="skip the cells whose key contains this (e.g. --exclude=-i: all but the reconstruction "
+                        "cells); repeatable")
     b.add_argument("--reuse", action="append", default=None, metavar="RESULTS_JSON",
                    help="copy a cell from this result file of another suite when it holds the same cell done "
                         "(e.g. --suite ablations --reuse benchmarks/results/full.json); repeatable")
@@ -444,7 +446,9 @@ def _cmd_benchmark(args) -> int:
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)  # only reached for the default out (a custom one must exist)
     command = ["detptq-mini", "benchmark", "--suite", suite]
-    for flag, value in (("--out", args.out), ("--only", args.only), ("--exclude", args.exclude)):
+    flags = [("--out", args.out)] + [("--only", v) for v in args.only or []] + \
+        [("--exclude", v) for v in args.exclude or []]
+    for flag, value in flags:
         if value is not None:  # --flag=value when the value starts with a dash, so that the logged command re-runs
             command += [f"{flag}={value}"] if value.startswith("-") else [flag, value]
     for path in args.reuse or []:

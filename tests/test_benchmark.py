@@ -462,6 +462,33 @@ def test_list_shows_cells_status_and_count(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == [f"{c.key}\ttodo" for c in SUITES["full"] if c.iters is None]
     assert lines[-1] == "suite full: 132 of 186 cells, 0 ok, 0 failed, 132 todo"
+    # --only and --exclude are repeatable: a cell that contains any --only and no --exclude
+    assert main(["benchmark", "--suite", "full", "--out", str(tmp_path / "full.json"), "--only", "W3A3-s1",
+                 "--only", "W8A8-s2", "--exclude=-i", "--exclude", "lp-", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    want = [c.key for c in SUITES["full"] if ("W3A3-s1" in c.key or "W8A8-s2" in c.key)
+            and c.iters is None and c.method != "lp"]
+    assert [ln.split("\t")[0] for ln in lines[:-1]] == want and len(want) == 4  # min-max and DetPTQ at each
+    assert lines[-1] == "suite full: 4 of 186 cells, 0 ok, 0 failed, 4 todo"
+
+
+def test_select_cells_takes_one_substring_or_a_list():
+    from detptq_mini.benchmark import select_cells
+
+    one = select_cells("full", "W4A4-s0")[1]
+    two = select_cells("full", ["W4A4-s0", "W4A4-s1"])[1]
+    assert [c.key for c in two] == [c.key for c in SUITES["full"] if "W4A4-s0" in c.key or "W4A4-s1" in c.key]
+    assert set(c.key for c in one) < set(c.key for c in two)
+    assert select_cells("full", ("W4A4-s0",))[1] == one  # a one-element list is the substring itself
+    kept = select_cells("full", "W4A4-s0", ["-i", "lp-"])[1]
+    assert [c.method for c in kept] == ["minmax", "detptq"]
+    for bad in ([], [""], ["W4A4", 3], 3):
+        with pytest.raises(ValueError, match="must be a non-empty substring of cell keys, a non-empty list"):
+            select_cells("full", bad)
+    with pytest.raises(ValueError, match="only=\\['nosuch', 'nothis'\\] leaves no cell of suite 'full'"):
+        select_cells("full", ["nosuch", "nothis"])
+    with pytest.raises(ValueError, match="--only 'nosuch' --only 'nothis' leaves no cell"):
+        select_cells("full", ["nosuch", "nothis"], argument_names={"only": "--only"})
 
 
 def test_bad_reuse_file_is_refused(tmp_path, capsys):
@@ -624,7 +651,7 @@ def test_the_logged_command_reruns_with_a_value_that_starts_with_a_dash(tmp_path
     monkeypatch.setattr(benchmark, "run_suite", fake_run_suite)
     out = tmp_path / "f.json"
     assert main(["benchmark", "--suite", "full", "--out", str(out), "--exclude=-i", "--only", "W4A4"]) == 0
-    assert seen["exclude"] == "-i" and seen["only"] == "W4A4"
+    assert seen["exclude"] == ["-i"] and seen["only"] == ["W4A4"]
     logged = shlex.split(seen["command"])
     assert logged == ["detptq-mini", "benchmark", "--suite", "full", "--out", str(out), "--only", "W4A4", "--exclude=-i"]
     assert main(logged[1:] + ["--list"]) == 0  # the logged command parses as it was given

@@ -347,8 +347,8 @@ def _sigterm_as_interrupt():
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False, only: str | None = None,
-              device: str = "cpu", reuse=(), command: str | None = None, exclude: str | None = None,
+def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False, only=None,
+              device: str = "cpu", reuse=(), command: str | None = None, exclude=None,
               jobs: int = 1, stop_after: float | None = None, model: str = "yolo") -> SuiteRun:
     """Run every cell of a suite not already done in ``out_path``, one subprocess each; resumable.
 
@@ -357,8 +357,9 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
         out_path: the JSON result file (its directory must exist). Loaded if present (it must be of the same suite);
             rewritten atomically after every cell, with a markdown table (:func:`to_markdown`) next to it.
         progress: show a tqdm progress bar (on stderr), with the keys of the cells running.
-        only: run only the cells whose key contains this substring.
-        exclude: skip the cells whose key contains this substring (e.g. ``"-i"``: the reconstruction cells).
+        only: run only the cells whose key contains this substring (or any of a list of them).
+        exclude: skip the cells whose key contains this substring, or any of a list of them (e.g. ``"-i"``: the
+            reconstruction cells); see :func:`~detptq_mini.benchmark.suites.select_cells`.
         device: passed to each cell's ``--device``.
         reuse: result files (a path or a list of paths) of other runs: a cell to do whose key is there with
             ``"status": "ok"`` is copied from there instead of run (the key fixes every option of the command, so

@@ -22,6 +22,7 @@ Decisions of ``full``, stated in the book too:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..checkpoint import MODELS
@@ -412,31 +413,42 @@ def suite_cells(name_or_cells, model: str = "yolo") -> tuple[str, list[Cell]]:
     return "custom", cells
 
 
-def select_cells(name_or_cells, only: str | None = None, exclude: str | None = None,
+def select_cells(name_or_cells, only: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
                  argument_names: dict[str, str] | None = None, model: str = "yolo") -> tuple[str, list[Cell]]:
     """The suite's name and cells, keeping those whose key contains ``only`` and not ``exclude`` (error if none is
     left), e.g. ``exclude="-i"``: every cell but the reconstruction cells.
 
-    ``argument_names`` renames ``only`` and ``exclude`` in errors: the CLI passes ``{"only": "--only", "exclude":
-    "--exclude"}``. A name that starts with ``-`` (a command-line flag) is written ``--only 'W4A4'``, as the CLI's own
-    errors; the others ``only='W4A4'``.
+    ``only`` and ``exclude`` are a substring or a list of substrings: a cell is kept when its key contains any of
+    ``only`` and none of ``exclude`` (e.g. ``only=["W4A4-s1", "W4A4-s2"]``; on the command line ``--only`` and
+    ``--exclude`` are repeatable). ``argument_names`` renames them in errors: the CLI passes ``{"only": "--only",
+    "exclude": "--exclude"}``. A name that starts with ``-`` (a command-line flag) is written ``--only 'W4A4'``
+    (once per value), as the CLI's own errors; the others ``only='W4A4'``.
     """
     names = {"only": "only", "exclude": "exclude", **(argument_names or {})}
 
     def show(arg: str, value) -> str:
+        if names[arg].startswith("-") and isinstance(value, (list, tuple)):
+            return " ".join(shown(names[arg], v) for v in value)
         return shown(names[arg], value)
+
+    def substrings(arg: str, value) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        values = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
+        if not values or not all(isinstance(v, str) and v for v in values):
+            raise ValueError(f"{show(arg, value)} must be a non-empty substring of cell keys, a non-empty list of "
+                             "them, or None")
+        return values
 
     name, cells = suite_cells(name_or_cells, model)
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ValueError("the cells' keys are not unique: each cell must differ")
-    for arg, value in (("only", only), ("exclude", exclude)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"{show(arg, value)} must be a non-empty substring of cell keys or None")
-    if only is not None:
-        cells = [c for c in cells if only in c.key]
-    if exclude is not None:
-        cells = [c for c in cells if exclude not in c.key]
+    wanted, unwanted = substrings("only", only), substrings("exclude", exclude)
+    if wanted is not None:
+        cells = [c for c in cells if any(v in c.key for v in wanted)]
+    if unwanted is not None:
+        cells = [c for c in cells if not any(v in c.key for v in unwanted)]
     if not cells:
         what = " and ".join(show(a, v) for a, v in (("only", only), ("exclude", exclude)) if v is not None)
         raise ValueError(f"{what} leaves no cell of suite {name!r} (see `detptq-mini benchmark --list`)")
