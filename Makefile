@@ -33,7 +33,7 @@ notebooks: $(STAMP)
 weights: $(STAMP)
 	$(VENV)/bin/detptq-mini train --progress
 
-## make weights-retinanet: train RetinaNet-ResNet18-FPN from scratch (about 90 minutes, one torch thread on a free core)
+## make weights-retinanet: train RetinaNet-ResNet18-FPN from scratch (about 1.5-2 hours, one torch thread on a free core)
 ## and write its float16 weights into the package; resumes from runs/retinanet-r18/ when an earlier run saved its state
 RETINA_STATE := runs/retinanet-r18/retinanet-r18.state.pt
 weights-retinanet: $(STAMP)
