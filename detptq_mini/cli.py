@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("benchmark", help="run a benchmark suite, one subprocess per cell, resumable")
     b.add_argument("--suite", default=None,
-                   help=" | ".join(benchmark.SUITES).replace("simple", "simple (default)", 1)
+                   help=" | ".join(f"{s} (default)" if s == "simple" else s for s in benchmark.SUITES)
                    + " (see `detptq_mini.benchmark.SUITES`; their cells and costs: benchmarks/README.md)")
     b.add_argument("--quick", action="store_true", help="the same as --suite quick: every method on a tiny slice")
     b.add_argument("--out", default=None,
