@@ -13,6 +13,7 @@ import html
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import torch
@@ -25,10 +26,13 @@ from .checks import check_int, check_number
 from .model import UnitDetector
 from .quant import QuantConfig, quant_layers, quantize_model
 
+if TYPE_CHECKING:
+    from .benchmark import Comparison
+
 __all__ = [
     "CLASS_COLOURS", "COLUMN_PX", "MIN_TEXT_PX", "Table", "smallest_text_px", "draw_boxes", "plot_samples",
     "plot_detections", "unit_edges", "plot_units", "summary_table", "plot_ratio_vs_bits", "plot_ratio_vs_p",
-    "plot_unit_losses",
+    "plot_unit_losses", "cell_text", "cells_table", "comparison_table", "plot_ratio_vs_setting",
     "plot_reconstruction_flow", "strip_cdn_links", "table", "plot_selection_loop",
 ]
 
@@ -328,18 +332,83 @@ def summary_table(summary: dict, labels: Sequence[str], bits: Sequence[str] | No
     if unknown:
         raise ValueError(f"bits: {unknown!r} are not columns of the summary; allowed: {summary['bits']!r}")
 
-    def entry(c):
-        if c is None:
-            return "—"
-        if pct:
-            if c["ratio_to_fp_mean"] is None:
-                return f"— (FP mAP 0) ({c['n']})"
-            return f"{100 * c['ratio_to_fp_mean']:.1f} % ({c['n']})"
-        std = "" if c["map_std"] is None else f" ± {c['map_std']:.3f}"
-        return f"{c['map_mean']:.3f}{std} ({c['n']})"
-
-    return Table([{"method": lab, **{b: entry(rows[lab]["cells"].get(b)) for b in bits}} for lab in labels],
+    return Table([{"method": lab, **{b: cell_text(rows[lab]["cells"].get(b), pct) for b in bits}} for lab in labels],
                  columns=["method", *bits], caption=caption)
+
+
+def cell_text(cell: dict | None, pct: bool = False, std: bool | None = None) -> str:
+    """One table entry for a cell of :func:`detptq_mini.benchmark.summarize`: its mean over calibration seeds.
+
+    Args:
+        cell: a row's cell (``row["cells"][bits]``), or None for a cell not done ("—").
+        pct: as % of the FP mAP50:95 (``"92.3 % (3)"``) instead of mAP50:95 (``"0.819 ± 0.004 (3)"``).
+        std: show the sample standard deviation over seeds (in the entry's unit); default: only with ``pct`` off.
+            A cell of one seed has none to show.
+
+    The number of seeds is in parentheses.
+    """
+    if cell is None:
+        return "—"
+    std = (not pct) if std is None else std
+    spread = std and cell["map_std"] is not None
+    if pct:
+        if cell["ratio_to_fp_mean"] is None:
+            return f"— (FP mAP 0) ({cell['n']})"
+        err = f" ± {_pct_err(cell):.1f}" if spread else ""
+        return f"{100 * cell['ratio_to_fp_mean']:.1f}{err} % ({cell['n']})"
+    err = f" ± {cell['map_std']:.3f}" if spread else ""
+    return f"{cell['map_mean']:.3f}{err} ({cell['n']})"
+
+
+def cells_table(rows: Mapping[str, Mapping[str, dict | None]], pct: bool = True, std: bool = True,
+                first: str = "method", caption: str | None = None) -> Table:
+    """A table of summary cells picked by hand: a row per name, a column per key of its mapping.
+
+    Where :func:`summary_table` lays out one summary's rows by bits, this one takes any cells (from several
+    result files, or one bits column split by protocol): ``{"joint": {"ours": cell, "head FP": cell}, ...}``.
+
+    Args:
+        rows: row name -> {column -> a cell of :func:`detptq_mini.benchmark.summarize`, or None for "—"}.
+        pct, std: how each entry is written (:func:`cell_text`); by default % of FP with its standard deviation.
+        first: the header of the row names' column.
+        caption: shown above the table.
+    """
+    if not rows:
+        raise ValueError("rows is empty: give at least one row name -> {column: cell}")
+    for name, cols in rows.items():
+        if not isinstance(cols, Mapping):
+            raise ValueError(f"rows[{name!r}] must map a column name to a cell, got {type(cols).__name__}")
+    columns = list(dict.fromkeys(c for cols in rows.values() for c in cols))
+    return Table([{first: name, **{c: cell_text(cols.get(c), pct, std) for c in columns}}
+                  for name, cols in rows.items()], columns=[first, *columns], caption=caption)
+
+
+#: The words of a :class:`detptq_mini.benchmark.Comparison`'s verdict in a table.
+_VERDICT_WORDS = {"a": "A ahead", "b": "B ahead", "noise": "within noise", "one seed": "one seed: no verdict"}
+
+
+def comparison_table(rows: Sequence[tuple[str, str, "Comparison"]], caption: str | None = None) -> Table:
+    """The book's verdicts as a table: for each pair, A's mean minus B's, the bar it must clear, and the verdict.
+
+    Args:
+        rows: ``(name A, name B, compare(cell A, cell B))`` per row, where ``compare`` is
+            :func:`detptq_mini.benchmark.compare` (mAP50:95 over calibration seeds).
+        caption: shown above the table.
+
+    "A ahead" or "B ahead" when the gap exceeds ``k`` (the book: 2) pooled standard deviations of the seeds,
+    "within noise" otherwise, "one seed: no verdict" when neither side has a spread.
+    """
+    if not rows:
+        raise ValueError("rows is empty: give (name A, name B, compare(a, b)) per row")
+    out = []
+    for i, row in enumerate(rows):
+        if len(row) != 3 or not hasattr(row[2], "verdict"):
+            raise ValueError(f"rows[{i}] must be (name A, name B, compare(a, b)), got {row!r:.80}")
+        name_a, name_b, v = row
+        out.append({"A": name_a, "B": name_b, "A - B": v.gap,
+                    "bar": None if v.pooled_std is None else v.k * v.pooled_std,
+                    "seeds": f"{v.n_a}/{v.n_b}", "verdict": _VERDICT_WORDS[v.verdict]})
+    return Table(out, formats={"A - B": "+.4f", "bar": ".4f"}, caption=caption)
 
 
 #: Line styles and markers that tell series apart beside their colours (for readers who do not see colours alike).
@@ -458,6 +527,46 @@ def plot_ratio_vs_p(summaries: Mapping[str, dict], bits: str, reference: str | N
     ax.set_ylim(0, 100)
     if title:
         ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_ratio_vs_setting(series: Mapping[str, Mapping[float, dict]], xlabel: str, title: str | None = None,
+                          reference: tuple[str, dict] | None = None) -> Figure:
+    """Percent of the FP mAP50:95 against one numeric setting of a method (QDrop's keep probability, a learning
+    rate, a budget), one line per series.
+
+    Args:
+        series: series name -> {setting value -> a cell of :func:`detptq_mini.benchmark.summarize`}.
+        xlabel: what the setting is.
+        title: the axes title.
+        reference: ``(name, cell)`` drawn as a dotted horizontal line (e.g. another protocol's best), or None.
+
+    A point is the mean over calibration seeds with the sample standard deviation as its error bar (none for one
+    seed); series differ in colour, line style and marker.
+    """
+    if not series:
+        raise ValueError("series is empty: give at least one name -> {setting: cell}")
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, points) in enumerate(series.items()):
+        pts = sorted((float(x), c) for x, c in points.items() if c is not None and c["ratio_to_fp_mean"] is not None)
+        if not pts:
+            plt.close(fig)
+            raise ValueError(f"series[{name!r}] has no cell with a % of FP to draw")
+        n = sorted({c["n"] for _, c in pts})
+        seeds = _seeds(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+        ls, marker = _STYLES[i % len(_STYLES)]
+        ax.errorbar([x for x, _ in pts], [100 * c["ratio_to_fp_mean"] for _, c in pts],
+                    yerr=[_pct_err(c) for _, c in pts], ls=ls, marker=marker, ms=5, capsize=3, color=f"C{i % 10}",
+                    label=f"{name} ({seeds})")
+    if reference is not None:
+        name, cell = reference
+        ax.axhline(100 * cell["ratio_to_fp_mean"], color="grey", ls=":", lw=1.2, label=f"{name} ({_seeds(cell['n'])})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("% of FP mAP50:95")
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig

@@ -361,3 +361,72 @@ def test_plot_ratio_vs_p_names_what_is_wrong():
         plot_ratio_vs_p({"e": empty}, "W4A4")
     with pytest.raises(ValueError, match="summaries: give at least one"):
         plot_ratio_vs_p({}, "W4A4")
+
+
+# ----------------------------------------------------------------------------- cells_table, comparison_table
+def test_cells_table_writes_percent_with_its_spread_and_a_dash_for_a_cell_not_done():
+    from detptq_mini.viz import cell_text, cells_table
+
+    s = _summary()
+    joint = s["rows"][1]["cells"]["W4A4"]
+    one_seed = s["rows"][0]["cells"]["W4A4"]
+    # the % spread is the mAP's std over the FP mAP: 0.923 * 0.0041 / 0.8189 = 0.46 points
+    assert cell_text(joint, pct=True, std=True) == "92.3 ± 0.5 % (3)"
+    assert cell_text(joint, pct=True) == "92.3 % (3)"  # as summary_table(pct=True) writes it
+    assert cell_text(joint) == "0.819 ± 0.004 (3)" and cell_text(one_seed, pct=True) == "11.8 % (1)"
+    t = cells_table({"joint": {"ours": joint, "head FP": None}, "min-max": {"ours": one_seed}}, caption="W4A4")
+    assert t.columns == ["method", "ours", "head FP"] and t.caption == "W4A4"
+    assert [[text for text, _ in row] for row in t.rows] == [["joint", "92.3 ± 0.5 % (3)", "—"],
+                                                             ["min-max", "11.8 % (1)", "—"]]
+    with pytest.raises(ValueError, match="rows is empty"):
+        cells_table({})
+    with pytest.raises(ValueError, match=r"rows\['joint'\] must map a column name to a cell"):
+        cells_table({"joint": joint["n"]})
+
+
+def test_comparison_table_gives_the_gap_the_bar_and_the_verdict_of_compare():
+    from detptq_mini.benchmark import compare
+    from detptq_mini.viz import comparison_table
+
+    a = {"n": 3, "map_mean": 0.82, "map_std": 0.004}
+    b = {"n": 3, "map_mean": 0.56, "map_std": 0.005}
+    c = {"n": 3, "map_mean": 0.815, "map_std": 0.004}
+    t = comparison_table([("joint", "QDrop", compare(a, b)), ("joint", "twin", compare(a, c)),
+                          ("QDrop", "joint", compare(b, a))])
+    cells = [[text for text, _ in row] for row in t.rows]
+    assert t.columns == ["A", "B", "A - B", "bar", "seeds", "verdict"]
+    pooled = ((0.004 ** 2 + 0.005 ** 2) / 2) ** 0.5
+    assert cells[0] == ["joint", "QDrop", "+0.2600", f"{2 * pooled:.4f}", "3/3", "A ahead"]
+    assert cells[1][2:] == ["+0.0050", "0.0080", "3/3", "within noise"]
+    assert cells[2][-1] == "B ahead" and cells[2][2] == "-0.2600"
+    one = {"n": 1, "map_mean": 0.5, "map_std": None}
+    assert [text for text, _ in comparison_table([("a", "b", compare(one, one))]).rows[0]][3:] == \
+        ["", "1/1", "one seed: no verdict"]
+    with pytest.raises(ValueError, match="rows is empty"):
+        comparison_table([])
+    with pytest.raises(ValueError, match=r"rows\[0\] must be \(name A, name B, compare\(a, b\)\)"):
+        comparison_table([("a", "b", 0.3)])
+
+
+def test_plot_ratio_vs_setting_draws_a_line_per_series_with_legible_text():
+    from detptq_mini.viz import MIN_TEXT_PX, plot_ratio_vs_setting, smallest_text_px
+
+    def cell(r, n=3):
+        return {"ratio_to_fp_mean": r, "map_mean": 0.89 * r, "map_std": 0.004 if n > 1 else None, "n": n}
+
+    fig = plot_ratio_vs_setting({"QDrop": {0.5: cell(0.64), 0.75: cell(0.83), 0.9: cell(0.91), 1.0: cell(0.92)},
+                                 "DetPTQ+QDrop": {0.5: cell(0.63), 1.0: cell(0.89, n=1)}},
+                                xlabel="keep probability", reference=("joint, head FP", cell(0.96)))
+    ax = fig.axes[0]
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1 and ln.get_linestyle() != "None"]
+    ys = sorted(round(y, 1) for ln in lines for y in ln.get_ydata())
+    assert 64.0 in ys and 92.0 in ys and 89.0 in ys and 96.0 in ys  # both series and the reference line
+    assert len({ln.get_linestyle() for ln in lines}) == len(lines)   # told apart by line style too
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["joint, head FP (3 seeds)", "QDrop (3 seeds)", "DetPTQ+QDrop (1-3 seeds)"] or \
+        sorted(labels) == sorted(["joint, head FP (3 seeds)", "QDrop (3 seeds)", "DetPTQ+QDrop (1-3 seeds)"])
+    assert smallest_text_px(fig) >= MIN_TEXT_PX
+    with pytest.raises(ValueError, match="series is empty"):
+        plot_ratio_vs_setting({}, xlabel="x")
+    with pytest.raises(ValueError, match=r"series\['QDrop'\] has no cell"):
+        plot_ratio_vs_setting({"QDrop": {0.5: None}}, xlabel="x")

@@ -368,8 +368,9 @@ def _quick_suite() -> list[Cell]:
 #: * ``simple`` (66 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
 #:   calibration images (the chapter 6 table), and DetPTQ with the rest of the network quantized while a layer's p is
 #:   chosen (``--rest quantized``).
-#: * ``recon`` (62 cells; its 18 E1 cells are ``full``'s W4A4 reconstruction cells, 9 of them done: joint and the
-#:   two-coin cells): the reconstruction experiments E1, E2, E8, E9, E10 (see :func:`_recon_suite`).
+#: * ``recon`` (62 cells): the reconstruction experiments at W4A4, calibration seeds 0-2: the baselines (E1), QDrop's
+#:   keep probability (E2), which half of DetPTQ's p matters and p chosen with the rest quantized (E3, E4), the head
+#:   in FP (E8), fixed step sizes (E9), and 4,000 steps a unit on seed 0 (E10); see :func:`_recon_suite`.
 #: * ``paper`` (84 cells): the paper's rows for a second detector (``--model retinanet-r18``), see
 #:   :func:`_paper_suite`.
 #: * ``paper-recon`` (3 cells): ``paper``'s reconstruction cells under our protocol (the head quantized), about four
