@@ -104,14 +104,14 @@ def _anchor_sizes(base: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
 #: (32, 40, 50) at P3 ... (512, 645, 812) at P7.
 DEFAULT_ANCHOR_SIZES: tuple[tuple[float, ...], ...] = tuple(
     (float(x), float(int(x * 2 ** (1 / 3))), float(int(x * 2 ** (2 / 3)))) for x in (32, 64, 128, 256, 512))
-#: Our anchor sizes [ours]: torchvision's times 3/8, base 12, 24, 48, 96, 192 px at P3..P7 (strides 8..128), three
+#: Our anchor sizes [ours], torchvision's times 3/8, base 12, 24, 48, 96, 192 px at P3..P7 (strides 8..128), three
 #: sizes per level an octave third apart, for the shapes' 8-54 px boxes. Of the 27,850 boxes of the 8,000 training
 #: images, an anchor overlaps 87 % at IoU >= 0.5 (the matcher's foreground threshold) against 54 % for torchvision's
 #: sizes (none of the boxes under 16 px), and the base 8 of a plain division by 4 reaches 65 %
 #: (``detptq-mini train --model retinanet-r18 --check-anchors --train-size 8000``; ``anchor_recall`` in
 #: :mod:`detptq_mini.train`).
 R18_ANCHOR_SIZES: tuple[tuple[float, ...], ...] = _anchor_sizes((12.0, 24.0, 48.0, 96.0, 192.0))
-#: Anchor aspect ratios (height / width) at every level: torchvision's.
+#: Anchor aspect ratios (height / width) at every level, torchvision's.
 ASPECT_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0)
 
 

@@ -36,6 +36,7 @@ from .quant import QuantConv2d, Quantizer
 __all__ = ["ZETA", "GAMMA", "rectified_sigmoid", "init_v", "round_regularizer", "beta_at", "AdaRoundQuantizer",
            "attach", "finish"]
 
+#: The stretch of the sigmoid (the paper's ``zeta``, ``gamma``) that lets :func:`rectified_sigmoid` reach 0 and 1.
 ZETA, GAMMA = 1.1, -0.1
 
 
@@ -74,7 +75,7 @@ def beta_at(step: int, iters: int, warmup: float = 0.2, start: float = 20.0, end
 
 
 class AdaRoundQuantizer(nn.Module):
-    """A weight quantizer with learned rounding, standing in for a layer's :class:`Quantizer`.
+    """A weight quantizer with learned rounding, standing in for a layer's :class:`~detptq_mini.quant.Quantizer`.
 
     Built from the layer's weight quantizer (its scale ``s`` and zero point ``z`` are kept fixed) and the
     FP weight ``W``. ``forward(w)`` ignores ``w`` (``W`` is cached as ``floor(W / s)`` and ``V``) and returns

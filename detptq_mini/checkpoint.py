@@ -60,11 +60,16 @@ __all__ = [
     "pretrained_path",
 ]
 
-WEIGHTS_DIR = Path(__file__).with_name("weights")  # the shipped FP checkpoint detector.pt and its detector.json
-FORMAT_VERSION = 1  # the format every checkpoint is written in
-READ_FORMATS: tuple[int, ...] = (1,)  # the formats this release reads
+#: The directory of the shipped FP weights, ``<name>.pt`` and its metadata ``<name>.json`` for each model
+#: (:data:`PRETRAINED_FILES`), next to this module.
+#:
+#: :meta hide-value:
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+FORMAT_VERSION = 1  #: The format version every checkpoint is written in (the header's ``"format"``).
+READ_FORMATS: tuple[int, ...] = (1,)  #: The format versions this release reads.
+#: The kinds of checkpoint (the header's ``"kind"``), an FP detector or a quantized one.
 KINDS: tuple[str, ...] = ("fp", "quantized")
-#: The detectors a checkpoint can hold (``--model``): the shipped YOLO-style detector and RetinaNet-ResNet18-FPN.
+#: The detectors a checkpoint can hold (``--model``), the shipped YOLO-style detector and RetinaNet-ResNet18-FPN.
 MODELS: tuple[str, ...] = ("yolo", "retinanet-r18")
 #: The shipped weights of each model in :data:`WEIGHTS_DIR` (``<name>.pt`` and its metadata ``<name>.json``).
 PRETRAINED_FILES: dict[str, str] = {"yolo": "detector", "retinanet-r18": "retinanet-r18"}

@@ -159,7 +159,7 @@ def check_images(images, name: str = "images", min_images: int = 1, min_what: st
 
     Args:
         images: an ``(N, 3, H, W)`` floating-point tensor, or a data set with ``.images()`` (such as
-            :class:`ShapesDataset`), which is turned into one.
+            :class:`~detptq_mini.data.ShapesDataset`), which is turned into one.
         name: the argument's name in error messages (``"calib"``, ``"images"``).
         min_images: the fewest images allowed (at least 1: an empty set is always an error).
         min_what: what sets ``min_images``, named in the error (e.g. ``"batch_size=32"``).

@@ -48,7 +48,9 @@ from .quant import deploy_quantizers, eval_mode
 __all__ = ["INTEGER_CONVS", "FLOAT_CONVS", "GRAPH_NAMES", "optimized_graph", "ort_quantize_static", "latency_table",
            "compare_graphs", "CONV_TYPES", "conv_kernel"]
 
+#: The op types that are integer convs in the graph ONNX Runtime runs (:func:`optimized_graph` counts them).
 INTEGER_CONVS: tuple[str, ...] = ("QLinearConv", "ConvInteger")
+#: The op types that are float convs there (ONNX Runtime's fused convs included).
 FLOAT_CONVS: tuple[str, ...] = ("Conv", "FusedConv", "NhwcFusedConv")
 
 
@@ -202,6 +204,7 @@ def conv_kernel(weight: str = "int8", act: str = "uint8") -> dict:
     return out
 
 
+#: The graphs :func:`compare_graphs` runs, in its order.
 GRAPH_NAMES: tuple[str, ...] = ("fp32", "fused", "qdq", "ort_quantize_static")
 
 

@@ -30,8 +30,8 @@ Activations must be 8-bit: ONNX Runtime has no integer conv for 4-bit inputs (:f
 with the layer protocol ``"head-fp"`` exports too: its head convs are plain FP convs, so they are plain ``Conv``
 nodes of the graph, without Q/DQ pairs.
 
-:func:`to_qdq` makes an export copy of a quantized model in which every :class:`QuantConv2d` calls torch's own
-quantization ops, which the exporters translate into ``QuantizeLinear``/``DequantizeLinear``:
+:func:`to_qdq` makes an export copy of a quantized model in which every :class:`~detptq_mini.quant.QuantConv2d`
+calls torch's own quantization ops, which the exporters translate into ``QuantizeLinear``/``DequantizeLinear``:
 ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine`` for the TorchScript
 exporter (``dynamo=False``, the default), and the ``quantized_decomposed`` quantize/dequantize ops (PT2E's)
 for the ``torch.export`` based exporter (``dynamo=True``). Both compute bit for bit what
@@ -80,17 +80,22 @@ __all__ = [
     "OnnxDetector", "compare_outputs", "check_layers", "latency_per_image",
 ]
 
-OPSET = 17  # TorchScript exporter; dynamo=True exports at 18 (its lowest), both >= 13 for per-channel QDQ
+#: The default ONNX opset of :func:`export_onnx`, the TorchScript exporter's (``dynamo=True`` exports at 18, its
+#: lowest); both are >= 13, as per-channel QDQ needs.
+OPSET = 17
+#: The names of the exported graph's outputs, the dense head outputs (class logits, then boxes, levels in order).
 OUTPUT_NAMES: tuple[str, ...] = ("cls0", "cls1", "cls2", "box0", "box1", "box2")
 _RANGES = {(0, 255): torch.uint8, (-128, 127): torch.int8}  # the integer ranges ONNX QuantizeLinear has at 8 bits
-#: The graphs :func:`export_onnx` writes: ``"fused"``, every tensor an integer kernel needs quantized (the deploy
-#: quantizers), and ``"qdq"``, Q/DQ pairs on the conv inputs and weights only (the first export: float convs).
+#: The graphs :func:`export_onnx` writes:
+#: ``"fused"``, every tensor an integer kernel needs quantized (the deploy quantizers), and ``"qdq"``, Q/DQ pairs on
+#: the conv inputs and weights only (the first export: float convs).
 GRAPHS: tuple[str, ...] = ("fused", "qdq")
-#: How :func:`export_onnx` stores 4-bit weights: ``"int8"`` (their codes in int8 initializers, opset 17: ONNX
-#: Runtime runs such a conv as an integer conv, as any int8 one) or ``"int4"`` (ONNX's int4 type, opset 21: half
-#: the bytes; ONNX Runtime 1.32 dequantizes them and runs a float conv). 8-bit weights are int8 either way.
+#: How :func:`export_onnx` stores 4-bit weights:
+#: ``"int8"`` (their codes in int8 initializers, opset 17: ONNX Runtime runs such a conv as an integer conv, as any
+#: int8 one) or ``"int4"`` (ONNX's int4 type, opset 21: half the bytes; ONNX Runtime 1.32 dequantizes them and runs
+#: a float conv). 8-bit weights are int8 either way.
 WEIGHTS: tuple[str, ...] = ("int8", "int4")
-INT4_OPSET = 21  # the first opset whose DequantizeLinear takes int4
+INT4_OPSET = 21  #: The first opset whose ``DequantizeLinear`` takes int4 (the opset of ``weights="int4"``).
 
 
 def check_exportable(qmodel: nn.Module) -> dict[str, QuantConv2d]:
@@ -209,13 +214,14 @@ def _graph_of(qmodel: nn.Module, graph: str | None, argument: str = "graph") -> 
 
 
 def to_qdq(qmodel: nn.Module, dynamo: bool = False, graph: str | None = None) -> nn.Module:
-    """An export copy of the W8A8 ``qmodel``: every :class:`QuantConv2d` computes with torch's quantization ops.
+    """An export copy of the W8A8 ``qmodel``: every :class:`~detptq_mini.quant.QuantConv2d` computes with torch's
+    quantization ops.
 
     ``graph`` (one of :data:`GRAPHS`; default ``"fused"`` when ``qmodel`` has deploy quantizers, else ``"qdq"``):
-    ``"fused"`` keeps the deploy quantizers (each conv's output, each :class:`QuantSiLU`'s sigmoid), so the copy's
-    forward equals ``qmodel``'s bit for bit; ``"qdq"`` leaves them out (conv inputs and weights only), so it equals
-    ``qmodel`` with its deploy quantizers off. The copy is in eval mode with gradients off. ``qmodel`` is not
-    modified. ``dynamo`` selects the ops its exporter understands (see the module docstring).
+    ``"fused"`` keeps the deploy quantizers (each conv's output, each :class:`~detptq_mini.quant.QuantSiLU`'s
+    sigmoid), so the copy's forward equals ``qmodel``'s bit for bit; ``"qdq"`` leaves them out (conv inputs and
+    weights only), so it equals ``qmodel`` with its deploy quantizers off. The copy is in eval mode with gradients
+    off. ``qmodel`` is not modified. ``dynamo`` selects the ops its exporter understands (see the module docstring).
     """
     check_bool("dynamo", dynamo)
     if dynamo:
@@ -236,7 +242,8 @@ def to_qdq(qmodel: nn.Module, dynamo: bool = False, graph: str | None = None) ->
 
 
 def to_float(qmodel: nn.Module) -> nn.Module:
-    """The FP32 twin of a quantized model: each :class:`QuantConv2d` replaced by its (BN-folded) float conv.
+    """The FP32 twin of a quantized model: each :class:`~detptq_mini.quant.QuantConv2d` replaced by its (BN-folded)
+    float conv.
 
     The baseline of :func:`latency_per_image`: the same graph as the QDQ export, without the Q/DQ pairs.
     """
@@ -585,9 +592,9 @@ def _step(layer: QuantConv2d) -> Tensor:
 def check_layers(qmodel: nn.Module, images: Tensor, threads: int = 1) -> dict:
     """Every conv as ONNX Runtime runs it, against the fake-quant conv, on the same input: within one step?
 
-    Each :class:`QuantConv2d` is exported on its own (the same Q/DQ pair on its input, and the same int8 weight
-    codes, as in the full graph) and run by ONNX Runtime on the very input the fake-quant model gives that conv on
-    ``images``. The difference, per output channel ``c``, is measured in steps ``s_a * sum_k |W_q[c, k]|``
+    Each :class:`~detptq_mini.quant.QuantConv2d` is exported on its own (the same Q/DQ pair on its input, and the
+    same int8 weight codes, as in the full graph) and run by ONNX Runtime on the very input the fake-quant model gives
+    that conv on ``images``. The difference, per output channel ``c``, is measured in steps ``s_a * sum_k |W_q[c, k]|``
     (every input of the output one integer code away): float accumulation order aside, a conv that rounds
     as the fake-quant conv does stays far below one step.
 

@@ -47,8 +47,8 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 __all__ = [
-    "STRIDES", "DenseOutputs", "Unit", "UnitDetector", "check_unit_detector", "Detector", "ConvBNAct", "C2f", "SPPF",
-    "make_anchors", "decode", "postprocess",
+    "STRIDES", "DenseOutputs", "Unit", "UnitDetector", "check_unit_detector", "DetectorConfig", "Detector", "ConvBNAct",
+    "C2f", "SPPF", "make_anchors", "decode", "postprocess",
 ]
 
 STRIDES: tuple[int, ...] = (8, 16, 32)

@@ -54,6 +54,7 @@ from .utils import atomic_torch_save
 __all__ = ["METHODS", "PTQConfig", "PTQResult", "run_ptq", "calibration_images"]
 
 Method = Literal["minmax", "lp", "detptq", "brecq", "joint", "qdrop", "detptq-qdrop"]
+#: The methods :func:`run_ptq` runs (``PTQConfig.method``, the command line's ``--method``).
 METHODS: tuple[str, ...] = get_args(Method)
 RECON_METHODS: tuple[str, ...] = ("brecq", "joint", "qdrop", "detptq-qdrop")
 FIXED_P_METHODS: tuple[str, ...] = ("lp", "brecq", "joint", "qdrop")

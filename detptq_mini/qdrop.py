@@ -109,8 +109,8 @@ def mixed_fake_quantize(x: Tensor, scale: Tensor, zero_point: float, qmin: int, 
         grad_factor: multiplies the step size's gradient (LSQ's ``1 / sqrt(features * qmax)``).
 
     Returns:
-        the mixed tensor. Backward: the clipped STE on kept elements, the identity on dropped ones; for ``scale``
-        the LSQ gradient (``round(x/s) - x/s`` inside the range, ``q - z`` outside) summed over kept elements
+        the mixed tensor. Its backward is the clipped STE on kept elements, the identity on dropped ones; for
+        ``scale`` the LSQ gradient (``round(x/s) - x/s`` inside the range, ``q - z`` outside) summed over kept elements
         and multiplied by ``grad_factor``.
     """
     return _MixedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, keep, grad_factor)
@@ -238,9 +238,9 @@ class InputCoin:
         self.shapes = [tuple(t.shape) for t in example]
         self.channels_last = [_is_channels_last(t) for t in example]
         self.sizes = [t[0].numel() for t in example]
-        #: per layer, per call of the layer in one forward of the unit: (positions in the layer's input rows that
-        #: copy an input element, the source positions in the concatenated input rows, the layer input's sample
-        #: shape, its memory order, all copied?), or None for a call that copies no input element
+        #: per layer, per call of the layer in one forward of the unit, a tuple (positions in the layer's input
+        #: rows that copy an input element, the source positions in the concatenated input rows, the layer input's
+        #: sample shape, its memory order, all copied?), or None for a call that copies no input element
         self.maps: dict[str, list[tuple[Tensor, Tensor, tuple[int, ...], bool, bool] | None]] = {}
         self.quantizers: dict[str, QDropQuantizer] = {}
         if prob < 1:

@@ -271,9 +271,10 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------ config
-#: The layer protocols: which convs are quantized at all (method page, section 7). ``"ours"``: every conv;
-#: ``"head-fp"``: every conv but those of the detection head, which stay FP (QDrop's public COCO code).
 LayerProtocol = Literal["ours", "head-fp"]
+#: The layer protocols, which convs are quantized at all (method page, section 7).
+#: ``"ours"``: every conv; ``"head-fp"``: every conv but those of the detection head, which stay FP (QDrop's public
+#: COCO code).
 PROTOCOLS: tuple[str, ...] = get_args(LayerProtocol)
 
 

@@ -3,8 +3,8 @@
 Simple PTQ sets each quantizer's scale and rounds every weight to nearest. *Reconstruction* then tunes
 the quantized network one unit at a time so that each unit's output matches the FP network's:
 
-* the units are the model's own (:attr:`Detector.units`: the stem, each downsampling conv, each C2f
-  block, SPPF, each neck unit and each head branch), in forward order;
+* the units are the model's own (:class:`~detptq_mini.model.Detector`'s ``units``: the stem, each downsampling
+  conv, each C2f block, SPPF, each neck unit and each head branch), in forward order;
 * for unit ``k`` three tensors are cached over the calibration set: its input from the *quantized* prefix
   (units ``< k`` already reconstructed, every quantizer on), its input from the FP model, and its FP
   output (the target);
@@ -163,8 +163,9 @@ class UnitHistory:
         loss: the reconstruction loss of every step (on the step's batch, with QDrop's random masks; divided by
             ``before`` with ``loss_norm="before"``).
         reg: the regulariser term ``lam * f_reg`` of every step (0 in the warm-up).
-        before, after: the loss on every cached sample with the quantized-prefix input and every element
-            quantized: before (round-to-nearest, the starting scales) and after reconstruction.
+        before: the loss on every cached sample with the quantized-prefix input and every element quantized,
+            before reconstruction (round-to-nearest, the starting scales).
+        after: the same loss after reconstruction.
         after_mse: ``after`` with p = 2 (comparable across methods whatever their p).
         act_loss: BRECQ's second stage (``stages=2``): the loss of every step of the step-size pass.
         flipped: weights whose rounding differs from round-to-nearest at the end, per layer.

@@ -291,8 +291,11 @@ def train(cfg: TrainConfig = TrainConfig(), device: str | torch.device = "cpu", 
 
 
 # ------------------------------------------------------------------ RetinaNet-ResNet18-FPN (--model retinanet-r18)
-RETINA_STATE = "retinanet-r18.state.pt"  # the training state after the last finished epoch (what resume reads)
-RETINA_FP32 = "retinanet-r18.fp32.pt"  # the trained EMA model in float32, before the float16 copy ships
+#: The file of the training state after the last finished epoch (what a resume reads), in :func:`train_retinanet`'s
+#: ``state_dir``.
+RETINA_STATE = "retinanet-r18.state.pt"
+#: The file, in ``state_dir`` too, of the trained EMA model in float32 (before the float16 copy ships).
+RETINA_FP32 = "retinanet-r18.fp32.pt"
 
 
 @dataclass(frozen=True)

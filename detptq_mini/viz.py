@@ -314,7 +314,7 @@ def summary_table(summary: dict, labels: Sequence[str], bits: Sequence[str] | No
     """A benchmark table: a row per method, a column per bits, each entry the mean over calibration seeds.
 
     Args:
-        summary: :func:`detptq_mini.benchmark.summarize` of a result file.
+        summary: :func:`~detptq_mini.benchmark.report.summarize` of a result file.
         labels: the rows, by their ``label``, in the order shown; each must be a row of ``summary``.
         bits: the columns (default: every bits of ``summary``, widest first).
         pct: entries as % of the FP mAP50:95 (``"92.3 % (3)"``) instead of mAP50:95 with the sample standard
@@ -337,7 +337,7 @@ def summary_table(summary: dict, labels: Sequence[str], bits: Sequence[str] | No
 
 
 def cell_text(cell: dict | None, pct: bool = False, std: bool | None = None) -> str:
-    """One table entry for a cell of :func:`detptq_mini.benchmark.summarize`: its mean over calibration seeds.
+    """One table entry for a cell of :func:`~detptq_mini.benchmark.report.summarize`: its mean over calibration seeds.
 
     Args:
         cell: a row's cell (``row["cells"][bits]``), or None for a cell not done ("—").
@@ -368,7 +368,7 @@ def cells_table(rows: Mapping[str, Mapping[str, dict | None]], pct: bool = True,
     result files, or one bits column split by protocol): ``{"joint": {"ours": cell, "head FP": cell}, ...}``.
 
     Args:
-        rows: row name -> {column -> a cell of :func:`detptq_mini.benchmark.summarize`, or None for "—"}.
+        rows: row name -> {column -> a cell of :func:`~detptq_mini.benchmark.report.summarize`, or None for "—"}.
         pct, std: how each entry is written (:func:`cell_text`); by default % of FP with its standard deviation.
         first: the header of the row names' column.
         caption: shown above the table.
@@ -392,7 +392,7 @@ def comparison_table(rows: Sequence[tuple[str, str, "Comparison"]], caption: str
 
     Args:
         rows: ``(name A, name B, compare(cell A, cell B))`` per row, where ``compare`` is
-            :func:`detptq_mini.benchmark.compare` (mAP50:95 over calibration seeds).
+            :func:`~detptq_mini.benchmark.report.compare` (mAP50:95 over calibration seeds).
         caption: shown above the table.
 
     "A ahead" or "B ahead" when the gap exceeds ``k`` (the book: 2) pooled standard deviations of the seeds,
@@ -430,7 +430,7 @@ def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: st
     """Percent of the FP mAP50:95 against bits, one line per method: the picture of a benchmark table.
 
     Args:
-        summary: :func:`detptq_mini.benchmark.summarize` of a result file.
+        summary: :func:`~detptq_mini.benchmark.report.summarize` of a result file.
         labels: the rows to draw, by their ``label`` (default: every row); each must be a row of ``summary``.
         title: the axes title.
 
@@ -485,7 +485,7 @@ def plot_ratio_vs_p(summaries: Mapping[str, dict], bits: str, reference: str | N
     (the best single p depends on the model and the bits) as a picture.
 
     Args:
-        summaries: model name -> :func:`detptq_mini.benchmark.summarize` of its result file.
+        summaries: model name -> :func:`~detptq_mini.benchmark.report.summarize` of its result file.
         bits: the bits to draw, e.g. ``"W4A4"``; each summary must have cells at them.
         reference: a row drawn as a dashed horizontal line in its model's colour (DetPTQ's per-layer p by default),
             or None; a model without that row at ``bits`` gets no line.
@@ -538,7 +538,7 @@ def plot_ratio_vs_setting(series: Mapping[str, Mapping[float, dict]], xlabel: st
     rate, a budget), one line per series.
 
     Args:
-        series: series name -> {setting value -> a cell of :func:`detptq_mini.benchmark.summarize`}.
+        series: series name -> {setting value -> a cell of :func:`~detptq_mini.benchmark.report.summarize`}.
         xlabel: what the setting is.
         title: the axes title.
         reference: ``(name, cell)`` drawn as a dotted horizontal line (e.g. another protocol's best), or None.
@@ -576,9 +576,9 @@ def plot_unit_losses(profiles: dict[str, dict[str, float]], title: str | None = 
     """Per-unit losses after reconstruction, one line per method: where along the network a method loses.
 
     Args:
-        profiles: ``{label: {unit: loss}}``, e.g. :func:`detptq_mini.benchmark.unit_losses` of each method's cells;
-            each profile's units in forward order. The x axis is every unit of any profile; a profile without a
-            unit (e.g. the head left in FP) has a gap there.
+        profiles: ``{label: {unit: loss}}``, e.g. :func:`~detptq_mini.benchmark.report.unit_losses` of each
+            method's cells; each profile's units in forward order. The x axis is every unit of any profile; a
+            profile without a unit (e.g. the head left in FP) has a gap there.
         title: the axes title.
         log: a logarithmic loss axis (the losses grow by orders of magnitude along the network).
     """

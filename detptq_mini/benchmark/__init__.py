@@ -2,16 +2,18 @@
 
 Three modules, data flowing one way (``suites`` <- ``report`` <- ``runner``):
 
-* :mod:`.suites`: what to run. :class:`Cell` (one ``detptq-mini quantize ... --json`` run), the named suites
-  :data:`SUITES` (``full``, ``ablations``, ``loss-norm``, ``simple``, ``quick``) with their settings
-  (:data:`FULL_BITS`, :data:`SEEDS`, :data:`RECON_ITERS`, :data:`RECON_LR`, ...), :func:`select_cells`.
-* :mod:`.report`: a result file as tables: :func:`summarize` (one JSON-ready dict for the book) and
-  :func:`to_markdown` (a row per method, a column per bits, mean ± std over seeds, % of FP, cost, settings, the
-  commands and the machine); :func:`compare` judges "A beats B" over the seeds (gap > 2 pooled std).
-* :mod:`.runner`: :func:`run_suite` runs a suite one cell per subprocess (:func:`run_cell`), one at a time or
-  ``jobs`` at once, rewrites the result file and its markdown atomically after every cell (cells in the suite's
-  order: :func:`ordered_cells`), resumes where a run stopped and logs every run's command and code
-  (:func:`code_version`); :func:`load_results` reads a result file.
+* :mod:`.suites`: what to run. :class:`~.suites.Cell` (one ``detptq-mini quantize ... --json`` run), the named
+  suites :data:`~.suites.SUITES` (``full``, ``ablations``, ``loss-norm``, ``simple``, ``quick``) with their settings
+  (:data:`~.suites.FULL_BITS`, :data:`~.suites.SEEDS`, :data:`~.suites.RECON_ITERS`, :data:`~.suites.RECON_LR`,
+  ...), :func:`~.suites.select_cells`.
+* :mod:`.report`: a result file as tables: :func:`~.report.summarize` (one JSON-ready dict for the book) and
+  :func:`~.report.to_markdown` (a row per method, a column per bits, mean ± std over seeds, % of FP, cost,
+  settings, the commands and the machine); :func:`~.report.compare` judges "A beats B" over the seeds (gap > 2
+  pooled std).
+* :mod:`.runner`: :func:`~.runner.run_suite` runs a suite one cell per subprocess (:func:`~.runner.run_cell`), one
+  at a time or ``jobs`` at once, rewrites the result file and its markdown atomically after every cell (cells in
+  the suite's order: :func:`~.runner.ordered_cells`), resumes where a run stopped and logs every run's command and
+  code (:func:`~.runner.code_version`); :func:`~.runner.load_results` reads a result file.
 
 Command line: ``detptq-mini benchmark --suite full`` (see ``benchmarks/README.md``).
 """

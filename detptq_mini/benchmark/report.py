@@ -51,7 +51,7 @@ def unit_losses(results: dict, keys, field: str = "after_mse") -> dict[str, floa
     """Each unit's loss after reconstruction, the mean over the cells ``keys`` (e.g. a row's seeds).
 
     Args:
-        results: a result file's dict (:func:`~detptq_mini.benchmark.load_results`).
+        results: a result file's dict (:func:`~detptq_mini.benchmark.runner.load_results`).
         keys: the cells' keys (``summarize(...)`` gives a row's per bits: ``row["cells"]["W4A4"]["keys"]``).
         field: ``"after_mse"`` (default: the p = 2 loss of the unit's output with the quantized prefix as input,
             every element quantized, the same measure for every method), ``"after"`` (with the unit's own p) or

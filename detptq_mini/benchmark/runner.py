@@ -353,9 +353,11 @@ def run_suite(name_or_cells, out_path: str | os.PathLike, progress: bool = False
     """Run every cell of a suite not already done in ``out_path``, one subprocess each; resumable.
 
     Args:
-        name_or_cells: a key of :data:`SUITES`, or a list of :class:`Cell` (the suite is then called ``"custom"``).
+        name_or_cells: a key of :data:`~detptq_mini.benchmark.suites.SUITES`, or a list of
+            :class:`~detptq_mini.benchmark.suites.Cell` (the suite is then called ``"custom"``).
         out_path: the JSON result file (its directory must exist). Loaded if present (it must be of the same suite);
-            rewritten atomically after every cell, with a markdown table (:func:`to_markdown`) next to it.
+            rewritten atomically after every cell, with a markdown table
+            (:func:`~detptq_mini.benchmark.report.to_markdown`) next to it.
         progress: show a tqdm progress bar (on stderr), with the keys of the cells running.
         only: run only the cells whose key contains this substring (or any of a list of them).
         exclude: skip the cells whose key contains this substring, or any of a list of them (e.g. ``"-i"``: the

@@ -128,7 +128,7 @@ SEEDS: tuple[int, ...] = (0, 1, 2)
 #: and val images of the mAP.
 FULL_CALIB = 256
 FULL_VAL = 500
-#: The reconstruction budget (``--iters``, steps per unit) of each bits column: one budget for BRECQ, QDrop and
+#: The reconstruction budget (``--iters``, steps per unit) of each bits column, one budget for BRECQ, QDrop and
 #: DetPTQ+QDrop alike. The bits named here are the ones that get reconstruction cells (W8A8 needs none). 1,000 steps
 #: at the learning rates of :data:`RECON_LR` is the best W4A4 setting of the long reconstruction runs
 #: (``benchmarks/results/reconstruction_runs.json``, runs R1 and R5: 63.4 % of FP for DetPTQ+QDrop, beating 2,000 steps
@@ -145,15 +145,15 @@ LP_EXTRA_P = 2.4
 ODOL_COMBOS: tuple[tuple[str, str], ...] = (("kl", "l1"), ("kl", "iou"), ("l2", "l1"), ("l2", "iou"))
 #: DetPTQ+QDrop with every activation element quantized during reconstruction (BRECQ's setting).
 QUANT_PROB_ONE: tuple[str, ...] = ("--quant-prob", "1")
-#: The 8-bit conventions turned off in the ablation: stem alone, prediction convs alone, both.
+#: The 8-bit conventions turned off in the ablation (stem alone, prediction convs alone, both).
 EIGHT_BIT_OFF: tuple[tuple[str, ...], ...] = (("--no-8bit-stem",), ("--no-8bit-pred",),
                                               ("--no-8bit-stem", "--no-8bit-pred"))
 #: Each unit's reconstruction loss divided by its value before reconstruction (the ``loss-norm`` experiment).
 LOSS_NORM_BEFORE: tuple[str, ...] = ("--loss-norm", "before")
-#: QDrop's earlier scheme (two coins at a unit's input, pooled masks), kept as an ablation: the committed cells made
+#: QDrop's earlier scheme (two coins at a unit's input, pooled masks), kept as an ablation; the committed cells made
 #: before the reference's single coin are these.
 TWO_COIN: tuple[str, ...] = ("--qdrop-input", "two-coin")
-#: BRECQ's second-stage rate (``--lr-act`` of a ``brecq`` cell): 10x its reference's 4e-4, as :data:`RECON_LR` is 10x
+#: BRECQ's second-stage rate (``--lr-act`` of a ``brecq`` cell), 10x its reference's 4e-4, as :data:`RECON_LR` is 10x
 #: the others'.
 BRECQ_LR_ACT = 0.004
 
@@ -247,9 +247,9 @@ def _loss_norm_suite() -> list[Cell]:
             for s in SEEDS for norm in ((), LOSS_NORM_BEFORE) for m, e, coin in settings]
 
 
-#: The layer protocol of experiment E8: the head in FP (QDrop's COCO code).
+#: The layer protocol of experiment E8, the head in FP (QDrop's COCO code).
 HEAD_FP: tuple[str, ...] = ("--protocol", "head-fp")
-#: QDrop's keep probabilities of experiment E2 (1.0 is the ``joint`` method: the same code path).
+#: QDrop's keep probabilities of experiment E2 (1.0 is the ``joint`` method, the same code path).
 QDROP_PROBS: tuple[float, ...] = (0.75, 0.9)
 #: The longer budget of experiment E10 (steps per unit).
 LONG_ITERS = 4000
@@ -294,9 +294,9 @@ def _recon_suite() -> list[Cell]:
         seed_cells(2)
 
 
-#: Calibration images of every ``paper`` cell: 128, half of ``full``'s 256. The issue's rule: 256 unless DetPTQ simple
-#: on RetinaNet-R18 takes more than 10 minutes a cell; at 256 its W4A4 cell was still running after 27 minutes (one
-#: thread, shared machine), so every R18 cell uses 128, and the book says so.
+#: Calibration images of every ``paper`` cell, 128 (half of ``full``'s 256). The issue's rule is 256 unless DetPTQ
+#: simple on RetinaNet-R18 takes more than 10 minutes a cell; at 256 its W4A4 cell was still running after 27 minutes
+#: (one thread, shared machine), so every R18 cell uses 128, and the book says so.
 PAPER_CALIB = 128
 
 
@@ -362,17 +362,16 @@ def _quick_suite() -> list[Cell]:
 #:   :data:`RECON_ITERS` for its bits and the learning rates :data:`RECON_LR`. "Best fixed p" is not a cell: the
 #:   report's :func:`~detptq_mini.benchmark.report.summarize` picks, per bits, the p of ``P_DEFAULT`` with the best
 #:   mean mAP over seeds (an oracle choice made on the val set).
-#: * ``ablations`` (51 cells): see :func:`_ablation_suite`; the p-with-and-without-V ablation is the script
+#: * ``ablations`` (51 cells): see ``_ablation_suite``; the p-with-and-without-V ablation is the script
 #:   ``benchmarks/rounding_ablation.py``.
-#: * ``loss-norm`` (24 cells): see :func:`_loss_norm_suite`.
+#: * ``loss-norm`` (24 cells): see ``_loss_norm_suite``.
 #: * ``simple`` (66 cells): min-max, every fixed p of ``P_DEFAULT`` and DetPTQ at W4A4 and W4A8, seeds 0, 1, 2, 64
 #:   calibration images (the chapter 6 table), and DetPTQ with the rest of the network quantized while a layer's p is
 #:   chosen (``--rest quantized``).
 #: * ``recon`` (62 cells): the reconstruction experiments at W4A4, calibration seeds 0-2: the baselines (E1), QDrop's
 #:   keep probability (E2), which half of DetPTQ's p matters and p chosen with the rest quantized (E3, E4), the head
-#:   in FP (E8), fixed step sizes (E9), and 4,000 steps a unit on seed 0 (E10); see :func:`_recon_suite`.
-#: * ``paper`` (84 cells): the paper's rows for a second detector (``--model retinanet-r18``), see
-#:   :func:`_paper_suite`.
+#:   in FP (E8), fixed step sizes (E9), and 4,000 steps a unit on seed 0 (E10); see ``_recon_suite``.
+#: * ``paper`` (84 cells): the paper's rows for a second detector (``--model retinanet-r18``), see ``_paper_suite``.
 #: * ``paper-recon`` (3 cells): ``paper``'s reconstruction cells under our protocol (the head quantized), about four
 #:   hours a cell (estimated) on RetinaNet-R18 with one thread.
 #: * ``quick`` (7 cells): every method once on a tiny slice, a smoke test of the harness (about a minute).
