@@ -349,6 +349,8 @@ def cell_text(cell: dict | None, pct: bool = False, std: bool | None = None) -> 
     """
     if cell is None:
         return "—"
+    if not isinstance(cell, Mapping) or "map_mean" not in cell or "n" not in cell:
+        raise ValueError(f"cell must be a cell of summarize()'s rows (with 'n' and 'map_mean') or None, got {cell!r:.80}")
     std = (not pct) if std is None else std
     spread = std and cell["map_std"] is not None
     if pct:
@@ -378,9 +380,15 @@ def cells_table(rows: Mapping[str, Mapping[str, dict | None]], pct: bool = True,
     for name, cols in rows.items():
         if not isinstance(cols, Mapping):
             raise ValueError(f"rows[{name!r}] must map a column name to a cell, got {type(cols).__name__}")
-    columns = list(dict.fromkeys(c for cols in rows.values() for c in cols))
-    return Table([{first: name, **{c: cell_text(cols.get(c), pct, std) for c in columns}}
-                  for name, cols in rows.items()], columns=[first, *columns], caption=caption)
+    # columns are shown by their text: a keep probability 0.5 is the column "0.5"
+    columns = list(dict.fromkeys(str(c) for cols in rows.values() for c in cols))
+    if str(first) in columns:
+        raise ValueError(f"first={first!r} is also a column of rows; give the row names' column another header")
+    out = []
+    for name, cols in rows.items():
+        texts = {str(c): cell_text(cell, pct, std) for c, cell in cols.items()}
+        out.append({str(first): name, **{c: texts.get(c, "—") for c in columns}})
+    return Table(out, columns=[str(first), *columns], caption=caption)
 
 
 #: The words of a :class:`detptq_mini.benchmark.Comparison`'s verdict in a table.
@@ -402,7 +410,7 @@ def comparison_table(rows: Sequence[tuple[str, str, "Comparison"]], caption: str
         raise ValueError("rows is empty: give (name A, name B, compare(a, b)) per row")
     out = []
     for i, row in enumerate(rows):
-        if len(row) != 3 or not hasattr(row[2], "verdict"):
+        if not isinstance(row, (tuple, list)) or len(row) != 3 or not hasattr(row[2], "verdict"):
             raise ValueError(f"rows[{i}] must be (name A, name B, compare(a, b)), got {row!r:.80}")
         name_a, name_b, v = row
         out.append({"A": name_a, "B": name_b, "A - B": v.gap,
@@ -419,7 +427,9 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 def _pct_err(cell: dict) -> float:
     """The error bar of a summary cell's % of FP: the FP mAP is one number, so the ratio's std over seeds is the
     mAP's std over the FP mAP (0 for one seed)."""
-    return 0.0 if cell["map_std"] is None else 100 * cell["ratio_to_fp_mean"] * cell["map_std"] / cell["map_mean"]
+    if cell["map_std"] is None or not cell["map_mean"]:  # one seed, or every seed at mAP 0 (no spread)
+        return 0.0
+    return 100 * cell["ratio_to_fp_mean"] * cell["map_std"] / cell["map_mean"]
 
 
 def _seeds(n: int) -> str:
@@ -548,6 +558,15 @@ def plot_ratio_vs_setting(series: Mapping[str, Mapping[float, dict]], xlabel: st
     """
     if not series:
         raise ValueError("series is empty: give at least one name -> {setting: cell}")
+    for name, points in series.items():
+        if not isinstance(points, Mapping):
+            raise ValueError(f"series[{name!r}] must map a setting (a number) to a cell, got {type(points).__name__}")
+        bad = [x for x in points if isinstance(x, bool) or not isinstance(x, numbers.Real)]
+        if bad:
+            raise ValueError(f"series[{name!r}] has settings that are not numbers: {bad!r}")
+    if reference is not None and (not isinstance(reference, (tuple, list)) or len(reference) != 2
+                                  or not isinstance(reference[1], Mapping)):
+        raise ValueError(f"reference must be (name, cell) or None, got {reference!r:.80}")
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for i, (name, points) in enumerate(series.items()):
         pts = sorted((float(x), c) for x, c in points.items() if c is not None and c["ratio_to_fp_mean"] is not None)
@@ -562,7 +581,8 @@ def plot_ratio_vs_setting(series: Mapping[str, Mapping[float, dict]], xlabel: st
                     label=f"{name} ({seeds})")
     if reference is not None:
         name, cell = reference
-        ax.axhline(100 * cell["ratio_to_fp_mean"], color="grey", ls=":", lw=1.2, label=f"{name} ({_seeds(cell['n'])})")
+        ax.axhline(100 * cell["ratio_to_fp_mean"], color="grey", ls=(0, (1, 4)), lw=1.5,  # no series' style
+                   label=f"{name} ({_seeds(cell['n'])})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("% of FP mAP50:95")
     if title:

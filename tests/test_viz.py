@@ -378,6 +378,14 @@ def test_cells_table_writes_percent_with_its_spread_and_a_dash_for_a_cell_not_do
     assert t.columns == ["method", "ours", "head FP"] and t.caption == "W4A4"
     assert [[text for text, _ in row] for row in t.rows] == [["joint", "92.3 ± 0.5 % (3)", "—"],
                                                              ["min-max", "11.8 % (1)", "—"]]
+    # numeric column keys (a keep probability) are shown by their text, and filled
+    t = cells_table({"QDrop": {0.5: one_seed, 1.0: joint}}, std=False)
+    assert t.columns == ["method", "0.5", "1.0"]
+    assert [text for text, _ in t.rows[0]] == ["QDrop", "11.8 % (1)", "92.3 % (3)"]
+    with pytest.raises(ValueError, match="first='ours' is also a column of rows"):
+        cells_table({"joint": {"ours": joint}}, first="ours")
+    with pytest.raises(ValueError, match="cell must be a cell of summarize"):
+        cell_text(0.92)
     with pytest.raises(ValueError, match="rows is empty"):
         cells_table({})
     with pytest.raises(ValueError, match=r"rows\['joint'\] must map a column name to a cell"):
@@ -406,6 +414,8 @@ def test_comparison_table_gives_the_gap_the_bar_and_the_verdict_of_compare():
         comparison_table([])
     with pytest.raises(ValueError, match=r"rows\[0\] must be \(name A, name B, compare\(a, b\)\)"):
         comparison_table([("a", "b", 0.3)])
+    with pytest.raises(ValueError, match=r"rows\[0\] must be"):
+        comparison_table([compare(a, b)])
 
 
 def test_plot_ratio_vs_setting_draws_a_line_per_series_with_legible_text():
@@ -421,12 +431,18 @@ def test_plot_ratio_vs_setting_draws_a_line_per_series_with_legible_text():
     lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1 and ln.get_linestyle() != "None"]
     ys = sorted(round(y, 1) for ln in lines for y in ln.get_ydata())
     assert 64.0 in ys and 92.0 in ys and 89.0 in ys and 96.0 in ys  # both series and the reference line
-    assert len({ln.get_linestyle() for ln in lines}) == len(lines)   # told apart by line style too
+    # told apart by line style too (a custom dash pattern reports as "--": compare the patterns themselves)
+    assert len({(ln.get_linestyle(), str(ln._dash_pattern)) for ln in lines}) == len(lines)
     labels = ax.get_legend_handles_labels()[1]
-    assert labels == ["joint, head FP (3 seeds)", "QDrop (3 seeds)", "DetPTQ+QDrop (1-3 seeds)"] or \
-        sorted(labels) == sorted(["joint, head FP (3 seeds)", "QDrop (3 seeds)", "DetPTQ+QDrop (1-3 seeds)"])
+    assert sorted(labels) == sorted(["joint, head FP (3 seeds)", "QDrop (3 seeds)", "DetPTQ+QDrop (1-3 seeds)"])
+    qdrop = next(ln for ln in lines if list(ln.get_xdata()) == [0.5, 0.75, 0.9, 1.0])
+    assert [round(y, 1) for y in qdrop.get_ydata()] == [64.0, 83.0, 91.0, 92.0]  # sorted by the setting
     assert smallest_text_px(fig) >= MIN_TEXT_PX
     with pytest.raises(ValueError, match="series is empty"):
         plot_ratio_vs_setting({}, xlabel="x")
     with pytest.raises(ValueError, match=r"series\['QDrop'\] has no cell"):
         plot_ratio_vs_setting({"QDrop": {0.5: None}}, xlabel="x")
+    with pytest.raises(ValueError, match=r"series\['QDrop'\] has settings that are not numbers: \['half'\]"):
+        plot_ratio_vs_setting({"QDrop": {"half": cell(0.6)}}, xlabel="x")
+    with pytest.raises(ValueError, match="reference must be"):
+        plot_ratio_vs_setting({"QDrop": {0.5: cell(0.6)}}, xlabel="x", reference=("joint", None))
