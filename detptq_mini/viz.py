@@ -436,6 +436,11 @@ def _seeds(n: int) -> str:
     return f"{n} seed{'s' if n > 1 else ''}"
 
 
+def _seeds_range(ns: Sequence[int]) -> str:
+    """The seed counts of a line's points, sorted: "3 seeds", or "1-3 seeds" when they differ."""
+    return _seeds(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]} seeds"
+
+
 def plot_ratio_vs_bits(summary: dict, labels: list[str] | None = None, title: str | None = None) -> Figure:
     """Percent of the FP mAP50:95 against bits, one line per method: the picture of a benchmark table.
 
@@ -522,7 +527,7 @@ def plot_ratio_vs_p(summaries: Mapping[str, dict], bits: str, reference: str | N
         ys = [100 * c["ratio_to_fp_mean"] for _, c in pts]
         errs = [_pct_err(c) for _, c in pts]
         n = sorted({c["n"] for _, c in pts})
-        seeds = _seeds(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+        seeds = _seeds_range(n)
         colour, marker = f"C{i % 10}", _MARKERS[i % len(_MARKERS)]  # solid lines: the dashed ones are references
         ax.errorbar(xs, ys, yerr=errs, marker=marker, ms=4, capsize=3, color=colour,
                     label=f"{name}: Lp, fixed p ({seeds})")
@@ -574,7 +579,7 @@ def plot_ratio_vs_setting(series: Mapping[str, Mapping[float, dict]], xlabel: st
             plt.close(fig)
             raise ValueError(f"series[{name!r}] has no cell with a % of FP to draw")
         n = sorted({c["n"] for _, c in pts})
-        seeds = _seeds(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+        seeds = _seeds_range(n)
         ls, marker = _STYLES[i % len(_STYLES)]
         ax.errorbar([x for x, _ in pts], [100 * c["ratio_to_fp_mean"] for _, c in pts],
                     yerr=[_pct_err(c) for _, c in pts], ls=ls, marker=marker, ms=5, capsize=3, color=f"C{i % 10}",
