@@ -90,10 +90,17 @@ def test_full_suite_has_exactly_the_comparisons_cells():
     recon = [i for i, c in enumerate(full) if c.iters is not None]
     assert recon == list(range(len(full) - 54, len(full)))
     assert [full[i].seed for i in recon] == sorted(full[i].seed for i in recon)
-    # the committed cells of the earlier code are suite cells under their corrected names
+    # the committed cells of the earlier code are suite cells under their corrected names; the suite is complete
     data = json.loads((ROOT / "benchmarks" / "results" / "full.json").read_text())
     new = {c.key for c in full if c.iters and c.method != "joint" and two[1] not in c.extra}  # the corrected methods
-    assert len(new) == 27 and {c.key for c in full} - set(data["cells"]) <= new
+    assert len(new) == 27 and all(data["cells"].get(c.key, {}).get("status") == "ok" for c in full)
+    # and each corrected cell says which scheme made it: BRECQ's two stages, QDrop's one coin
+    for key in new:
+        config = data["cells"][key]["config"]
+        if key.startswith("brecq-"):
+            assert config["stages"] == 2 and config["act_iters"] == RECON_ITERS["W4A4"] // 4, key
+        else:
+            assert config["qdrop_input"] == "one-coin" and config["quant_prob"] == 0.5, key
 
 
 def test_recon_suite_orders_the_experiments_by_what_they_decide():
@@ -1051,11 +1058,13 @@ def test_the_committed_results_say_the_methods_new_names():
             if key.startswith("brecq-"):
                 assert "stages" in rec["config"], key
             if key.startswith(("qdrop-", "detptq-qdrop-")) and "+quant-prob+1" not in key:
-                assert key.endswith("+qdrop-input+two-coin"), key
+                # made by the reference-faithful code (it records its coin), or the two-coin ablation
+                made_one_coin = rec["config"].get("qdrop_input") == "one-coin"
+                assert made_one_coin != key.endswith("+qdrop-input+two-coin"), key
         assert mig.migrate_results(data)[1] == {}  # nothing left to migrate
     full = load_results(path.with_name("full.json"))
     labels = {r["label"] for r in summarize(full)["rows"]}
-    assert {"joint", "QDrop (two coins)", "DetPTQ+QDrop (two coins)"} <= labels
+    assert {"BRECQ", "joint", "QDrop", "DetPTQ+QDrop", "QDrop (two coins)", "DetPTQ+QDrop (two coins)"} <= labels
 
 
 def test_recon_suite_e3_e4_cells_are_detptq_inside_the_joint_scheme():
